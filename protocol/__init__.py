@@ -1,0 +1,64 @@
+"""StreamRLHF wire protocol: the single data contract between rollout and learner.
+
+numpy only: this package must never import torch, nor anything from
+``rollout/`` or ``learner/``.
+"""
+
+from .codec import DEFAULT_LIMITS, LOGPROB_SLACK, DecodeLimits, decode, encode, validate
+from .errors import REASON_CODES, ProtocolError
+from .messages import (
+    FINISH_REASONS,
+    MESSAGE_TYPES,
+    SCHEMA_VERSION,
+    WEIGHT_DTYPES,
+    Envelope,
+    Heartbeat,
+    Hello,
+    Message,
+    PackedBatch,
+    PromptSpec,
+    RolloutError,
+    SamplingSpec,
+    Shutdown,
+    TensorMeta,
+    WeightAck,
+    WeightUpdate,
+    WorkGrant,
+    numpy_storage_dtype,
+    pack_weight_buckets,
+)
+from .transport import LearnerEndpoint, PeerUnreachableError, RolloutClient, free_tcp_port
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "FINISH_REASONS",
+    "WEIGHT_DTYPES",
+    "MESSAGE_TYPES",
+    "LOGPROB_SLACK",
+    "Message",
+    "Envelope",
+    "Hello",
+    "SamplingSpec",
+    "PromptSpec",
+    "WorkGrant",
+    "PackedBatch",
+    "TensorMeta",
+    "WeightUpdate",
+    "WeightAck",
+    "Heartbeat",
+    "Shutdown",
+    "RolloutError",
+    "numpy_storage_dtype",
+    "pack_weight_buckets",
+    "DecodeLimits",
+    "DEFAULT_LIMITS",
+    "encode",
+    "decode",
+    "validate",
+    "ProtocolError",
+    "REASON_CODES",
+    "LearnerEndpoint",
+    "RolloutClient",
+    "PeerUnreachableError",
+    "free_tcp_port",
+]

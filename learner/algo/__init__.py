@@ -1,0 +1,61 @@
+"""PPO math layer: small pure functions over padded ``[B, A]`` token tensors.
+
+Submodules: :mod:`.masked` (masked reductions), :mod:`.kl` (KL estimators and
+controllers), :mod:`.rewards` (reward shaping), :mod:`.advantages` (advantage
+estimators and dispatcher), :mod:`.losses` (loss terms and aggregation).
+"""
+
+from .advantages import (
+    ADVANTAGE_ESTIMATORS,
+    broadcast_to_tokens,
+    compute_advantages,
+    discounted_returns,
+    dr_grpo_advantages,
+    gae,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+)
+from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, approx_kl
+from .losses import (
+    AGGREGATION_MODES,
+    aggregate_loss,
+    entropy_bonus,
+    kl_loss,
+    policy_loss,
+    truncated_importance_weights,
+    value_loss,
+)
+from .masked import masked_mean, masked_sum, masked_whiten
+from .rewards import clip_rewards, last_action_index, shape_token_rewards
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AGGREGATION_MODES",
+    "KL_ESTIMATORS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "aggregate_loss",
+    "approx_kl",
+    "broadcast_to_tokens",
+    "clip_rewards",
+    "compute_advantages",
+    "discounted_returns",
+    "dr_grpo_advantages",
+    "entropy_bonus",
+    "gae",
+    "grpo_advantages",
+    "kl_loss",
+    "last_action_index",
+    "masked_mean",
+    "masked_sum",
+    "masked_whiten",
+    "policy_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
+    "rloo_advantages",
+    "shape_token_rewards",
+    "truncated_importance_weights",
+    "value_loss",
+]

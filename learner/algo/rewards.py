@@ -1,0 +1,60 @@
+"""Turning sequence scores (reward model / verifier outputs) into per-token rewards."""
+
+from __future__ import annotations
+
+import torch
+
+from .masked import as_bool_mask, require_same_shape
+
+__all__ = ["last_action_index", "shape_token_rewards", "clip_rewards"]
+
+
+def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last valid action token of each row.
+
+    Shapes: ``action_mask [B, A]`` -> ``[B]`` (int64). Rows without any valid
+    token get -1. Works for any mask layout (it does not assume right padding).
+    Formula: ``max{t : action_mask[b, t]}``.
+    """
+    if action_mask.dim() != 2:
+        raise ValueError(f"action_mask must be [B, A], got shape {tuple(action_mask.shape)}")
+    bool_mask = as_bool_mask(action_mask)
+    positions = torch.arange(bool_mask.shape[1], device=bool_mask.device).expand_as(bool_mask)
+    return torch.where(bool_mask, positions, torch.full_like(positions, -1)).amax(dim=1)
+
+
+def shape_token_rewards(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    action_mask: torch.Tensor,
+    kl_coef: float,
+) -> torch.Tensor:
+    """Per-token rewards: a KL penalty on every action token plus the score on the last one.
+
+    Shapes: ``scores [B]``, ``kl [B, A]`` (per-token KL estimate, e.g. from
+    :func:`learner.algo.kl.approx_kl`), ``action_mask [B, A]`` -> ``[B, A]``.
+
+        r[b, t] = -kl_coef * kl[b, t]                      for valid t
+        r[b, T_b] += scores[b]      with T_b = last valid action token of row b
+        r[b, t] = 0                                        for masked t
+
+    Rows may have different lengths (padding on the right). A row with no valid
+    action token has nothing to credit its score to and is all zeros.
+    """
+    require_same_shape("action_mask", action_mask, "kl", kl)
+    if scores.dim() != 1 or scores.shape[0] != kl.shape[0]:
+        raise ValueError(f"scores must be [B] with B={kl.shape[0]}, got shape {tuple(scores.shape)}")
+    bool_mask = as_bool_mask(action_mask)
+    rewards = torch.where(bool_mask, -kl_coef * kl, torch.zeros_like(kl))
+    last = last_action_index(bool_mask)
+    has_action = last >= 0
+    rows = torch.arange(kl.shape[0], device=kl.device)[has_action]
+    # index_put with accumulate adds the score on top of that token's KL penalty.
+    return rewards.index_put((rows, last[has_action]), scores[has_action].to(rewards.dtype), accumulate=True)
+
+
+def clip_rewards(scores: torch.Tensor, clip: float) -> torch.Tensor:
+    """Clip scores to ``[-clip, clip]``. Shapes: any -> same. Formula: ``clamp(s, -clip, clip)``."""
+    if clip <= 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+    return scores.clamp(min=-clip, max=clip)

@@ -1,0 +1,108 @@
+"""Data parallelism across learner ranks: start-up, sharing a step's samples, splitting groups."""
+
+from __future__ import annotations
+
+import os
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from protocol.codec import decode, encode
+from protocol.messages import PackedBatch
+from protocol.transport import free_tcp_port
+
+from learner.rollouts import StepSamples
+
+
+def init_distributed() -> None:
+    """Join the process group started by torchrun / the DeepSpeed launcher, or make a 1-rank one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_tcp_port()))
+    if not torch.cuda.is_available():
+        # On the CPU DeepSpeed JIT-compiles a shared-memory all-reduce the first time it starts;
+        # a start killed during that compile leaves a lock that hangs every later start. Plain
+        # gloo collectives are used instead.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class StepBroadcaster:
+    """Rank 0 sends a step's PackedBatches to every rank in their wire encoding.
+
+    The other ranks decode them with the same validating codec as the network path, so no rank
+    ever unpickles anything.
+    """
+
+    def share(self, batches: list[PackedBatch] | None) -> list[PackedBatch]:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return batches
+        if is_rank0():
+            blobs = [_join(encode(b, run_id="", producer_id="rank0", seq=i, weight_version=0))
+                     for i, b in enumerate(batches)]
+            sizes = torch.tensor([len(blobs)] + [len(b) for b in blobs], dtype=torch.long)
+            count = torch.tensor([sizes.numel()], dtype=torch.long)
+        else:
+            count = torch.zeros(1, dtype=torch.long)
+        dist.broadcast(count, 0)
+        if not is_rank0():
+            sizes = torch.zeros(int(count), dtype=torch.long)
+        dist.broadcast(sizes, 0)
+        payload = torch.from_numpy(np.frombuffer(b"".join(blobs), dtype=np.uint8).copy()) if is_rank0() \
+            else torch.zeros(int(sizes[1:].sum()), dtype=torch.uint8)
+        dist.broadcast(payload, 0)
+        if is_rank0():
+            return batches
+        out, offset, raw = [], 0, payload.numpy().tobytes()
+        for size in sizes[1:].tolist():
+            out.append(decode(_split(raw[offset: offset + size])).body)
+            offset += size
+        return out
+
+
+def _join(frames) -> bytes:
+    """Length-prefixed concatenation of a message's frames."""
+    parts = []
+    for f in frames:
+        data = bytes(f)
+        parts += [len(data).to_bytes(8, "little"), data]
+    return b"".join(parts)
+
+
+def _split(blob: bytes) -> list[bytes]:
+    frames, offset = [], 0
+    while offset < len(blob):
+        size = int.from_bytes(blob[offset: offset + 8], "little")
+        frames.append(blob[offset + 8: offset + 8 + size])
+        offset += 8 + size
+    return frames
+
+
+def shard_groups(samples: StepSamples, group_size: int) -> StepSamples:
+    """This rank's share of whole prompt groups, balanced by token count (greedy, largest first).
+
+    Group-based advantages only look inside a group, so a rank never needs another rank's samples.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return samples
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = samples.num_sequences // group_size
+    if groups < world:
+        raise ValueError(f"{groups} prompt group(s) per step cannot be split across {world} learner ranks")
+    cu = samples.cu_seqlens
+    tokens = [int(cu[(g + 1) * group_size] - cu[g * group_size]) for g in range(groups)]
+    load, owner = [0] * world, [0] * groups
+    for g in sorted(range(groups), key=lambda g: -tokens[g]):
+        r = min(range(world), key=lambda r: load[r])
+        owner[g], load[r] = r, load[r] + tokens[g]
+    mine = [g for g in range(groups) if owner[g] == rank]
+    parts = [samples.rows(g * group_size, (g + 1) * group_size) for g in mine]
+    return StepSamples.concat(parts)

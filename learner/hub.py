@@ -1,0 +1,239 @@
+"""The learner's side of the wire: rollout peers, work hand-out, sample collection, weight pushes.
+
+Runs on learner rank 0 inside its asyncio loop. `serve()` keeps receiving while the trainer works
+in a thread, so batches, acknowledgements and heartbeats are taken in as they arrive.
+Every PackedBatch is checked against the grant it answers (right peer, right prompts, enough
+samples, weights recent enough and acknowledged) before it is accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol.messages import (Heartbeat, Hello, PackedBatch, RolloutError, Shutdown, WeightAck,
+                               WeightUpdate, WorkGrant)
+from protocol.transport import LearnerEndpoint
+
+log = logging.getLogger("learner.hub")
+
+# Grants queued per rollout: one generating, one ready, so an engine never waits on a round trip.
+MAX_GRANTS_PER_PEER = 2
+
+
+class RolloutFailure(RuntimeError):
+    """A rollout process reported a fatal error, sent inconsistent data or stopped answering."""
+
+
+@dataclass
+class Peer:
+    identity: bytes
+    producer_id: str
+    connected_at: float
+    last_seen: float
+    applied_version: int = -1
+    acked_versions: list[int] = field(default_factory=list)
+    grants: dict[int, WorkGrant] = field(default_factory=dict)
+    busy_seconds: float = 0.0
+
+
+@dataclass
+class PublishedVersion:
+    version: int
+    update: WeightUpdate
+    sent_at: float
+    ack_latency: dict[str, float] = field(default_factory=dict)
+
+
+class RolloutHub:
+    def __init__(self, endpoint: LearnerEndpoint, *, ack_timeout_s: float):
+        self.endpoint = endpoint
+        self.ack_timeout_s = ack_timeout_s
+        self.peers: dict[bytes, Peer] = {}
+        self.pending: collections.deque[WorkGrant] = collections.deque()
+        self.batches: dict[int, list[PackedBatch]] = collections.defaultdict(list)
+        self.published: dict[int, PublishedVersion] = {}
+        self.latest: PublishedVersion | None = None
+        self.discarded: collections.Counter[str] = collections.Counter()
+        self.failure: RolloutFailure | None = None
+        self.changed = asyncio.Condition()
+
+    # ------------------------------------------------------------------ driver-facing API
+    def offer(self, grants: list[WorkGrant]) -> None:
+        """Queue grants; they go to rollouts with free slots, oldest first."""
+        self.pending.extend(grants)
+
+    async def publish(self, update: WeightUpdate) -> None:
+        """Send a new weight version to every connected rollout (and to any that connects later)."""
+        self.latest = self.published[update.version] = PublishedVersion(update.version, update, time.monotonic())
+        for peer in list(self.peers.values()):
+            await self._send(peer, update)
+
+    async def collect(self, step: int, expected_batches: int, timeout_s: float) -> list[PackedBatch]:
+        """Wait until every grant of `step` has been answered; batches in grant order."""
+        deadline = time.monotonic() + timeout_s
+        async with self.changed:
+            while len(self.batches[step]) < expected_batches:
+                self._raise_if_failed()
+                await self._dispatch()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"step {step}: {len(self.batches[step])}/{expected_batches} batches after {timeout_s:.0f} s; "
+                        f"{len(self.peers)} rollout(s) connected, {len(self.pending)} grant(s) unassigned")
+                try:
+                    await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
+                except TimeoutError:
+                    pass
+        self._check_acks()
+        return sorted(self.batches.pop(step), key=lambda b: b.grant_id)
+
+    async def wait_for_rollouts(self, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with self.changed:
+            while len(self.peers) < count:
+                self._raise_if_failed()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {len(self.peers)}/{count} rollout process(es) connected "
+                                       f"after {timeout_s:.0f} s")
+                try:
+                    await asyncio.wait_for(self.changed.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+
+    async def shutdown_rollouts(self, reason: str) -> None:
+        for peer in list(self.peers.values()):
+            await self._send(peer, Shutdown(reason=reason))
+
+    def stats(self) -> dict[str, float]:
+        latencies = [lat for pv in self.published.values() for lat in pv.ack_latency.values()]
+        return {"rollouts": len(self.peers),
+                "weight_push_latency_s": float(np.mean(latencies)) if latencies else 0.0,
+                "rejected_messages": float(sum(self.endpoint.rejections.values())),
+                "discarded_batches": float(sum(self.discarded.values()))}
+
+    def applied_versions(self) -> dict[str, list[int]]:
+        """Weight versions each rollout acknowledged (with a matching fingerprint)."""
+        return {p.producer_id: list(p.acked_versions) for p in self.peers.values()}
+
+    # ------------------------------------------------------------------ receive loop
+    async def serve(self) -> None:
+        while True:
+            identity, envelope = await self.endpoint.recv()
+            peer = self.peers.get(identity)
+            message = envelope.body
+            if isinstance(message, Hello):
+                await self._on_hello(identity, envelope.producer_id)
+            elif peer is None:
+                self._discard("unknown_peer", f"{envelope.kind} from {identity!r} before hello")
+                continue
+            else:
+                peer.last_seen = time.monotonic()
+                if isinstance(message, PackedBatch):
+                    self._on_batch(peer, message)
+                elif isinstance(message, WeightAck):
+                    self._on_ack(peer, message)
+                elif isinstance(message, RolloutError):
+                    log.error("%s reported: %s", peer.producer_id, message.message)
+                    if message.fatal:
+                        self.failure = RolloutFailure(f"rollout {peer.producer_id} failed: {message.message}")
+                elif not isinstance(message, Heartbeat):
+                    self._discard("unexpected_kind", f"{envelope.kind} from {peer.producer_id}")
+            await self._dispatch()
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def _on_hello(self, identity: bytes, producer_id: str) -> None:
+        now = time.monotonic()
+        if identity in self.peers:
+            # A restarted process with the same identity: its old grants go back to the queue.
+            self.pending.extendleft(reversed(list(self.peers[identity].grants.values())))
+        peer = self.peers[identity] = Peer(identity, producer_id, now, now)
+        log.info("rollout %s connected (%d total)", producer_id, len(self.peers))
+        if self.latest is not None:
+            await self._send(peer, self.latest.update)
+
+    def _on_batch(self, peer: Peer, batch: PackedBatch) -> None:
+        grant = peer.grants.get(batch.grant_id)
+        if grant is None:
+            self._discard("unknown_grant", f"batch for grant {batch.grant_id} that {peer.producer_id} does not hold")
+            return
+        problem = _mismatch(grant, batch, peer)
+        if problem:
+            # Inconsistent data from our own rollout is a bug, not noise: stop the run loudly.
+            self.failure = RolloutFailure(f"{peer.producer_id}, grant {grant.grant_id}: {problem}")
+            return
+        del peer.grants[batch.grant_id]
+        peer.busy_seconds += batch.gen_seconds
+        self.batches[grant.step].append(batch)
+
+    def _on_ack(self, peer: Peer, ack: WeightAck) -> None:
+        published = self.published.get(ack.version)
+        if published is None:
+            self._discard("unknown_version", f"{peer.producer_id} acked unpublished version {ack.version}")
+            return
+        if ack.fingerprint != published.update.fingerprint:
+            self.failure = RolloutFailure(
+                f"{peer.producer_id} applied weight version {ack.version} with fingerprint {ack.fingerprint}, "
+                f"expected {published.update.fingerprint}: the weights it loaded are not the ones sent")
+            return
+        peer.applied_version = max(peer.applied_version, ack.version)
+        peer.acked_versions.append(ack.version)
+        published.ack_latency[peer.producer_id] = time.monotonic() - published.sent_at
+
+    # ------------------------------------------------------------------ helpers
+    async def _dispatch(self) -> None:
+        for peer in sorted(self.peers.values(), key=lambda p: len(p.grants)):
+            while self.pending and len(peer.grants) < MAX_GRANTS_PER_PEER:
+                grant = self.pending.popleft()
+                peer.grants[grant.grant_id] = grant
+                await self._send(peer, grant)
+
+    async def _send(self, peer: Peer, message) -> None:
+        version = self.latest.version if self.latest else -1
+        await self.endpoint.send(peer.identity, message, weight_version=version)
+
+    def _check_acks(self) -> None:
+        """Every rollout must acknowledge each version within the timeout (a lost update is an error)."""
+        now = time.monotonic()
+        for pv in self.published.values():
+            if now - pv.sent_at < self.ack_timeout_s:
+                continue
+            for peer in self.peers.values():
+                if peer.connected_at < pv.sent_at and pv.version not in peer.acked_versions \
+                        and peer.applied_version < pv.version:
+                    raise RolloutFailure(f"{peer.producer_id} did not apply weight version {pv.version} "
+                                         f"within {self.ack_timeout_s:.0f} s")
+
+    def _discard(self, reason: str, detail: str) -> None:
+        self.discarded[reason] += 1
+        log.warning("discarded message (%s): %s", reason, detail)
+
+    def _raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+
+def _mismatch(grant: WorkGrant, batch: PackedBatch, peer: Peer) -> str | None:
+    """Why `batch` is not a complete, correctly versioned answer to `grant` (None if it is)."""
+    expected_ids = np.repeat([p.prompt_id for p in grant.prompts], grant.n_samples)
+    if batch.num_sequences != len(expected_ids) or not np.array_equal(batch.prompt_ids, expected_ids):
+        return f"expected {grant.n_samples} samples of prompts {[p.prompt_id for p in grant.prompts]} in order"
+    if not np.array_equal(batch.sample_indices, np.tile(np.arange(grant.n_samples), len(grant.prompts))):
+        return "sample indices do not run 0..n-1 within each prompt"
+    for b, spec in enumerate(np.repeat(np.arange(len(grant.prompts)), grant.n_samples)):
+        prompt = batch.tokens[batch.cu_seqlens[b]: batch.cu_seqlens[b] + batch.prompt_lens[b]]
+        if not np.array_equal(prompt, grant.prompts[spec].token_ids):
+            return f"sequence {b} does not start with the granted prompt"
+    versions = set(batch.weight_versions.tolist())
+    if min(versions) < grant.min_weight_version:
+        return f"generated with weight version {min(versions)} < required {grant.min_weight_version}"
+    unacked = versions - set(peer.acked_versions)
+    if unacked:
+        return f"generated with weight version(s) {sorted(unacked)} the rollout never acknowledged"
+    return None

@@ -1,0 +1,188 @@
+"""The learner process: trains the policy on what the rollout processes stream in.
+
+    python -m learner --config run.yaml [--section.key value ...]
+
+Rank 0 owns the ZeroMQ endpoint. With several ranks (torchrun / the DeepSpeed launcher) each
+step's samples are broadcast from rank 0 and split by whole prompt groups across the ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from protocol.codec import DecodeLimits
+from protocol.config import RunConfig, add_config_arguments, config_from_args, config_to_dict
+from protocol.transport import LearnerEndpoint
+
+from learner.data import PromptDataset, load_prompt_rows
+from learner.distributed import StepBroadcaster, init_distributed, is_rank0, shard_groups
+from learner.grants import GrantPlanner
+from learner.hub import RolloutHub
+from learner.metrics import MetricsLogger
+from learner.rewards import load_reward_fn
+from learner.rollouts import StepSamples
+from learner.trainer import PPOTrainer
+from learner.weight_sync import WeightPublisher
+
+log = logging.getLogger("learner")
+
+
+async def train(cfg: RunConfig) -> dict[str, float]:
+    """The algorithm: hand out prompts, collect samples, update the policy, push weights. Repeat."""
+    learner = Learner(cfg)
+    async with learner.open_hub() as hub:
+        planner = GrantPlanner(cfg, learner.dataset, learner.stop_token_ids)
+        await hub.publish(learner.weights(version=0))
+        hub.offer(planner.release(published_version=0))
+        for step in range(cfg.train.num_steps):
+            started = time.perf_counter()
+            batches = await hub.collect(step, planner.grants_per_step, cfg.transport.batch_timeout_s)
+            waited = time.perf_counter() - started
+            metrics = await asyncio.to_thread(learner.train_step, step, batches)
+            await hub.publish(learner.weights(version=step + 1))
+            hub.offer(planner.release(published_version=step + 1))
+            learner.log(step, metrics, waited=waited, total=time.perf_counter() - started)
+        await hub.shutdown_rollouts("training finished")
+    return learner.finish()
+
+
+class Learner:
+    """Everything one rank needs: data, reward, models, weight publishing and logging."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        rows = load_prompt_rows(cfg.data.path, input_key=cfg.data.input_key, label_key=cfg.data.label_key)
+        template = {"auto": None, "yes": True, "no": False}[cfg.data.apply_chat_template]
+        self.dataset = PromptDataset(rows, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+                                     apply_chat_template=template, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        self.stop_token_ids = list(cfg.rollout.stop_token_ids)
+        self.trainer = PPOTrainer(cfg, cfg.model.path, self.tokenizer, load_reward_fn(cfg.reward.function))
+        self.publisher = WeightPublisher(self.trainer.actor_module, engine_dtype=cfg.rollout.engine_dtype,
+                                         bucket_bytes=cfg.transport.weight_bucket_mb << 20,
+                                         zero_stage=cfg.train.zero_stage)
+        self.broadcaster = StepBroadcaster()
+        self.run_dir = Path(cfg.output.dir)
+        self.logger = MetricsLogger(self.run_dir, cfg.train.num_steps, cfg.output.progress and is_rank0()) \
+            if is_rank0() else None
+        self.last_metrics: dict[str, float] = {}
+        self.hub_stats: dict = {}
+        self.busy_s = 0.0
+        self.wall_start = time.perf_counter()
+
+    @contextlib.asynccontextmanager
+    async def open_hub(self):
+        if not is_rank0():
+            yield FollowerHub(self)
+            return
+        t = self.cfg.transport
+        limits = DecodeLimits(max_frame_bytes=t.max_message_mb << 20, vocab_size=self.vocab_size())
+        with LearnerEndpoint(self.cfg.run_id, host=t.bind_host, port=t.port, limits=limits) as endpoint:
+            log.info("learner listening on %s", endpoint.address)
+            hub = RolloutHub(endpoint, ack_timeout_s=t.weight_ack_timeout_s)
+            server = asyncio.create_task(hub.serve())
+            try:
+                yield hub
+            finally:
+                server.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await server
+                self.hub_stats = hub.stats() | {"applied_versions": hub.applied_versions()}
+
+    def vocab_size(self) -> int:
+        return int(self.trainer.actor_module.config.vocab_size)
+
+    def weights(self, version: int):
+        return self.publisher.build(version)
+
+    def train_step(self, step: int, batches) -> dict[str, float]:
+        started = time.perf_counter()
+        batches = self.broadcaster.share(batches)
+        samples = StepSamples.from_batches(batches)
+        staleness = (step - samples.weight_versions).float()
+        local = shard_groups(samples, self.cfg.rollout.n_samples_per_prompt)
+        metrics = self.trainer.train_step(local)
+        seconds = time.perf_counter() - started
+        self.busy_s += seconds
+        return {**metrics, "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),
+                "tokens_per_s": samples.num_tokens / seconds, "train_s": seconds,
+                "gen_s": float(sum(b.gen_seconds for b in batches))}
+
+    def log(self, step: int, metrics: dict[str, float], *, waited: float, total: float) -> None:
+        self.last_metrics = {**metrics, "wait_s": waited, "step_s": total,
+                             "learner_busy_fraction": self.busy_s / (time.perf_counter() - self.wall_start)}
+        if self.logger:
+            self.logger.log(step, self.last_metrics)
+
+    def finish(self) -> dict[str, float]:
+        if self.logger:
+            self.logger.close()
+        if self.cfg.output.save_final:
+            self.trainer.save(str(self.run_dir / "final"))
+        if is_rank0():
+            summary = {"final_metrics": self.last_metrics, **self.hub_stats}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return self.last_metrics
+
+
+class FollowerHub:
+    """The hub seen by ranks > 0: they talk to no rollout and get each step's batches from rank 0."""
+
+    def __init__(self, learner: Learner):
+        self.learner = learner
+
+    def offer(self, grants):
+        pass
+
+    async def publish(self, update):
+        pass
+
+    async def collect(self, step, expected, timeout):
+        return None
+
+    async def shutdown_rollouts(self, reason):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m learner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    if not cfg.model.path or not cfg.data.path:
+        parser.error("--model.path and --data.path are required (launch/local.sh prepares the built-in task)")
+    if not cfg.run_id:
+        cfg.run_id = uuid.uuid4().hex[:12]
+    init_distributed()
+    torch.set_num_threads(cfg.train.torch_threads)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s learner[{os.environ.get('RANK', '0')}] "
+                                                   "%(levelname)s %(message)s")
+    if is_rank0():
+        Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output.dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    metrics = asyncio.run(train(cfg))
+    if is_rank0():
+        print(json.dumps({"final": {k: round(v, 4) for k, v in metrics.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,320 @@
+"""Policy (actor) model: a Hugging Face causal LM that returns token-aligned log-probs.
+
+Alignment (see :mod:`learner.models.packing`): ``log_probs[i] = log p(tokens[i] | tokens[start:i])``
+for the sequence containing token ``i``, computed from temperature-scaled logits at position
+``i - 1``; 0 at the first token of every sequence and at pads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .logprobs import entropy_from_logits, log_probs_from_logits
+from .packing import (
+    packed_model_kwargs,
+    padded_action_mask,
+    padded_position_ids,
+    sequence_start_mask,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Actor", "LoraSpec", "resolve_dtype"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` (or fp32/bf16/fp16, or a torch.dtype) -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def check_4bit_available() -> None:
+    """Raise a clear RuntimeError when 4-bit (bitsandbytes nf4) loading cannot work here."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "4-bit loading needs a CUDA GPU and bitsandbytes; no CUDA device is available on this "
+            "machine (use load_in_4bit=False, e.g. dtype='bfloat16' or 'float32')"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(
+            "4-bit loading needs a CUDA GPU and bitsandbytes; the bitsandbytes package is not "
+            "installed (pip install bitsandbytes)"
+        )
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    """BitsAndBytesConfig for nf4 with double quantisation (QLoRA defaults)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+@dataclass
+class LoraSpec:
+    """LoRA settings applied with peft.
+
+    ``target_modules``: module names (e.g. ``["q_proj", "v_proj"]``), ``"all-linear"``, or None
+    for peft's default for the architecture.
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = field(default="all-linear")
+
+    def to_peft(self, task_type: str = "CAUSAL_LM"):
+        from peft import LoraConfig
+
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        tm = self.target_modules
+        if isinstance(tm, (tuple, list)):
+            tm = list(tm)
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=tm,
+            bias="none",
+            task_type=task_type,
+        )
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+class Actor(nn.Module):
+    """Wraps a Hugging Face causal LM (optionally LoRA-wrapped with peft).
+
+    ``Actor(model)`` wraps an existing model object (LoRA / gradient checkpointing applied when
+    asked); :meth:`from_pretrained` loads one from a path or hub id.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lora: LoraSpec | None = None,
+        gradient_checkpointing: bool = False,
+        logprobs_chunk_size: int = 4096,
+    ):
+        super().__init__()
+        if getattr(getattr(model, "config", None), "use_cache", None):
+            model.config.use_cache = False  # training / scoring never uses the KV cache
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is not None:
+            from peft import get_peft_model
+
+            if gradient_checkpointing:
+                # frozen embeddings would otherwise cut the graph at checkpoint boundaries
+                model.enable_input_require_grads()
+            model = get_peft_model(model, lora.to_peft())
+        self.model = model
+        self.logprobs_chunk_size = int(logprobs_chunk_size)
+        self.train(model.training)  # mirror the wrapped model (HF loads in eval mode)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        dtype: str | torch.dtype = "float32",
+        attn_implementation: str = "sdpa",
+        lora: LoraSpec | None = None,
+        load_in_4bit: bool = False,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        logprobs_chunk_size: int = 4096,
+    ) -> "Actor":
+        """Load a causal LM from ``path``.
+
+        ``load_in_4bit`` loads nf4 weights with bitsandbytes (CUDA only; checked before anything
+        is loaded) and is meant to be combined with ``lora``.
+        """
+        torch_dtype = resolve_dtype(dtype)
+        kwargs = {}
+        if load_in_4bit:
+            check_4bit_available()
+            kwargs["quantization_config"] = nf4_config(
+                torch_dtype if torch_dtype != torch.float32 else torch.bfloat16
+            )
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+        return cls(
+            model,
+            lora=lora,
+            gradient_checkpointing=gradient_checkpointing,
+            logprobs_chunk_size=logprobs_chunk_size,
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.model.config._attn_implementation
+
+    @property
+    def is_lora(self) -> bool:
+        return _is_peft(self.model)
+
+    def _compute_dtype(self) -> torch.dtype:
+        dt = getattr(self.model, "dtype", None)
+        return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        if gradient_checkpointing_kwargs is None:
+            gradient_checkpointing_kwargs = {"use_reentrant": False}
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if self.is_lora:
+            self.model.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self):
+        self.model.gradient_checkpointing_disable()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+    ) -> dict:
+        """Token-aligned log-probs (and entropies) of ``input_ids``.
+
+        Packed (``cu_seqlens [B+1]`` given): ``input_ids [T]`` or ``[1, T]`` -> outputs ``[T]``;
+        sequences never attend to each other.
+        Padded: ``input_ids [B, L]`` with ``attention_mask [B, L]`` (left or right padding;
+        default all ones) -> outputs ``[B, L]``, position ids ``cumsum(mask) - 1``.
+
+        ``log_probs[i]`` is the log-prob of token ``i`` under ``softmax(logits[i-1] / temperature)``
+        (fp32), ``entropy[i]`` the entropy of that same distribution; both are 0 at each
+        sequence's first token and at pads.
+        """
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError("pass either cu_seqlens (packed) or attention_mask (padded), not both")
+            kw = packed_model_kwargs(input_ids, cu_seqlens, self.attn_implementation, self._compute_dtype())
+            logits = self.model(**kw, use_cache=False).logits[0]  # [T, V]
+            tokens = kw["input_ids"][0]
+            starts = sequence_start_mask(cu_seqlens.to(tokens.device), tokens.shape[0])
+            lp = log_probs_from_logits(logits[:-1], tokens[1:], temperature, self.logprobs_chunk_size)
+            zero = lp.new_zeros(1)
+            out = {"log_probs": torch.cat([zero, lp]).masked_fill(starts, 0.0)}
+            if return_entropy:
+                ent = entropy_from_logits(logits[:-1], temperature, self.logprobs_chunk_size)
+                out["entropy"] = torch.cat([zero, ent]).masked_fill(starts, 0.0)
+            return out
+
+        if input_ids.dim() != 2:
+            raise ValueError(f"padded input_ids must be [B, L], got {tuple(input_ids.shape)} (packed needs cu_seqlens)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = padded_position_ids(attention_mask)
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits  # [B, L, V]
+        valid = padded_action_mask(attention_mask)
+        lp = log_probs_from_logits(logits[:, :-1], input_ids[:, 1:], temperature, self.logprobs_chunk_size)
+        zero = lp.new_zeros(lp.shape[0], 1)
+        # torch.where (not a product) so a non-finite value at a pad can never leak into the output
+        out = {"log_probs": torch.where(valid, torch.cat([zero, lp], 1), 0.0)}
+        if return_entropy:
+            ent = entropy_from_logits(logits[:, :-1], temperature, self.logprobs_chunk_size)
+            out["entropy"] = torch.where(valid, torch.cat([zero, ent], 1), 0.0)
+        return out
+
+    # ------------------------------------------------------------------ saving
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict of the base model with every LoRA delta folded into its weight.
+
+        Does not modify the live model (no merge/unmerge round trip, so no rounding drift in
+        bf16). Only the merged weights are new tensors; the rest are references.
+        """
+        if not self.is_lora:
+            return dict(self.model.state_dict())
+        from peft.tuners.lora import LoraLayer
+
+        base = self.model.get_base_model()
+        merged: dict[str, torch.Tensor] = {}
+        for name, tensor in base.state_dict().items():
+            parts = name.split(".")
+            if any(p.startswith("lora_") for p in parts):
+                continue
+            merged[".".join(p for p in parts if p != "base_layer")] = tensor
+        for mod_name, module in base.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            base_layer = module.get_base_layer()
+            if getattr(base_layer.weight, "quant_state", None) is not None or base_layer.weight.dtype in (
+                torch.uint8,
+                torch.int8,
+            ):
+                raise NotImplementedError(
+                    "merge_lora on a quantised (4-bit) base model is not supported; save the adapter "
+                    "(merge_lora=False) and merge into the full-precision base offline"
+                )
+            key = f"{mod_name}.weight"
+            w = merged[key]
+            with torch.no_grad():
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        w = w + module.get_delta_weight(adapter).to(w.dtype)
+            merged[key] = w.detach()
+        return merged
+
+    def save_pretrained(self, save_dir: str | os.PathLike, merge_lora: bool = False, **kwargs) -> None:
+        """Save in Hugging Face format (safetensors).
+
+        Plain model: ``model.save_pretrained``. LoRA model: the adapter only (peft format) unless
+        ``merge_lora=True``, which writes a plain causal-LM checkpoint with the LoRA deltas folded
+        in (loadable with :meth:`from_pretrained` or vLLM). The live model is left unchanged.
+        """
+        os.makedirs(save_dir, exist_ok=True)
+        if self.is_lora and merge_lora:
+            base = self.model.get_base_model()
+            base.save_pretrained(save_dir, state_dict=self.merged_state_dict(), **kwargs)
+        else:
+            self.model.save_pretrained(save_dir, **kwargs)

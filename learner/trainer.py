@@ -1,0 +1,245 @@
+"""The PPO learner on one DeepSpeed rank: models, experience making and the optimizer step.
+
+`train_step(samples)` does, for one step's packed samples:
+  1. score: the reward function on decoded texts -> scores [B]
+  2. one no-grad pass per model over the same packed micro-batches: the current policy's
+     log-probs and entropy, the reference log-probs (if KL is used), the critic's values (GAE)
+  3. advantages over the whole step (groups of n samples stay together)
+  4. the clipped PPO policy loss (+ KL loss, - entropy bonus) with truncated importance sampling
+     between the behaviour (vLLM) and learner log-probs, then the clipped value loss.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from protocol.config import RunConfig
+from learner.algo import (approx_kl, compute_advantages, entropy_bonus, kl_loss, masked_mean, policy_loss,
+                          shape_token_rewards, truncated_importance_weights, value_loss)
+from learner.algo.kl import AdaptiveKLController, FixedKLController
+from learner.models.actor import Actor, LoraSpec
+from learner.models.packing import unpack_to_padded
+from learner.models.value_model import build_value_model
+from learner.rewards import clip_rewards, score_batch
+from learner.rollouts import StepSamples
+
+
+def deepspeed_config(cfg: RunConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        # The number of packed micro-batches varies per step, so the trainer owns the
+        # accumulation boundary: backward() accumulates, step() reduces and updates.
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class Experience:
+    """Per-token training targets for one step, padded [B, A] (A = longest response of the step)."""
+
+    samples: StepSamples
+    action_mask: torch.Tensor
+    old_log_probs: torch.Tensor
+    behaviour_log_probs: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    importance_weights: torch.Tensor | None
+    ref_log_probs: torch.Tensor | None
+    old_values: torch.Tensor | None
+    bounds: list[tuple[int, int]]
+    metrics: dict[str, float]
+
+
+def _padded(flat: torch.Tensor, part: StepSamples, width: int) -> torch.Tensor:
+    """Response part of a token-aligned [T] tensor as [b, width] (zeros after each response)."""
+    padded, _ = unpack_to_padded(flat, part.cu_seqlens, part.prompt_lens)
+    return F.pad(padded, (0, width - padded.shape[1]))
+
+
+class PPOTrainer:
+    def __init__(self, cfg: RunConfig, model_path: str, tokenizer, reward_fn):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        m = cfg.model
+        lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_dropout, list(m.lora_target_modules)) if m.lora_rank else None
+        actor = Actor.from_pretrained(model_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                                      lora=lora, load_in_4bit=m.load_in_4bit,
+                                      gradient_checkpointing=m.gradient_checkpointing,
+                                      trust_remote_code=m.trust_remote_code)
+        self.actor, *_ = deepspeed.initialize(
+            model=actor, config=deepspeed_config(cfg),
+            optimizer=torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad],
+                                        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay))
+        self.ref = None
+        if cfg.algo.kl_coef > 0:
+            self.ref = Actor.from_pretrained(model_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
+                                             trust_remote_code=m.trust_remote_code).eval().requires_grad_(False)
+        self.critic = None
+        if cfg.uses_critic:
+            critic = build_value_model("critic", cfg.critic.path or model_path, dtype=m.dtype,
+                                       value_head_prefix=cfg.critic.value_head_prefix,
+                                       attn_implementation=m.attn_implementation,
+                                       trust_remote_code=m.trust_remote_code)
+            self.critic, *_ = deepspeed.initialize(
+                model=critic, config=deepspeed_config(cfg),
+                optimizer=torch.optim.AdamW(critic.parameters(), lr=cfg.critic.lr, weight_decay=cfg.train.weight_decay))
+        a = cfg.algo
+        self.kl_controller = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target > 0
+                              else FixedKLController(a.kl_coef))
+
+    @property
+    def actor_module(self) -> Actor:
+        return self.actor.module
+
+    # ------------------------------------------------------------------ experience
+    def score(self, samples: StepSamples) -> torch.Tensor:
+        prompts, completions = samples.response_texts(self.tokenizer)
+        scores = score_batch(self.reward_fn, prompts, completions, samples.labels)
+        if self.cfg.reward.clip > 0:
+            scores = clip_rewards(scores, self.cfg.reward.clip)
+        return torch.tensor(scores, dtype=torch.float32)
+
+    @torch.no_grad()
+    def make_experience(self, samples: StepSamples) -> Experience:
+        cfg, algo = self.cfg, self.cfg.algo
+        scores = self.score(samples)
+        bounds = samples.micro_batch_bounds(cfg.train.micro_batch_tokens)
+        width = int((samples.cu_seqlens[1:] - samples.cu_seqlens[:-1] - samples.prompt_lens).max())
+        columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("mask", "behaviour", "old", "entropy", "ref", "values")}
+        self.actor.eval()
+        for start, stop in bounds:
+            part = samples.rows(start, stop)
+            out = self.actor(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature,
+                             return_entropy=True)
+            columns["mask"].append(_padded(part.loss_mask, part, width))
+            columns["behaviour"].append(_padded(part.behaviour_log_probs, part, width))
+            columns["old"].append(_padded(out["log_probs"], part, width))
+            columns["entropy"].append(_padded(out["entropy"], part, width))
+            if self.ref is not None:
+                ref = self.ref(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature)
+                columns["ref"].append(_padded(ref["log_probs"], part, width))
+            if self.critic is not None:
+                columns["values"].append(_padded(self.critic(part.tokens, cu_seqlens=part.cu_seqlens), part, width))
+        self.actor.train()
+        t = {k: torch.cat(v) for k, v in columns.items() if v}
+        mask, old, behaviour = t["mask"], t["old"], t["behaviour"]
+        ref, values = t.get("ref"), t.get("values")
+
+        kl = approx_kl(old, ref, algo.kl_estimator, action_mask=mask) if ref is not None else torch.zeros_like(old)
+        kl_coef = self.kl_controller.value
+        token_rewards = shape_token_rewards(scores, kl, mask, kl_coef if algo.kl_mode == "reward" else 0.0)
+        advantages, returns = compute_advantages(
+            algo.advantage_estimator, action_mask=mask, scores=scores, token_rewards=token_rewards, values=values,
+            kl=kl, kl_coef=kl_coef if algo.kl_mode == "reward" else 0.0,
+            group_size=cfg.rollout.n_samples_per_prompt, gamma=algo.gamma, lam=algo.lam,
+            whiten_advantages=algo.advantage_estimator == "gae")
+        weights, is_metrics = None, {}
+        if algo.tis_level != "off":
+            weights, is_metrics = truncated_importance_weights(old, behaviour, mask, level=algo.tis_level,
+                                                               mode=algo.tis_mode, cap=algo.tis_cap)
+        self.kl_controller.update(float(masked_mean(kl, mask)), samples.num_sequences)
+        behaviour_kl = approx_kl(old, behaviour, "k3", action_mask=mask)
+        metrics = {
+            "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "response_len": float(mask.sum(1).float().mean()), "entropy": float(masked_mean(t["entropy"], mask)),
+            "kl_ref": float(masked_mean(kl, mask)), "kl_coef": kl_coef,
+            "kl_behaviour": float(masked_mean(behaviour_kl, mask)),
+            "truncated_fraction": sum(r == "length" for r in samples.finish_reasons) / samples.num_sequences,
+            **{f"is_{k.removeprefix('is_')}": float(v) for k, v in is_metrics.items()},
+        }
+        return Experience(samples, mask, old if algo.tis_level != "off" else behaviour, behaviour, advantages,
+                          returns, weights, ref, values, bounds, metrics)
+
+    # ------------------------------------------------------------------ optimisation
+    def _normalizer(self, exp: Experience) -> float:
+        """Global count the loss divides by, over all micro-batches and ranks (see learner.algo.losses)."""
+        if self.cfg.algo.loss_aggregation == "token_mean":
+            local = exp.action_mask.sum()
+        else:
+            local = exp.action_mask.any(1).sum()
+        count = local.double()
+        if self.world_size > 1:
+            dist.all_reduce(count)
+        return float(count) / self.world_size
+
+    def train_step(self, samples: StepSamples) -> dict[str, float]:
+        exp = self.make_experience(samples)
+        cfg, algo = self.cfg, self.cfg.algo
+        normalizer = self._normalizer(exp)
+        agg = dict(aggregation=algo.loss_aggregation, normalizer=normalizer, max_len=cfg.rollout.max_new_tokens)
+        sums: dict[str, float] = {}
+        # Each micro-batch loss is already divided by the global count: their sum is the step's loss.
+        losses: dict[str, float] = {}
+        for _ in range(cfg.train.ppo_epochs):
+            for start, stop in exp.bounds:
+                part = samples.rows(start, stop)
+                rows = slice(start, stop)
+                out = self.actor(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature,
+                                 return_entropy=algo.entropy_coef > 0)
+                width = exp.action_mask.shape[1]
+                log_probs = _padded(out["log_probs"], part, width)
+                mask = exp.action_mask[rows]
+                loss, m = policy_loss(
+                    log_probs, exp.old_log_probs[rows], exp.advantages[rows], mask,
+                    clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip or None,
+                    importance_weights=None if exp.importance_weights is None else exp.importance_weights[rows], **agg)
+                if algo.kl_mode == "loss" and exp.ref_log_probs is not None:
+                    loss = loss + self.kl_controller.value * kl_loss(log_probs, exp.ref_log_probs[rows], mask,
+                                                                     estimator=algo.kl_estimator, **agg)
+                if algo.entropy_coef > 0:
+                    loss = loss - entropy_bonus(_padded(out["entropy"], part, width), mask, algo.entropy_coef, **agg)
+                self.actor.backward(loss, scale_wrt_gas=False)
+                losses["policy_loss"] = losses.get("policy_loss", 0.0) + float(loss)
+                _accumulate(sums, m, weight=float(mask.sum()))
+                if self.critic is not None:
+                    values = _padded(self.critic(part.tokens, cu_seqlens=part.cu_seqlens), part, width)
+                    vloss, vm = value_loss(values, exp.old_values[rows], exp.returns[rows], mask,
+                                           clip_eps=cfg.critic.value_clip or None, **agg)
+                    self.critic.backward(vloss, scale_wrt_gas=False)
+                    losses["value_loss"] = losses.get("value_loss", 0.0) + float(vloss)
+                    _accumulate(sums, {f"value_{k}": v for k, v in vm.items()}, weight=float(mask.sum()))
+            self.actor.step()
+            if self.critic is not None:
+                self.critic.step()
+        total = float(exp.action_mask.sum()) * cfg.train.ppo_epochs
+        metrics = {k: v / total for k, v in sums.items()}
+        metrics.update({k: v / cfg.train.ppo_epochs for k, v in losses.items()})
+        return {**exp.metrics, **metrics, "grad_norm": float(self.actor.get_global_grad_norm() or 0.0),
+                "tokens": float(samples.num_tokens), "sequences": float(samples.num_sequences)}
+
+    def save(self, out_dir: str) -> None:
+        """The actor as a Hugging Face directory (LoRA merged) with its tokenizer, on rank 0."""
+        state = gathered_state_dict(self.actor_module, self.cfg.train.zero_stage)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            base = self.actor_module.model.get_base_model() if self.actor_module.is_lora else self.actor_module.model
+            base.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(out_dir)
+
+
+def _accumulate(sums: dict[str, float], values: dict[str, torch.Tensor], weight: float) -> None:
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + float(v) * weight
+
+
+def gathered_state_dict(actor: Actor, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full (LoRA-merged) actor state dict; under ZeRO-3 the shards are gathered first."""
+    if zero_stage == 3:
+        params = list(actor.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().clone() for k, v in actor.merged_state_dict().items()}
+    return {k: v.detach() for k, v in actor.merged_state_dict().items()}

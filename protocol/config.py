@@ -1,0 +1,332 @@
+"""The one typed run configuration, shared by the CLI, the YAML files and the launch scripts.
+
+Every process of a run (learner ranks, rollout processes, replay) reads the same `RunConfig`,
+so it lives in `protocol/`, the only code that rollout and learner share. Sources are applied in
+order: defaults, then a YAML file, then `--section.key value` flags. Unknown keys and values of
+the wrong type are errors that name the key and the file they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or inconsistent; the message says which."""
+
+
+def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
+    """A config field with its help text (and allowed values)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("", "Hugging Face model directory of the actor (the initial policy). Empty: the "
+                        "built-in tiny model prepared by `python -m learner.tasks.arithmetic prepare`.")
+    dtype: str = opt("float32", "Learner parameter dtype.", ("float32", "bfloat16"))
+    attn_implementation: str = opt("sdpa", "Attention kernel for the learner's forward passes; packed "
+                                           "sequences use a block-diagonal mask with sdpa/eager and "
+                                           "cu_seqlens with flash_attention_2.",
+                                   ("sdpa", "eager", "flash_attention_2"))
+    trust_remote_code: bool = opt(False, "Allow model code shipped with the checkpoint.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    lora_rank: int = opt(0, "LoRA rank; 0 trains all weights.")
+    lora_alpha: int = opt(16, "LoRA alpha (scale = alpha / rank).")
+    lora_dropout: float = opt(0.0, "LoRA dropout.")
+    lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names LoRA adapts.")
+    load_in_4bit: bool = opt(False, "Load the frozen base weights in 4-bit NF4 (CUDA + bitsandbytes only).")
+
+
+@dataclass
+class CriticConfig:
+    path: str = opt("", "Critic initialisation (Hugging Face directory). Empty: the actor's weights "
+                        "with a fresh value head. Used only when the advantage estimator is 'gae'.")
+    value_head_prefix: str = opt("score", "Attribute name of the linear value head.")
+    lr: float = opt(5e-4, "Critic learning rate.")
+    value_clip: float = opt(0.2, "Clip range of the value loss around the old values; 0 disables.")
+    value_loss_coef: float = opt(0.5, "Weight of the value loss (reported; the critic has its own optimizer).")
+
+
+@dataclass
+class DataConfig:
+    path: str = opt("", "Prompt dataset: JSONL, JSON list, Parquet or a saved `datasets` directory. "
+                        "Empty: the built-in arithmetic task's prompts.")
+    input_key: str = opt("prompt", "Field holding the prompt (a string or a list of chat messages).")
+    label_key: str = opt("label", "Field holding the label passed to the reward function (optional).")
+    max_prompt_len: int = opt(128, "Prompts longer than this many tokens are dropped and counted.")
+    apply_chat_template: str = opt("auto", "Wrap prompts in the tokenizer's chat template.",
+                                   ("auto", "yes", "no"))
+    shuffle: bool = opt(True, "Shuffle prompts each epoch (deterministically, from train.seed).")
+
+
+@dataclass
+class RewardConfig:
+    function: str = opt("learner.tasks.arithmetic:arithmetic_reward",
+                        "Reward function, `package.module:function` or `path/file.py:function`, called "
+                        "batched as fn(prompts, completions, labels) -> list of floats.")
+    clip: float = opt(0.0, "Clip scores to [-clip, clip]; 0 disables.")
+
+
+@dataclass
+class RolloutConfig:
+    num_processes: int = opt(2, "Rollout processes that launch scripts start (each runs one vLLM engine).")
+    n_samples_per_prompt: int = opt(8, "Completions sampled per prompt (the group for GRPO-style advantages).")
+    prompts_per_grant: int = opt(8, "Prompts in one unit of work handed to a rollout process.")
+    temperature: float = opt(1.0, "Sampling temperature; the learner scales its logits by the same value.")
+    top_p: float = opt(1.0, "Nucleus sampling; below 1 the behaviour log-probs are those of the "
+                            "truncated distribution (corrected by importance sampling).")
+    top_k: int = opt(-1, "Top-k sampling; -1 disables.")
+    max_new_tokens: int = opt(8, "Maximum response length in tokens.")
+    stop_token_ids: list = opt([], "Extra token ids that end a response (EOS always does).")
+    engine_dtype: str = opt("float32", "vLLM engine dtype.", ("float32", "bfloat16", "float16"))
+    tensor_parallel_size: int = opt(1, "vLLM tensor parallelism per rollout process.")
+    gpu_memory_utilization: float = opt(0.5, "vLLM GPU memory fraction (GPU machines).")
+    kv_cache_space_gib: int = opt(1, "vLLM KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE).")
+    max_model_len: int = opt(256, "vLLM maximum sequence length (prompt + response).")
+    enforce_eager: bool = opt(True, "Disable CUDA graphs / torch.compile in vLLM (faster start-up).")
+    omp_threads: int = opt(1, "CPU threads per rollout engine on the CPU backend.")
+    seed: int = opt(0, "Base sampling seed; each process and request derives its own.")
+
+
+@dataclass
+class AlgoConfig:
+    advantage_estimator: str = opt("grpo", "How advantages are computed.",
+                                   ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"))
+    gamma: float = opt(1.0, "Discount factor (GAE, REINFORCE++).")
+    lam: float = opt(0.95, "GAE lambda.")
+    kl_coef: float = opt(0.0, "KL penalty coefficient against the frozen reference policy; 0 skips the reference model.")
+    kl_estimator: str = opt("k3", "KL estimator.", ("k1", "k2", "k3"))
+    kl_mode: str = opt("loss", "Apply KL as a loss term or shape it into the token rewards.", ("loss", "reward"))
+    kl_target: float = opt(0.0, "Adaptive KL controller target; 0 keeps kl_coef fixed.")
+    kl_horizon: int = opt(10000, "Adaptive KL controller horizon (samples).")
+    clip_low: float = opt(0.2, "PPO ratio clip below 1.")
+    clip_high: float = opt(0.2, "PPO ratio clip above 1 (raise it for clip-higher).")
+    dual_clip: float = opt(0.0, "Dual-clip constant c > 1 for negative advantages; 0 disables.")
+    loss_aggregation: str = opt("token_mean", "How per-token losses are reduced.",
+                                ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
+    tis_level: str = opt("token", "Truncated importance sampling between behaviour (vLLM) and learner log-probs.",
+                         ("off", "token", "sequence"))
+    tis_mode: str = opt("clamp", "Truncate weights above the cap by clamping or by masking.", ("clamp", "mask"))
+    tis_cap: float = opt(2.0, "Importance weight cap.")
+    entropy_coef: float = opt(0.0, "Entropy bonus coefficient.")
+
+
+@dataclass
+class TrainConfig:
+    num_steps: int = opt(40, "Optimizer steps (policy versions) to train.")
+    prompts_per_step: int = opt(16, "Prompts consumed per step (times n_samples_per_prompt samples).")
+    micro_batch_tokens: int = opt(4096, "Token budget of one packed micro-batch in the learner's forward.")
+    ppo_epochs: int = opt(1, "Passes over each step's samples.")
+    lr: float = opt(1e-4, "Actor learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    grad_clip: float = opt(1.0, "Gradient norm clip.")
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage.", (0, 1, 2, 3))
+    max_staleness: int = opt(1, "Most weight versions between the policy that sampled a batch and the "
+                                "one it trains; 0 is fully synchronous on-policy PPO.")
+    seed: int = opt(0, "Seed for data order, sampling and initialisation.")
+    torch_threads: int = opt(1, "Torch intra-op threads per learner rank on the CPU.")
+
+
+@dataclass
+class TransportConfig:
+    bind_host: str = opt("127.0.0.1", "Address the learner binds (loopback by default).")
+    learner_host: str = opt("127.0.0.1", "Address rollouts connect to.")
+    port: int = opt(0, "Learner port; 0 picks a free one (launch scripts pass it on).")
+    weight_bucket_mb: int = opt(64, "Weights are published in buckets of this many MiB.")
+    weight_dir: str = opt("/dev/shm", "Where a rollout stages received weights for its engine.")
+    weight_ack_timeout_s: float = opt(120.0, "Seconds to wait for every rollout to apply a weight version.")
+    batch_timeout_s: float = opt(600.0, "Seconds the learner waits for a step's samples before failing.")
+    heartbeat_s: float = opt(5.0, "Rollout heartbeat interval.")
+    max_message_mb: int = opt(256, "Largest accepted message (bigger ones are rejected unread).")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("runs/default", "Run directory: metrics.jsonl, logs and the final model.")
+    save_final: bool = opt(True, "Save the trained actor as a Hugging Face directory at the end.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+
+@dataclass
+class RunConfig:
+    run_id: str = opt("", "Identifier stamped on every message; empty: generated at start.")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Actor model."})
+    critic: CriticConfig = field(default_factory=CriticConfig, metadata={"help": "Critic model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompt data."})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Generation."})
+    algo: AlgoConfig = field(default_factory=AlgoConfig, metadata={"help": "RL algorithm."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
+    transport: TransportConfig = field(default_factory=TransportConfig, metadata={"help": "Networking."})
+    output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Outputs."})
+
+    def validate(self) -> RunConfig:
+        """Cross-field checks that no single field's type can express."""
+        _check_choices(self, "")
+        positive = {"train.num_steps": self.train.num_steps, "train.prompts_per_step": self.train.prompts_per_step,
+                    "rollout.n_samples_per_prompt": self.rollout.n_samples_per_prompt,
+                    "rollout.prompts_per_grant": self.rollout.prompts_per_grant,
+                    "rollout.max_new_tokens": self.rollout.max_new_tokens,
+                    "rollout.num_processes": self.rollout.num_processes,
+                    "train.micro_batch_tokens": self.train.micro_batch_tokens,
+                    "train.ppo_epochs": self.train.ppo_epochs}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if self.rollout.temperature <= 0:
+            raise ConfigError(f"rollout.temperature must be > 0, got {self.rollout.temperature}")
+        if not 0 < self.rollout.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
+        if self.train.max_staleness < 0:
+            raise ConfigError(f"train.max_staleness must be >= 0, got {self.train.max_staleness}")
+        if self.train.prompts_per_step % self.rollout.prompts_per_grant:
+            raise ConfigError(f"train.prompts_per_step ({self.train.prompts_per_step}) must be a multiple of "
+                              f"rollout.prompts_per_grant ({self.rollout.prompts_per_grant})")
+        if self.algo.dual_clip and self.algo.dual_clip <= 1:
+            raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
+        return self
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.algo.advantage_estimator == "gae"
+
+
+def _check_choices(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("choices") and value not in f.metadata["choices"]:
+            raise ConfigError(f"{prefix}{f.name} must be one of {list(f.metadata['choices'])}, got {value!r}")
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Check a value against a field's type; strings from flags (and floats written like `1e-4`,
+    which YAML 1.1 reads as strings) are parsed."""
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    target = {"str": str, "int": int, "float": float, "bool": bool, "list": list}.get(name)
+    if target is None:
+        raise ConfigError(f"{key}: unsupported field type {annotation!r}")
+    if isinstance(value, str) and target is not str:
+        value = _parse_string(value, target, key, source)
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if (target is not bool and isinstance(value, bool)) or not isinstance(value, target):
+        raise ConfigError(f"{key} expects {target.__name__}, got {type(value).__name__} {value!r} "
+                          f"(from the {source})")
+    return value
+
+
+def _parse_string(text: str, target: type, key: str, source: str) -> Any:
+    try:
+        if target is bool:
+            return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}[text.lower()]
+        if target is list:
+            parsed = yaml.safe_load(text)
+            return parsed if isinstance(parsed, list) else [parsed] if text.strip() else []
+        return target(text)
+    except (KeyError, ValueError, yaml.YAMLError):
+        raise ConfigError(f"{key} expects {target.__name__}, cannot parse {text!r} (from the {source})") from None
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}' (from the {source}); "
+                              f"known keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{full}' is a section and needs a mapping, got {value!r} (from the {source})")
+            _apply(current, value, f"{full}.", source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full, source))
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file at `path`, then dotted `overrides` (strings parsed as YAML)."""
+    config = RunConfig()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        _apply(config, data, "", f"file {path}")
+    if overrides:
+        _apply(config, _nest(overrides), "", "command line")
+    return config.validate()
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "message") -> RunConfig:
+    config = RunConfig()
+    _apply(config, data, "", source)
+    return config.validate()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--config FILE` and one `--section.key` flag per field, with its default and help."""
+    parser.add_argument("--config", default=None, help="YAML config file (flags override it).")
+    defaults = RunConfig()
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                group = parser.add_argument_group(f"{prefix}{f.name}", f.metadata.get("help"))
+                walk_group(group, value, f"{prefix}{f.name}.")
+            else:
+                add(parser, f, value, prefix)
+
+    def walk_group(group: Any, obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            add(group, f, getattr(obj, f.name), prefix)
+
+    def add(target: Any, f: dataclasses.Field, default: Any, prefix: str) -> None:
+        choices = f.metadata.get("choices")
+        extra = f" Choices: {', '.join(map(str, choices))}." if choices else ""
+        target.add_argument(f"--{prefix}{f.name}", dest=f"{prefix}{f.name}", default=argparse.SUPPRESS,
+                            metavar=type(default).__name__.upper(),
+                            help=f"{f.metadata['help']}{extra} (default: {json.dumps(default)})")
+
+    walk(defaults, "")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k == "run_id"}
+    return load_config(args.config, overrides)
+

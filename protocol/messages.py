@@ -1,0 +1,463 @@
+"""Typed messages: the single data contract between rollout and learner.
+
+All messages are frozen dataclasses (attributes cannot be re-assigned; the
+numpy arrays / lists they hold are not deep-frozen, hence "frozen-ish").
+Arrays are 1-D numpy arrays with a fixed dtype; constructors convert
+array-likes (lists, other integer widths, ...) to that dtype, refusing
+conversions that would lose integer values.  Arrays produced by
+:func:`protocol.codec.decode` are read-only zero-copy views of the received
+frames.
+
+Every message travels inside an :class:`Envelope` whose header fields are
+``schema_version, kind, run_id, producer_id, seq, weight_version``.
+
+This module must only depend on numpy (no torch, nothing from rollout/ or
+learner/).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Union
+
+import numpy as np
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "FINISH_REASONS",
+    "WEIGHT_DTYPES",
+    "numpy_storage_dtype",
+    "Hello",
+    "SamplingSpec",
+    "PromptSpec",
+    "WorkGrant",
+    "PackedBatch",
+    "TensorMeta",
+    "WeightUpdate",
+    "WeightAck",
+    "Heartbeat",
+    "Shutdown",
+    "RolloutError",
+    "Message",
+    "MESSAGE_TYPES",
+    "Envelope",
+    "pack_weight_buckets",
+]
+
+SCHEMA_VERSION: int = 1
+
+#: Allowed values of ``PackedBatch.finish_reasons``.
+FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
+
+#: Allowed weight tensor dtypes -> item size in bytes.
+WEIGHT_DTYPES: Mapping[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+}
+
+# numpy dtype used to *store* / view each weight dtype.  numpy has no
+# bfloat16: its raw 2-byte pattern is exposed as uint16 (see WeightUpdate).
+_STORAGE_DTYPES: Mapping[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+}
+
+
+def numpy_storage_dtype(dtype: str) -> np.dtype:
+    """Little-endian numpy dtype holding a weight dtype (``bfloat16`` -> ``uint16`` bit pattern)."""
+    try:
+        return _STORAGE_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported weight dtype {dtype!r}; allowed: {sorted(WEIGHT_DTYPES)}") from None
+
+
+def _as_array(name: str, value: Any, dtype: str) -> np.ndarray:
+    """Convert ``value`` to an array of ``dtype`` without copying when it already is one."""
+    target = np.dtype(dtype)
+    arr = np.asarray(value)
+    if arr.dtype == target:
+        return arr
+    if arr.size == 0 and arr.dtype.kind in "biuf":
+        return arr.astype(target)
+    if target.kind in "iu" and arr.dtype.kind in "biu":
+        if arr.dtype.kind != "b":
+            info = np.iinfo(target)
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < info.min or hi > info.max:
+                raise ValueError(f"{name}: values [{lo}, {hi}] do not fit in {target.name}")
+        return arr.astype(target)
+    if target.kind == "f" and arr.dtype.kind in "biuf":
+        return arr.astype(target)
+    raise TypeError(f"{name}: cannot convert an array of dtype {arr.dtype} to {target.name}")
+
+
+def _byte_view(data: Any) -> memoryview:
+    """1-D unsigned-byte memoryview of a C-contiguous buffer (no copy)."""
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise ValueError("buffer is not C-contiguous")
+    if view.format == "B" and view.ndim == 1:
+        return view
+    if view.nbytes == 0:
+        return memoryview(b"")
+    return view.cast("B")
+
+
+def _values_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and bool(np.array_equal(a, b))
+        )
+    bytes_like = (bytes, bytearray, memoryview)
+    if isinstance(a, bytes_like) and isinstance(b, bytes_like):
+        return bytes(a) == bytes(b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_values_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_values_equal(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+class _Message:
+    """Base of all messages: value equality that understands numpy arrays and buffers."""
+
+    KIND: ClassVar[str] = ""
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(_values_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))  # type: ignore[arg-type]
+
+    __hash__ = None  # type: ignore[assignment]  # hold arrays / lists
+
+
+# --------------------------------------------------------------------------- control messages
+
+
+@dataclass(frozen=True, eq=False)
+class Hello(_Message):
+    """rollout -> learner, first message after connecting (also resets the per-peer seq check)."""
+
+    KIND: ClassVar[str] = "hello"
+    engine_info: dict[str, str | int | float]
+
+
+@dataclass(frozen=True, eq=False)
+class Heartbeat(_Message):
+    KIND: ClassVar[str] = "heartbeat"
+    state: str
+
+
+@dataclass(frozen=True, eq=False)
+class Shutdown(_Message):
+    KIND: ClassVar[str] = "shutdown"
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class RolloutError(_Message):
+    """rollout -> learner: something went wrong; ``fatal`` means the rollout is going away."""
+
+    KIND: ClassVar[str] = "rollout_error"
+    message: str
+    fatal: bool
+
+
+# --------------------------------------------------------------------------- work
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingSpec(_Message):
+    """Sampling parameters (vLLM semantics: ``top_k=-1`` disables top-k)."""
+
+    KIND: ClassVar[str] = ""
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    stop_token_ids: list[int]
+    seed: int | None
+
+
+@dataclass(frozen=True, eq=False)
+class PromptSpec(_Message):
+    KIND: ClassVar[str] = ""
+    prompt_id: int
+    token_ids: np.ndarray  # int32 [P], P >= 1
+    label: str | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "token_ids", _as_array("token_ids", self.token_ids, "int32"))
+
+
+@dataclass(frozen=True, eq=False)
+class WorkGrant(_Message):
+    """learner -> rollout: generate ``n_samples`` completions for each prompt.
+
+    The rollout must have applied weights of version >= ``min_weight_version``
+    before generating for this grant.
+    """
+
+    KIND: ClassVar[str] = "work_grant"
+    grant_id: int
+    step: int
+    min_weight_version: int
+    n_samples: int
+    sampling: SamplingSpec
+    prompts: list[PromptSpec]
+
+
+@dataclass(frozen=True, eq=False)
+class PackedBatch(_Message):
+    """rollout -> learner: B packed sequences (prompt followed by response).
+
+    Sequence ``b`` is ``tokens[cu_seqlens[b]:cu_seqlens[b+1]]``: its first
+    ``prompt_lens[b]`` tokens are the prompt, the rest the response.
+    ``behaviour_logprobs[i]`` is log p(tokens[i] | earlier tokens of its
+    sequence) under the behaviour policy for response tokens and exactly 0 on
+    prompt tokens.  ``loss_mask`` is 1 exactly on trained response tokens (0 on
+    every prompt token).
+    """
+
+    KIND: ClassVar[str] = "packed_batch"
+    grant_id: int
+    step: int
+    tokens: np.ndarray  # int32 [T]
+    cu_seqlens: np.ndarray  # int32 [B+1]
+    prompt_lens: np.ndarray  # int32 [B]
+    loss_mask: np.ndarray  # uint8 [T]
+    behaviour_logprobs: np.ndarray  # float32 [T]
+    prompt_ids: np.ndarray  # int64 [B]
+    sample_indices: np.ndarray  # int32 [B]
+    weight_versions: np.ndarray  # int32 [B]
+    finish_reasons: list[str]  # len B, each in FINISH_REASONS
+    labels: list[str | None]  # len B
+    gen_seconds: float
+
+    ARRAY_DTYPES: ClassVar[Mapping[str, str]] = {
+        "tokens": "int32",
+        "cu_seqlens": "int32",
+        "prompt_lens": "int32",
+        "loss_mask": "uint8",
+        "behaviour_logprobs": "float32",
+        "prompt_ids": "int64",
+        "sample_indices": "int32",
+        "weight_versions": "int32",
+    }
+
+    def __post_init__(self) -> None:
+        for name, dtype in self.ARRAY_DTYPES.items():
+            object.__setattr__(self, name, _as_array(name, getattr(self, name), dtype))
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.cu_seqlens.shape[0]) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_lens(self) -> np.ndarray:
+        """int32 [B] total length (prompt + response) of each sequence."""
+        return np.diff(self.cu_seqlens).astype(np.int32, copy=False)
+
+    @property
+    def response_lens(self) -> np.ndarray:
+        """int32 [B] response length of each sequence."""
+        return (self.seq_lens - self.prompt_lens).astype(np.int32, copy=False)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one weight tensor lives: ``buckets[bucket][offset:offset+nbytes]``, C order, little-endian."""
+
+    name: str
+    dtype: str  # one of WEIGHT_DTYPES
+    shape: tuple[int, ...]
+    bucket: int
+    offset: int
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shape, list):
+            object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class WeightUpdate(_Message):
+    """learner -> rollout: new policy weights packed into a few large raw byte buckets.
+
+    Each bucket is one frame on the wire.  Tensor data is raw little-endian C
+    order bytes described by a :class:`TensorMeta`.  After decode, buckets are
+    read-only memoryviews of the received frames.
+
+    bfloat16: numpy has no bfloat16, so :meth:`iter_arrays` yields bf16
+    tensors as ``uint16`` arrays holding the raw bit pattern.  A torch
+    receiver rebuilds the tensor with
+    ``torch.from_numpy(arr.copy()).view(torch.bfloat16)`` or, without the copy,
+    ``torch.frombuffer(upd.tensor_bytes(meta), dtype=torch.bfloat16).view(meta.shape)``
+    (``tensor_bytes`` works for every dtype).
+    """
+
+    KIND: ClassVar[str] = "weight_update"
+    version: int
+    tensors: list[TensorMeta]
+    buckets: list[bytes | bytearray | memoryview]
+    fingerprint: dict[str, str]
+
+    def tensor_bytes(self, meta: TensorMeta | str) -> memoryview:
+        """Raw bytes of one tensor (a memoryview slice of its bucket, no copy)."""
+        if isinstance(meta, str):
+            meta = self._by_name(meta)
+        view = _byte_view(self.buckets[meta.bucket])
+        return view[meta.offset : meta.offset + meta.nbytes]
+
+    def array(self, meta: TensorMeta | str) -> np.ndarray:
+        """One tensor as a numpy view of its bucket (bfloat16 -> uint16 bit pattern)."""
+        if isinstance(meta, str):
+            meta = self._by_name(meta)
+        dt = numpy_storage_dtype(meta.dtype)
+        return np.frombuffer(self.tensor_bytes(meta), dtype=dt).reshape(meta.shape)
+
+    def iter_arrays(self, *, bfloat16: str = "uint16") -> Iterator[tuple[TensorMeta, np.ndarray]]:
+        """Yield ``(meta, array)`` for every tensor, as zero-copy numpy views.
+
+        ``bfloat16``: ``"uint16"`` (default) yields bf16 tensors as uint16 bit
+        patterns (check ``meta.dtype``), ``"skip"`` leaves them out, ``"error"``
+        raises ``TypeError`` on the first one.
+        """
+        if bfloat16 not in ("uint16", "skip", "error"):
+            raise ValueError(f"bfloat16 must be 'uint16', 'skip' or 'error', got {bfloat16!r}")
+        for meta in self.tensors:
+            if meta.dtype == "bfloat16":
+                if bfloat16 == "skip":
+                    continue
+                if bfloat16 == "error":
+                    raise TypeError(f"tensor {meta.name!r} is bfloat16, which numpy cannot represent")
+            yield meta, self.array(meta)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(memoryview(b).nbytes for b in self.buckets)
+
+    def _by_name(self, name: str) -> TensorMeta:
+        for meta in self.tensors:
+            if meta.name == name:
+                return meta
+        raise KeyError(name)
+
+
+@dataclass(frozen=True, eq=False)
+class WeightAck(_Message):
+    """rollout -> learner after applying a WeightUpdate (echoes the fingerprint it saw)."""
+
+    KIND: ClassVar[str] = "weight_ack"
+    version: int
+    fingerprint: dict[str, str]
+    apply_seconds: float
+
+
+def pack_weight_buckets(
+    named_arrays: Iterable[tuple[str, str, tuple[int, ...], Any]],
+    bucket_bytes: int,
+    *,
+    align: int = 64,
+) -> tuple[list[TensorMeta], list[memoryview]]:
+    """Pack tensors into a few large byte buckets for a :class:`WeightUpdate`.
+
+    ``named_arrays`` yields ``(name, dtype_str, shape, data)`` where ``data`` is
+    any C-contiguous bytes-like object (numpy array, bytes, memoryview) holding
+    exactly ``prod(shape) * itemsize`` bytes in little-endian C order (for
+    bfloat16 pass the raw 2-byte data, e.g. ``t.view(torch.int16).numpy()``).
+    Tensors are laid out greedily in order, each at an ``align``-byte aligned
+    offset; a new bucket starts when the next tensor would overflow
+    ``bucket_bytes`` (a tensor larger than ``bucket_bytes`` gets a bucket of
+    its own).  Data is copied once into the buckets.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    if align <= 0:
+        raise ValueError(f"align must be > 0, got {align}")
+    metas: list[TensorMeta] = []
+    views: list[memoryview] = []
+    sizes: list[int] = []
+    seen: set[str] = set()
+    cur = -1
+    end = 0
+    for name, dtype, shape, data in named_arrays:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor name must be a non-empty str, got {name!r}")
+        if name in seen:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        seen.add(name)
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"tensor {name!r}: unsupported dtype {dtype!r}; allowed: {sorted(WEIGHT_DTYPES)}")
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: negative dimension in shape {shape}")
+        try:
+            view = _byte_view(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"tensor {name!r}: data must be a C-contiguous bytes-like object ({exc})") from None
+        nbytes = math.prod(shape) * WEIGHT_DTYPES[dtype]
+        if view.nbytes != nbytes:
+            raise ValueError(
+                f"tensor {name!r}: {dtype} shape {shape} needs {nbytes} bytes, data has {view.nbytes}"
+            )
+        offset = -(-end // align) * align if nbytes else end  # empty tensors need no alignment / space
+        if cur < 0 or (end > 0 and offset + nbytes > bucket_bytes):
+            sizes.append(0)
+            cur += 1
+            offset = 0
+        metas.append(TensorMeta(name, dtype, shape, cur, offset, nbytes))
+        views.append(view)
+        end = offset + nbytes
+        sizes[cur] = end
+    buckets = [bytearray(size) for size in sizes]
+    for meta, view in zip(metas, views):
+        buckets[meta.bucket][meta.offset : meta.offset + meta.nbytes] = view
+    return metas, [memoryview(b) for b in buckets]
+
+
+# --------------------------------------------------------------------------- envelope
+
+Message = Union[Hello, WorkGrant, PackedBatch, WeightUpdate, WeightAck, Heartbeat, Shutdown, RolloutError]
+
+#: kind string -> message class
+MESSAGE_TYPES: Mapping[str, type] = {
+    cls.KIND: cls
+    for cls in (Hello, WorkGrant, PackedBatch, WeightUpdate, WeightAck, Heartbeat, Shutdown, RolloutError)
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Envelope(_Message):
+    """A decoded message with its header fields."""
+
+    KIND: ClassVar[str] = ""
+    schema_version: int
+    kind: str
+    run_id: str
+    producer_id: str
+    seq: int
+    weight_version: int
+    body: Message

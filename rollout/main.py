@@ -1,0 +1,115 @@
+"""A rollout process: one vLLM engine that turns work grants into packed batches, forever.
+
+    python -m rollout --config run.yaml --index 0 [--section.key value ...]
+
+It connects to the learner, says hello, then alternates between two things until told to stop:
+applying every weight update that has arrived (so later samples are tagged with the new
+version), and generating the oldest grant whose minimum weight version it has reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import logging
+import os
+import socket
+import sys
+import time
+
+from protocol.config import RunConfig, add_config_arguments, config_from_args
+from protocol.messages import (Heartbeat, Hello, RolloutError, Shutdown, WeightAck, WeightUpdate,
+                               WorkGrant)
+from protocol.transport import RolloutClient
+from rollout.engine import VLLMGenerator, configure_cpu_threads, pack_completions, timed
+
+log = logging.getLogger("rollout")
+
+
+class RolloutWorker:
+    def __init__(self, cfg: RunConfig, index: int, model_path: str):
+        self.cfg = cfg
+        self.index = index
+        self.model_path = model_path
+        self.producer_id = f"rollout-{index}@{socket.gethostname()}:{os.getpid()}"
+        self.address = f"tcp://{cfg.transport.learner_host}:{cfg.transport.port}"
+        self.grants: collections.deque[WorkGrant] = collections.deque()
+        self.stopped = False
+
+    async def run(self) -> None:
+        configure_cpu_threads(self.cfg.rollout, self.index)
+        self.engine = await asyncio.to_thread(
+            VLLMGenerator, self.model_path, self.cfg.rollout,
+            seed=self.cfg.rollout.seed + 1000 * self.index, trust_remote_code=self.cfg.model.trust_remote_code)
+        async with RolloutClient(self.address, producer_id=self.producer_id, run_id=self.cfg.run_id) as client:
+            self.client = client
+            await self.send(Hello(engine_info={"index": self.index, "model": self.model_path, "pid": os.getpid()}))
+            try:
+                await self.continuous_rollouts()
+            except Exception as exc:
+                await self.send(RolloutError(message=f"{type(exc).__name__}: {exc}", fatal=True))
+                raise
+
+    async def continuous_rollouts(self) -> None:
+        while not self.stopped:
+            await self.handle_messages(block=self.runnable_grant() is None)
+            grant = self.runnable_grant()
+            if grant is None or self.stopped:
+                continue
+            self.grants.remove(grant)
+            completions, seconds = await asyncio.to_thread(timed, self.engine.generate, grant)
+            await self.send(pack_completions(completions, grant, seconds))
+
+    def runnable_grant(self) -> WorkGrant | None:
+        """The oldest grant this engine's weights are recent enough for."""
+        return next((g for g in self.grants if g.min_weight_version <= self.engine.weight_version), None)
+
+    async def handle_messages(self, *, block: bool) -> None:
+        """Handle every message already waiting; when `block`, wait for at least one."""
+        timeout = self.cfg.transport.heartbeat_s if block else 0.0
+        while not self.stopped:
+            try:
+                envelope = await self.client.recv(timeout=timeout)
+            except TimeoutError:
+                if block:
+                    await self.send(Heartbeat(state="idle"))
+                return
+            message = envelope.body
+            if isinstance(message, WorkGrant):
+                self.grants.append(message)
+            elif isinstance(message, WeightUpdate):
+                fingerprint, seconds = await asyncio.to_thread(
+                    timed, self.engine.apply_weights, message, self.cfg.transport.weight_dir)
+                await self.send(WeightAck(version=message.version, fingerprint=fingerprint, apply_seconds=seconds))
+            elif isinstance(message, Shutdown):
+                log.info("%s: shutdown requested (%s)", self.producer_id, message.reason)
+                self.stopped = True
+            else:
+                log.warning("%s: ignoring unexpected %s message", self.producer_id, envelope.kind)
+            timeout = 0.0
+
+    async def send(self, message) -> None:
+        await self.client.send(message, weight_version=self.engine.weight_version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rollout", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", type=int, default=0, help="This rollout process's index (default: 0).")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    if not cfg.run_id or not cfg.transport.port:
+        parser.error("--run_id and --transport.port are required (the launcher passes the learner's)")
+    if not cfg.model.path:
+        parser.error("--model.path is required (launch scripts pass the prepared model)")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rollout-{args.index} %(levelname)s %(message)s")
+    start = time.perf_counter()
+    asyncio.run(RolloutWorker(cfg, args.index, cfg.model.path).run())
+    log.info("rollout %d finished after %.1f s", args.index, time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

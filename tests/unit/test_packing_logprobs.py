@@ -1,0 +1,234 @@
+"""Packing helpers and memory-bounded log-probs / entropy (no model needed)."""
+
+import pytest
+import torch
+
+from learner.models.logprobs import entropy_from_logits, log_probs_from_logits
+from learner.models.packing import (
+    block_causal_mask,
+    pack_from_padded,
+    packed_model_kwargs,
+    padded_action_mask,
+    padded_position_ids,
+    position_ids_from_cu_seqlens,
+    sequence_start_mask,
+    unpack_to_padded,
+    validate_cu_seqlens,
+)
+
+CU = torch.tensor([0, 2, 5], dtype=torch.int32)  # a 2 + 3 token pack
+
+
+# ---------------------------------------------------------------------------------- packing
+def test_positions_and_starts():
+    assert position_ids_from_cu_seqlens(CU).tolist() == [[0, 1, 0, 1, 2]]
+    cu = torch.tensor([0, 1, 4, 6], dtype=torch.int32)
+    assert position_ids_from_cu_seqlens(cu).tolist() == [[0, 0, 1, 2, 0, 1]]
+    assert sequence_start_mask(cu).tolist() == [True, True, False, False, True, False]
+
+
+def test_block_causal_mask_2_plus_3():
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 1, 1, 0],
+            [0, 0, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    m = block_causal_mask(CU)
+    assert m.dtype == torch.bool and m.shape == (1, 1, 5, 5)
+    assert torch.equal(m[0, 0], expected)
+    # trailing padding: each pad position only sees itself (no fully-masked row)
+    mp = block_causal_mask(CU, T=7)[0, 0]
+    assert torch.equal(mp[:5, :5], expected)
+    assert not mp[:5, 5:].any()
+    assert mp[5].tolist() == [False] * 5 + [True, False]
+    assert mp[6].tolist() == [False] * 6 + [True]
+    with pytest.raises(ValueError, match="smaller"):
+        block_causal_mask(CU, T=4)
+
+
+def test_packed_model_kwargs():
+    tokens = torch.arange(5)
+    kw = packed_model_kwargs(tokens, CU, "sdpa")
+    assert kw["input_ids"].tolist() == [[0, 1, 2, 3, 4]]
+    assert kw["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
+    assert torch.equal(kw["attention_mask"], block_causal_mask(CU))
+    kw = packed_model_kwargs(tokens[None], CU, "flash_attention_2")
+    assert kw["attention_mask"] is None and kw["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
+    kw = packed_model_kwargs(tokens, CU, "eager", dtype=torch.bfloat16)
+    am = kw["attention_mask"]
+    assert am.dtype == torch.bfloat16
+    allowed = block_causal_mask(CU)
+    assert (am[allowed] == 0).all() and (am[~allowed] == torch.finfo(torch.bfloat16).min).all()
+    with pytest.raises(ValueError, match="attn_implementation"):
+        packed_model_kwargs(tokens, CU, "flex_attention")
+    with pytest.raises(ValueError, match="does not match"):
+        packed_model_kwargs(torch.arange(6), CU, "sdpa")
+    with pytest.raises(ValueError, match=r"\[T\] or \[1, T\]"):
+        packed_model_kwargs(torch.arange(10).view(2, 5), CU, "sdpa")
+
+
+@pytest.mark.parametrize(
+    "cu, msg",
+    [
+        (torch.tensor([1, 3, 5]), "start at 0"),
+        (torch.tensor([0, 3, 2]), "strictly increasing"),
+        (torch.tensor([0, 3, 3]), "strictly increasing"),
+        (torch.tensor([0]), "at least 2"),
+        (torch.tensor([[0, 2]]), "1-D"),
+        (torch.tensor([0.0, 2.0]), "integer"),
+    ],
+)
+def test_validate_cu_seqlens(cu, msg):
+    with pytest.raises(ValueError, match=msg):
+        validate_cu_seqlens(cu)
+
+
+def test_unpack_pack_roundtrip():
+    cu = torch.tensor([0, 4, 7, 12], dtype=torch.int32)
+    prompt_lens = torch.tensor([2, 1, 2])
+    flat = torch.arange(1, 13, dtype=torch.float32)  # token i has value i + 1
+    padded, mask = unpack_to_padded(flat, cu, prompt_lens)
+    assert padded.tolist() == [[3, 4, 0], [6, 7, 0], [10, 11, 12]]
+    assert mask.tolist() == [[True, True, False], [True, True, False], [True, True, True]]
+    is_action = torch.tensor([0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 1, 1], dtype=torch.float32)
+    assert torch.equal(pack_from_padded(padded, cu, prompt_lens), flat * is_action)
+    cu2 = torch.tensor([0, 5, 7], dtype=torch.int32)
+    p2, m2 = unpack_to_padded(torch.arange(7.0), cu2, torch.tensor([1, 1]))
+    assert p2.tolist() == [[1, 2, 3, 4], [6, 0, 0, 0]]
+    assert m2.tolist() == [[True] * 4, [True, False, False, False]]
+    back = pack_from_padded(p2, cu2, torch.tensor([1, 1]))
+    assert back.tolist() == [0, 1, 2, 3, 4, 0, 6]  # prompt positions are 0
+    # extra columns and garbage beyond the response are ignored
+    wide = torch.cat([p2 + 100 * (~m2), torch.full((2, 2), 7.0)], 1)
+    assert torch.equal(pack_from_padded(wide, cu2, torch.tensor([1, 1])), back)
+    # trailing feature dims
+    f = torch.randn(7, 3)
+    pf, _ = unpack_to_padded(f, cu2, torch.tensor([2, 1]))
+    assert pf.shape == (2, 3, 3) and torch.equal(pf[0], f[2:5])
+
+
+def test_unpack_pack_differentiable():
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    pl = torch.tensor([1, 3])
+    flat = torch.randn(9, requires_grad=True)
+    padded, mask = unpack_to_padded(flat, cu, pl)
+    w = torch.randn_like(padded)
+    (padded * w).sum().backward()
+    expected = pack_from_padded(w * mask, cu, pl)
+    assert torch.equal(flat.grad, expected)
+    pad = torch.randn(2, 5, requires_grad=True)
+    out = pack_from_padded(pad, cu, pl)
+    out.sum().backward()
+    assert torch.equal(pad.grad, torch.cat([mask.float(), torch.zeros(2, 5 - mask.shape[1])], 1))
+
+
+def test_unpack_validation():
+    flat = torch.zeros(5)
+    with pytest.raises(ValueError, match="shorter than its sequence"):
+        unpack_to_padded(flat, CU, torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match=">= 1"):
+        unpack_to_padded(flat, CU, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        unpack_to_padded(flat, CU, torch.tensor([1]))
+    with pytest.raises(ValueError, match="does not match"):
+        unpack_to_padded(torch.zeros(6), CU, torch.tensor([1, 1]))
+
+
+def test_padded_helpers():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert padded_position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+    assert padded_action_mask(mask).tolist() == [
+        [False, False, False, True, True],
+        [False, True, True, False, False],
+    ]
+
+
+# ---------------------------------------------------------------------------------- log-probs
+def _naive_lp(logits, labels, t=1.0):
+    return torch.log_softmax(logits.float() / t, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _naive_ent(logits, t=1.0):
+    lp = torch.log_softmax(logits.float() / t, -1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+@pytest.mark.parametrize("t", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [1, 3, 4096])
+def test_log_probs_match_naive_fp32(t, chunk):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 9, 97, generator=g) * 4
+    labels = torch.randint(0, 97, (2, 9), generator=g)
+    before = logits.clone()
+    got = log_probs_from_logits(logits, labels, temperature=t, chunk_size=chunk)
+    assert got.dtype == torch.float32 and got.shape == (2, 9)
+    torch.testing.assert_close(got, _naive_lp(logits, labels, t), atol=1e-5, rtol=0)
+    assert torch.equal(logits, before)  # temperature does not touch the caller's tensor
+    ent = entropy_from_logits(logits, temperature=t, chunk_size=chunk)
+    torch.testing.assert_close(ent, _naive_ent(logits, t), atol=1e-5, rtol=0)
+    # non-contiguous slice (as used for logits[:, :-1]) and 1-D input
+    got = log_probs_from_logits(logits[:, :-1], labels[:, 1:], temperature=t, chunk_size=chunk)
+    torch.testing.assert_close(got, _naive_lp(logits[:, :-1], labels[:, 1:], t), atol=1e-5, rtol=0)
+    got1 = log_probs_from_logits(logits[0, 0], labels[0, 0], temperature=t, chunk_size=chunk)
+    assert got1.shape == () and abs(got1.item() - _naive_lp(logits[0, 0], labels[0, 0], t).item()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_log_probs_half_inputs(dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(17, 300, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 300, (17,), generator=g)
+    got = log_probs_from_logits(logits, labels, temperature=0.9, chunk_size=5)
+    assert got.dtype == torch.float32 and logits.dtype == dtype
+    # same math on the upcast values: tight; against an all-half naive: loose
+    torch.testing.assert_close(got, _naive_lp(logits, labels, 0.9), atol=1e-5, rtol=0)
+    half_naive = torch.log_softmax(logits / 0.9, -1).gather(-1, labels[:, None])[:, 0].float()
+    torch.testing.assert_close(got, half_naive, atol=5e-2, rtol=2e-2)
+    ent = entropy_from_logits(logits, temperature=0.9, chunk_size=5)
+    torch.testing.assert_close(ent, _naive_ent(logits, 0.9), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("t", [1.0, 0.6])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_gradients_match_naive(t, sliced):
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(3, 8, 61, generator=g) * 2).requires_grad_()
+    labels = torch.randint(0, 61, (3, 8), generator=g)
+    x, lab = (base[:, :-1], labels[:, 1:]) if sliced else (base, labels)
+    w1 = torch.randn(lab.shape, generator=g)
+    w2 = torch.randn(lab.shape, generator=g)
+
+    def loss(lp, ent):
+        return (lp * w1).sum() + (ent * w2).sum()
+
+    (g_chunk,) = torch.autograd.grad(
+        loss(log_probs_from_logits(x, lab, t, chunk_size=4), entropy_from_logits(x, t, chunk_size=5)), base
+    )
+    (g_naive,) = torch.autograd.grad(loss(_naive_lp(x, lab, t), _naive_ent(x, t)), base)
+    torch.testing.assert_close(g_chunk, g_naive, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_bf16():
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(10, 50, generator=g) * 2).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 50, (10,), generator=g)
+    w = torch.randn(10, generator=g)
+    (gc,) = torch.autograd.grad((log_probs_from_logits(x, labels, 0.8, chunk_size=3) * w).sum(), x)
+    (gn,) = torch.autograd.grad((_naive_lp(x, labels, 0.8) * w).sum(), x)
+    assert gc.dtype == torch.bfloat16
+    torch.testing.assert_close(gc.float(), gn.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_log_probs_argument_errors():
+    logits = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="labels shape"):
+        log_probs_from_logits(logits, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        log_probs_from_logits(logits, torch.zeros(4, dtype=torch.long), temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        entropy_from_logits(logits, chunk_size=0)
