@@ -203,14 +203,14 @@ class PPOTrainer:
                 if algo.entropy_coef > 0:
                     loss = loss - entropy_bonus(_padded(out["entropy"], part, width), mask, algo.entropy_coef, **agg)
                 self.actor.backward(loss, scale_wrt_gas=False)
-                losses["policy_loss"] = losses.get("policy_loss", 0.0) + float(loss)
+                losses["policy_loss"] = losses.get("policy_loss", 0.0) + loss.item()
                 _accumulate(sums, m, weight=float(mask.sum()))
                 if self.critic is not None:
                     values = _padded(self.critic(part.tokens, cu_seqlens=part.cu_seqlens), part, width)
                     vloss, vm = value_loss(values, exp.old_values[rows], exp.returns[rows], mask,
                                            clip_eps=cfg.critic.value_clip or None, **agg)
                     self.critic.backward(vloss, scale_wrt_gas=False)
-                    losses["value_loss"] = losses.get("value_loss", 0.0) + float(vloss)
+                    losses["value_loss"] = losses.get("value_loss", 0.0) + vloss.item()
                     _accumulate(sums, {f"value_{k}": v for k, v in vm.items()}, weight=float(mask.sum()))
             self.actor.step()
             if self.critic is not None:

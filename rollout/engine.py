@@ -106,6 +106,8 @@ class VLLMGenerator:
             prints = self.llm.collective_rpc("apply_weights_file", args=(str(path), sorted(update.fingerprint)))
         finally:
             path.unlink(missing_ok=True)
+        # KV blocks cached for shared prompt prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
         if any(p != prints[0] for p in prints):
             raise RuntimeError(f"workers of one engine loaded different weights for version {update.version}")
         self.weight_version = update.version

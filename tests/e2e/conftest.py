@@ -1,0 +1,66 @@
+"""Helpers for end-to-end runs: real launch script, real vLLM, ZeroMQ and DeepSpeed processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    output: str
+    run_dir: Path
+    run_id: str
+
+    @property
+    def metrics(self) -> list[dict]:
+        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain `text` (e.g. a run id)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
+@pytest.fixture
+def run_local(tmp_path):
+    """Run launch/local.sh with extra flags in a fresh run directory; returns a RunResult."""
+
+    def run(*flags: str, timeout: float = 900, env: dict | None = None) -> RunResult:
+        run_id = f"e2e-{os.getpid()}-{time.monotonic_ns()}"
+        run_dir = tmp_path / "run"
+        cmd = ["bash", str(ROOT / "launch" / "local.sh"), "--run_id", run_id, "--output.dir", str(run_dir),
+               "--output.progress", "false", *flags]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+        output = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((run_dir / "logs").glob("*.log")))
+            print(output[-6000:], logs, file=sys.stderr)
+        return RunResult(proc.returncode, output, run_dir, run_id)
+
+    return run

@@ -1,0 +1,333 @@
+"""GrantPlanner (which prompts go out, under which staleness bound), StepSamples (a step's packed
+samples as tensors), shard_groups and the StepBroadcaster wire helpers."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import learner.distributed as distributed
+from learner.data import PromptDataset, PromptRow
+from learner.distributed import _join, _split, shard_groups
+from learner.grants import GrantPlanner
+from learner.rollouts import StepSamples
+from learner.tiny import build_tokenizer
+from protocol.codec import decode, encode
+from protocol.config import load_config
+from protocol.messages import PackedBatch, WorkGrant
+
+N_ROWS = 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def make_rows(n: int = N_ROWS) -> list[PromptRow]:
+    return [PromptRow(index=i, prompt=f"{i}+{i}=", label=str(2 * i)) for i in range(n)]
+
+
+def make_dataset(tokenizer, seed: int = 0) -> PromptDataset:
+    return PromptDataset(make_rows(), tokenizer, max_prompt_len=32, seed=seed, shuffle=True)
+
+
+def make_cfg(**overrides):
+    base = {"train.num_steps": "5", "train.prompts_per_step": "4", "rollout.prompts_per_grant": "2",
+            "rollout.n_samples_per_prompt": "3", "train.max_staleness": "0"}
+    base.update({k: str(v) for k, v in overrides.items()})
+    return load_config(overrides=base)
+
+
+def steps_of(grants: list[WorkGrant]) -> list[int]:
+    return sorted({g.step for g in grants})
+
+
+# --------------------------------------------------------------------------- GrantPlanner
+
+
+def test_release_with_max_staleness_0_gives_only_step_0(tokenizer):
+    planner = GrantPlanner(make_cfg(), make_dataset(tokenizer), [2])
+    grants = planner.release(published_version=0)
+    assert steps_of(grants) == [0]
+    assert len(grants) == planner.grants_per_step == 2
+    assert all(g.min_weight_version == 0 for g in grants)
+    assert planner.release(published_version=0) == []  # nothing new for the same version
+    nxt = planner.release(published_version=1)
+    assert steps_of(nxt) == [1] and all(g.min_weight_version == 1 for g in nxt)
+
+
+def test_release_with_max_staleness_2_gives_steps_0_to_2(tokenizer):
+    planner = GrantPlanner(make_cfg(**{"train.max_staleness": 2}), make_dataset(tokenizer), [2])
+    grants = planner.release(published_version=0)
+    assert steps_of(grants) == [0, 1, 2]
+    assert len(grants) == 3 * planner.grants_per_step
+    assert [g.step for g in grants] == sorted(g.step for g in grants)  # step order
+    for g in grants:
+        assert g.min_weight_version == max(0, g.step - 2)
+    later = planner.release(published_version=1)
+    assert steps_of(later) == [3] and all(g.min_weight_version == 1 for g in later)
+    assert planner.release(published_version=1) == []
+
+
+def test_release_never_beyond_last_step(tokenizer):
+    planner = GrantPlanner(make_cfg(**{"train.num_steps": 2, "train.max_staleness": 2}), make_dataset(tokenizer), [])
+    assert steps_of(planner.release(published_version=0)) == [0, 1]
+    assert planner.release(published_version=1) == []
+    assert planner.release(published_version=10) == []
+    assert planner.next_step == 2
+
+
+def test_release_catches_up_after_a_version_jump(tokenizer):
+    planner = GrantPlanner(make_cfg(**{"train.max_staleness": 1}), make_dataset(tokenizer), [])
+    assert steps_of(planner.release(0)) == [0, 1]
+    grants = planner.release(3)
+    assert steps_of(grants) == [2, 3, 4]
+    assert [g.min_weight_version for g in grants] == [1, 1, 2, 2, 3, 3]
+
+
+def test_grant_ids_unique_increasing_and_prompts_exactly_once(tokenizer):
+    cfg = make_cfg(**{"train.max_staleness": 1})
+    planner = GrantPlanner(cfg, make_dataset(tokenizer), [2])
+    twin = make_dataset(tokenizer)  # same seed: the order the planner must follow
+    grants = []
+    for version in range(cfg.train.num_steps):
+        grants += planner.release(published_version=version)
+    ids = [g.grant_id for g in grants]
+    assert ids == list(range(len(ids)))
+    assert len(grants) == cfg.train.num_steps * planner.grants_per_step
+    all_ids = []
+    for step in range(cfg.train.num_steps):
+        step_grants = [g for g in grants if g.step == step]
+        assert len(step_grants) == planner.grants_per_step
+        assert all(len(g.prompts) == cfg.rollout.prompts_per_grant for g in step_grants)
+        got = [p.prompt_id for g in step_grants for p in g.prompts]
+        expected = twin.next_batch(cfg.train.prompts_per_step)
+        assert got == [p.prompt_id for p in expected]
+        assert len(set(got)) == len(got)  # every prompt of the step exactly once
+        for spec, enc in zip((p for g in step_grants for p in g.prompts), expected):
+            assert spec.token_ids.dtype == np.int32 and spec.token_ids.tolist() == enc.token_ids
+            assert spec.label == enc.label == str(2 * enc.prompt_id)
+            assert spec.token_ids[0] == tokenizer.bos_token_id
+        all_ids += got
+    # 5 steps x 4 prompts = 20 rows = exactly one epoch: each row once
+    assert sorted(all_ids) == list(range(N_ROWS))
+
+
+def test_sampling_spec_copied_from_config(tokenizer):
+    cfg = make_cfg(**{"rollout.temperature": 0.7, "rollout.top_p": 0.9, "rollout.top_k": 5,
+                      "rollout.max_new_tokens": 12, "rollout.seed": 3, "rollout.n_samples_per_prompt": 4})
+    stops = [2, 7]
+    planner = GrantPlanner(cfg, make_dataset(tokenizer), stops)
+    stops.append(99)  # the planner keeps its own copy
+    grants = planner.release(0)
+    for g in grants:
+        sp = g.sampling
+        assert (sp.temperature, sp.top_p, sp.top_k, sp.max_new_tokens, sp.seed) == (0.7, 0.9, 5, 12, 3)
+        assert sp.stop_token_ids == [2, 7]
+        assert g.n_samples == 4
+        # every grant is a valid wire message
+        assert decode(encode(g, run_id="r", producer_id="learner", seq=0, weight_version=0)).body == g
+
+
+# --------------------------------------------------------------------------- StepSamples
+
+
+def make_packed(grant_id: int, seqs: list[tuple[list[int], list[int]]], prompt_ids: list[int],
+                versions: list[int] | None = None, labels: list | None = None) -> PackedBatch:
+    """A PackedBatch from (prompt tokens, response tokens) pairs, with distinct per-token values."""
+    tokens, cu, plens, mask, lps = [], [0], [], [], []
+    for prompt, response in seqs:
+        tokens += prompt + response
+        cu.append(len(tokens))
+        plens.append(len(prompt))
+        mask += [0] * len(prompt) + [1] * len(response)
+        lps += [0.0] * len(prompt) + [-(k + 1) / 10 for k in range(len(response))]
+    b = len(seqs)
+    batch = PackedBatch(
+        grant_id=grant_id, step=0, tokens=np.array(tokens), cu_seqlens=np.array(cu), prompt_lens=np.array(plens),
+        loss_mask=np.array(mask), behaviour_logprobs=np.array(lps), prompt_ids=np.array(prompt_ids),
+        sample_indices=np.zeros(b, np.int32), weight_versions=np.array(versions or [0] * b),
+        finish_reasons=["stop"] * (b - 1) + ["length"], labels=labels or [None] * b, gen_seconds=0.5)
+    encode(batch, run_id="r", producer_id="p", seq=0, weight_version=0)  # valid on the wire
+    return batch
+
+
+@pytest.fixture
+def two_batches():
+    a = make_packed(0, [([1, 10, 11], [12, 13]), ([1, 10, 11], [14])], [7, 7], versions=[0, 1],
+                    labels=["a", "a"])
+    b = make_packed(1, [([1, 20], [21, 22, 23, 24]), ([1, 20], [25, 26]), ([1, 30, 31, 32], [33])],
+                    [8, 8, 9], versions=[2, 2, 3], labels=["b", None, "c"])
+    return a, b
+
+
+def assert_samples_equal(x: StepSamples, y: StepSamples) -> None:
+    for name in ("tokens", "cu_seqlens", "prompt_lens", "loss_mask", "behaviour_log_probs", "prompt_ids",
+                 "weight_versions"):
+        tx, ty = getattr(x, name), getattr(y, name)
+        assert tx.dtype == ty.dtype, name
+        assert torch.equal(tx, ty), name
+    assert x.finish_reasons == y.finish_reasons
+    assert x.labels == y.labels
+
+
+def test_from_batches_offsets_cu_seqlens(two_batches):
+    a, b = two_batches
+    s = StepSamples.from_batches([a, b])
+    assert s.num_sequences == 5 and s.num_tokens == a.num_tokens + b.num_tokens == 24
+    assert s.cu_seqlens.tolist() == [0, 5, 9, 15, 19, 24]
+    assert s.cu_seqlens.dtype == torch.int32
+    assert s.tokens.dtype == torch.long and s.loss_mask.dtype == torch.bool
+    assert s.behaviour_log_probs.dtype == torch.float32 and s.prompt_ids.dtype == torch.long
+    assert s.tokens.tolist() == a.tokens.tolist() + b.tokens.tolist()
+    assert s.prompt_lens.tolist() == [3, 3, 2, 2, 4]
+    assert s.prompt_ids.tolist() == [7, 7, 8, 8, 9]
+    assert s.weight_versions.tolist() == [0, 1, 2, 2, 3]
+    assert s.loss_mask.tolist() == [bool(m) for m in np.concatenate([a.loss_mask, b.loss_mask])]
+    assert np.allclose(s.behaviour_log_probs.numpy(), np.concatenate([a.behaviour_logprobs, b.behaviour_logprobs]))
+    assert s.finish_reasons == ["stop", "length", "stop", "stop", "length"]
+    assert s.labels == ["a", "a", "b", None, "c"]
+    # every sequence of the step is the matching sequence of its batch
+    for i, (batch, j) in enumerate([(a, 0), (a, 1), (b, 0), (b, 1), (b, 2)]):
+        seq = s.tokens[s.cu_seqlens[i]: s.cu_seqlens[i + 1]].tolist()
+        assert seq == batch.tokens[batch.cu_seqlens[j]: batch.cu_seqlens[j + 1]].tolist()
+
+
+def test_from_batches_single_and_decoded_read_only_batches(two_batches):
+    a, b = two_batches
+    single = StepSamples.from_batches([b])
+    assert single.cu_seqlens.tolist() == b.cu_seqlens.tolist()
+    decoded = [decode(encode(x, run_id="r", producer_id="p", seq=0, weight_version=0)).body for x in (a, b)]
+    assert not decoded[0].tokens.flags.writeable
+    assert_samples_equal(StepSamples.from_batches(decoded), StepSamples.from_batches([a, b]))
+
+
+def test_rows_rebase_and_concat_round_trip(two_batches):
+    s = StepSamples.from_batches(list(two_batches))
+    part = s.rows(1, 4)
+    assert part.num_sequences == 3
+    assert part.cu_seqlens.tolist() == [0, 4, 10, 14]
+    assert part.tokens.tolist() == s.tokens[5:19].tolist()
+    assert part.prompt_ids.tolist() == [7, 8, 8] and part.labels == ["a", "b", None]
+    assert part.finish_reasons == ["length", "stop", "stop"]
+    for cuts in ([0, 5], [0, 1, 5], [0, 2, 3, 5], [0, 1, 2, 3, 4, 5]):
+        parts = [s.rows(lo, hi) for lo, hi in zip(cuts, cuts[1:])]
+        assert_samples_equal(StepSamples.concat(parts), s)
+    # reordered parts: cu_seqlens still consistent with the tokens
+    swapped = StepSamples.concat([s.rows(2, 5), s.rows(0, 2)])
+    assert swapped.cu_seqlens.tolist() == [0, 6, 10, 15, 20, 24]
+    assert swapped.tokens.tolist() == s.tokens[9:].tolist() + s.tokens[:9].tolist()
+
+
+def test_micro_batch_bounds_respects_budget(two_batches):
+    s = StepSamples.from_batches(list(two_batches))  # lengths 5, 4, 6, 4, 5
+    assert s.micro_batch_bounds(9) == [(0, 2), (2, 3), (3, 5)]
+    assert s.micro_batch_bounds(10) == [(0, 2), (2, 4), (4, 5)]
+    assert s.micro_batch_bounds(1000) == [(0, 5)]
+    lens = torch.diff(s.cu_seqlens).tolist()
+    for budget in range(1, 25):
+        bounds = s.micro_batch_bounds(budget)
+        assert bounds[0][0] == 0 and bounds[-1][1] == 5
+        assert all(hi == lo2 for (_, hi), (lo2, _) in zip(bounds, bounds[1:]))  # contiguous
+        for lo, hi in bounds:
+            assert hi > lo
+            assert sum(lens[lo:hi]) <= budget or hi - lo == 1
+
+
+def test_micro_batch_long_sequence_gets_its_own(two_batches):
+    s = StepSamples.from_batches([make_packed(0, [([1, 2], [3]), ([1] * 4, [5] * 8), ([1, 2], [3])], [0, 1, 2])])
+    # lengths 3, 12, 3 with budget 6: the 12-token sequence alone, never merged with a neighbour
+    assert s.micro_batch_bounds(6) == [(0, 1), (1, 2), (2, 3)]
+    assert s.micro_batch_bounds(1) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_response_texts_with_tiny_tokenizer(tokenizer):
+    pairs = [("12+3=", "15"), ("Hello, world: ", "ok!"), ("7*6=", "42")]
+    seqs = []
+    for prompt, completion in pairs:
+        p = tokenizer(prompt)["input_ids"]  # BOS + characters
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append((p, c))
+    s = StepSamples.from_batches([make_packed(0, seqs[:2], [0, 1]), make_packed(1, seqs[2:], [2])])
+    prompts, completions = s.response_texts(tokenizer)
+    assert prompts == [p for p, _ in pairs]
+    assert completions == [c for _, c in pairs]
+
+
+# --------------------------------------------------------------------------- shard_groups / broadcast helpers
+
+
+def test_shard_groups_identity_when_not_distributed(two_batches):
+    s = StepSamples.from_batches(list(two_batches))
+    assert not torch.distributed.is_initialized()
+    assert shard_groups(s, 1) is s
+
+
+def _fake_dist(world: int, rank: int):
+    return types.SimpleNamespace(is_initialized=lambda: True, get_world_size=lambda: world, get_rank=lambda: rank)
+
+
+def test_shard_groups_balanced_partition(monkeypatch):
+    # 5 groups of 2 samples; group token counts 14, 6, 10, 10, 8
+    sizes = [(4, 1), (1, 0), (3, 0), (2, 1), (1, 1)]  # (prompt extra, response extra) per group
+    seqs, ids = [], []
+    for g, (pe, re_) in enumerate(sizes):
+        for _ in range(2):
+            seqs.append(([1] + [g + 10] * pe, [5] * (re_ + 1)))
+            ids.append(g)
+    s = StepSamples.from_batches([make_packed(0, seqs, ids)])
+    group_tokens = [int(s.cu_seqlens[2 * g + 2] - s.cu_seqlens[2 * g]) for g in range(5)]
+    assert group_tokens == [14, 6, 10, 10, 8]
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(distributed, "dist", _fake_dist(2, rank))
+        shares.append(shard_groups(s, 2))
+    owned = [sorted(set(sh.prompt_ids.tolist())) for sh in shares]
+    assert sorted(owned[0] + owned[1]) == list(range(5))  # a partition of whole groups
+    for sh in shares:
+        ids = sh.prompt_ids.tolist()
+        assert all(ids[i] == ids[i + 1] for i in range(0, len(ids), 2))  # groups kept together, contiguous
+        assert int(sh.cu_seqlens[0]) == 0 and int(sh.cu_seqlens[-1]) == sh.num_tokens
+        for g in set(ids):
+            seq_rows = [i for i, x in enumerate(ids) if x == g]
+            mine = torch.cat([sh.tokens[sh.cu_seqlens[i]: sh.cu_seqlens[i + 1]] for i in seq_rows])
+            orig = s.tokens[s.cu_seqlens[2 * g]: s.cu_seqlens[2 * g + 2]]
+            assert torch.equal(mine, orig)
+    loads = [sh.num_tokens for sh in shares]
+    assert sum(loads) == s.num_tokens
+    assert abs(loads[0] - loads[1]) <= max(group_tokens)  # greedy largest-first balance
+    assert sorted(loads) == [22, 26]  # 14+8 | 10+10+6
+
+
+def test_shard_groups_too_few_groups(monkeypatch, two_batches):
+    s = StepSamples.from_batches(list(two_batches))
+    monkeypatch.setattr(distributed, "dist", _fake_dist(3, 0))
+    with pytest.raises(ValueError, match="cannot be split across 3"):
+        shard_groups(s, 5)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [b""],
+        [b"", b""],
+        [b"header", b"", b"tail"],
+        [b"x" * 300, memoryview(np.arange(5, dtype=np.int32)), bytearray(b"\x00\x01"), b""],
+    ],
+)
+def test_join_split_round_trip(frames):
+    blob = _join(frames)
+    assert len(blob) == 8 * len(frames) + sum(len(bytes(f)) for f in frames)
+    assert _split(blob) == [bytes(f) for f in frames]
+
+
+def test_join_split_packed_batch_round_trip(two_batches):
+    for i, batch in enumerate(two_batches):
+        frames = encode(batch, run_id="", producer_id="rank0", seq=i, weight_version=0)
+        env = decode(_split(_join(frames)))
+        assert env.body == batch and env.seq == i and env.producer_id == "rank0"
