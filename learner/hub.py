@@ -18,7 +18,7 @@ import numpy as np
 
 from protocol.messages import (Heartbeat, Hello, PackedBatch, RolloutError, Shutdown, WeightAck,
                                WeightUpdate, WorkGrant)
-from protocol.transport import LearnerEndpoint
+from protocol.transport import LearnerEndpoint, PeerUnreachableError
 
 log = logging.getLogger("learner.hub")
 
@@ -45,7 +45,7 @@ class Peer:
 @dataclass
 class PublishedVersion:
     version: int
-    update: WeightUpdate
+    fingerprint: dict[str, str]
     sent_at: float
     ack_latency: dict[str, float] = field(default_factory=dict)
 
@@ -58,7 +58,7 @@ class RolloutHub:
         self.pending: collections.deque[WorkGrant] = collections.deque()
         self.batches: dict[int, list[PackedBatch]] = collections.defaultdict(list)
         self.published: dict[int, PublishedVersion] = {}
-        self.latest: PublishedVersion | None = None
+        self.latest: WeightUpdate | None = None  # the only update kept in full: late joiners need it
         self.discarded: collections.Counter[str] = collections.Counter()
         self.failure: RolloutFailure | None = None
         self.changed = asyncio.Condition()
@@ -69,8 +69,11 @@ class RolloutHub:
         self.pending.extend(grants)
 
     async def publish(self, update: WeightUpdate) -> None:
-        """Send a new weight version to every connected rollout (and to any that connects later)."""
-        self.latest = self.published[update.version] = PublishedVersion(update.version, update, time.monotonic())
+        """Send a new weight version to every connected rollout (and to any that connects later).
+
+        """
+        self.latest = update
+        self.published[update.version] = PublishedVersion(update.version, dict(update.fingerprint), time.monotonic())
         for peer in list(self.peers.values()):
             await self._send(peer, update)
 
@@ -123,6 +126,15 @@ class RolloutHub:
 
     # ------------------------------------------------------------------ receive loop
     async def serve(self) -> None:
+        try:
+            await self._serve()
+        except Exception as exc:  # noqa: BLE001 - surfaced to the driver through collect()
+            self.failure = RolloutFailure(f"the learner's receive loop failed: {type(exc).__name__}: {exc}")
+            log.exception("receive loop failed")
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def _serve(self) -> None:
         while True:
             identity, envelope = await self.endpoint.recv()
             peer = self.peers.get(identity)
@@ -156,7 +168,7 @@ class RolloutHub:
         peer = self.peers[identity] = Peer(identity, producer_id, now, now)
         log.info("rollout %s connected (%d total)", producer_id, len(self.peers))
         if self.latest is not None:
-            await self._send(peer, self.latest.update)
+            await self._send(peer, self.latest)
 
     def _on_batch(self, peer: Peer, batch: PackedBatch) -> None:
         grant = peer.grants.get(batch.grant_id)
@@ -177,10 +189,10 @@ class RolloutHub:
         if published is None:
             self._discard("unknown_version", f"{peer.producer_id} acked unpublished version {ack.version}")
             return
-        if ack.fingerprint != published.update.fingerprint:
+        if ack.fingerprint != published.fingerprint:
             self.failure = RolloutFailure(
                 f"{peer.producer_id} applied weight version {ack.version} with fingerprint {ack.fingerprint}, "
-                f"expected {published.update.fingerprint}: the weights it loaded are not the ones sent")
+                f"expected {published.fingerprint}: the weights it loaded are not the ones sent")
             return
         peer.applied_version = max(peer.applied_version, ack.version)
         peer.acked_versions.append(ack.version)
@@ -189,14 +201,21 @@ class RolloutHub:
     # ------------------------------------------------------------------ helpers
     async def _dispatch(self) -> None:
         for peer in sorted(self.peers.values(), key=lambda p: len(p.grants)):
-            while self.pending and len(peer.grants) < MAX_GRANTS_PER_PEER:
+            while self.pending and len(peer.grants) < MAX_GRANTS_PER_PEER and peer.identity in self.peers:
                 grant = self.pending.popleft()
                 peer.grants[grant.grant_id] = grant
                 await self._send(peer, grant)
 
     async def _send(self, peer: Peer, message) -> None:
+        """Send to one rollout; one that has gone away is dropped and its grants go back to the queue."""
         version = self.latest.version if self.latest else -1
-        await self.endpoint.send(peer.identity, message, weight_version=version)
+        try:
+            await self.endpoint.send(peer.identity, message, weight_version=version)
+        except PeerUnreachableError:
+            log.error("rollout %s is unreachable; re-queueing its %d grant(s)", peer.producer_id, len(peer.grants))
+            self.peers.pop(peer.identity, None)
+            self.pending.extendleft(reversed(list(peer.grants.values())))
+            peer.grants.clear()
 
     def _check_acks(self) -> None:
         """Every rollout must acknowledge each version within the timeout (a lost update is an error)."""

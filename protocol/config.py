@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,8 +186,13 @@ class RunConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
-        if self.rollout.temperature <= 0:
-            raise ConfigError(f"rollout.temperature must be > 0, got {self.rollout.temperature}")
+        if not (math.isfinite(self.rollout.temperature) and self.rollout.temperature > 0):
+            raise ConfigError(f"rollout.temperature must be a finite number > 0, got {self.rollout.temperature}")
+        if self.rollout.top_k < -1 or self.rollout.top_k == 0:
+            raise ConfigError(f"rollout.top_k must be -1 (off) or >= 1, got {self.rollout.top_k}")
+        bad = [t for t in self.rollout.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0]
+        if bad:
+            raise ConfigError(f"rollout.stop_token_ids must be non-negative integer token ids, got {bad}")
         if not 0 < self.rollout.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
         if self.train.max_staleness < 0:

@@ -311,23 +311,17 @@ def test_max_staleness_non_negative():
         load_config(overrides={"train.max_staleness": "-1"})
 
 
-@pytest.mark.xfail(reason="BUG: RunConfig.validate checks `temperature <= 0`, which NaN and inf pass; every "
-                          "WorkGrant then fails to encode (codec requires a finite temperature)", strict=True)
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_temperature_must_be_finite(value):
     with pytest.raises(ConfigError, match="rollout.temperature"):
         load_config(overrides={"rollout.temperature": value})
 
 
-@pytest.mark.xfail(reason="BUG: RunConfig.validate never checks rollout.top_k; values < -1 pass and every "
-                          "WorkGrant then fails to encode (codec requires top_k >= -1)", strict=True)
 def test_top_k_below_minus_one_rejected():
     with pytest.raises(ConfigError, match="rollout.top_k"):
         load_config(overrides={"rollout.top_k": "-5"})
 
 
-@pytest.mark.xfail(reason="BUG: list fields are only checked to be lists; rollout.stop_token_ids accepts "
-                          "non-int / negative elements, and every WorkGrant then fails to encode", strict=True)
 @pytest.mark.parametrize("value", ["[a, b]", "[-1]", "['3']"])
 def test_stop_token_ids_must_be_token_ids(value):
     with pytest.raises(ConfigError, match="rollout.stop_token_ids"):

@@ -415,7 +415,7 @@ async def test_collect_timeout_message_gives_counts(env):
     peer = await connect("r0")
     await peer.receive_and_ack()
     hub.offer([make_grant(i) for i in range(4)])
-    collecting = start_collect(hub, 0, 4, timeout_s=0.5)
+    collecting = start_collect(hub, 0, 4, timeout_s=1.0)
     first = await peer.recv_kind(WorkGrant)
     await peer.send(answer(first, 0))
     with pytest.raises(TimeoutError) as exc:
@@ -478,10 +478,6 @@ async def test_shutdown_rollouts_delivers_shutdown(env):
 # --------------------------------------------------------------------------- a rollout that went away
 
 
-@pytest.mark.xfail(reason="BUG: RolloutHub.serve() has no error handling around _dispatch(): a send to a peer "
-                          "that disconnected without a new Hello raises PeerUnreachableError, which ends the "
-                          "receive loop, so the hub stops taking in batches/acks from every other rollout",
-                   strict=True)
 async def test_serve_survives_a_disconnected_peer():
     endpoint = LearnerEndpoint(RUN)
     hub = RolloutHub(endpoint, ack_timeout_s=60.0)
@@ -508,8 +504,10 @@ async def test_serve_survives_a_disconnected_peer():
         grant = make_grant(0)
         hub.offer([grant])
         await alive.send(Heartbeat(state="idle"))  # serve() handles it, then dispatches the grant
-        await asyncio.sleep(0.3)
+        received = await alive.recv_kind(WorkGrant)
+        assert received.grant_id == grant.grant_id, "the grant must reach the rollout that is still alive"
         assert not server.done(), f"serve() stopped: {server.exception()!r}"
+        assert "dead" not in hub.applied_versions()
     finally:
         server.cancel()
         with contextlib.suppress(BaseException):
