@@ -4,7 +4,7 @@
 #   launch/local.sh                         # the default job: tiny model, A+B= task
 #   launch/local.sh --config my.yaml        # any Hugging Face model and prompt dataset
 #   launch/local.sh --train.num_steps 5     # any config key as a flag
-#   LEARNER_RANKS=2 launch/local.sh         # a 2-rank data-parallel learner (torchrun)
+#   launch/local.sh --train.learner_ranks 2 # a 2-rank data-parallel learner (torchrun)
 #
 # Without --model.path/--data.path it prepares the built-in task first (once; no download).
 # Ctrl-C, an error in any process, or the end of training stops every process it started.
@@ -48,7 +48,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-ranks="${LEARNER_RANKS:-1}"
+ranks="$(config_value train.learner_ranks)"
 if [[ "$ranks" -gt 1 ]]; then
   learner_cmd=("$py" -m torch.distributed.run --nproc_per_node "$ranks" --master_port "$("$py" -c 'from protocol.transport import free_tcp_port; print(free_tcp_port())')" -m learner)
 else

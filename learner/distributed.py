@@ -106,3 +106,24 @@ def shard_groups(samples: StepSamples, group_size: int) -> StepSamples:
     mine = [g for g in range(groups) if owner[g] == rank]
     parts = [samples.rows(g * group_size, (g + 1) * group_size) for g in mine]
     return StepSamples.concat(parts)
+
+
+def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Combine per-rank step metrics: counts are summed, maxima maximised, everything else averaged."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    summed, maxed = values.clone(), values.clone()
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+    world = dist.get_world_size()
+    out = {}
+    for i, k in enumerate(keys):
+        if k in ("tokens", "sequences"):
+            out[k] = float(summed[i])
+        elif k.endswith("_max"):
+            out[k] = float(maxed[i])
+        else:
+            out[k] = float(summed[i]) / world
+    return out

@@ -27,7 +27,7 @@ from protocol.config import RunConfig, add_config_arguments, config_from_args, c
 from protocol.transport import LearnerEndpoint
 
 from learner.data import PromptDataset, load_prompt_rows
-from learner.distributed import StepBroadcaster, init_distributed, is_rank0, shard_groups
+from learner.distributed import StepBroadcaster, init_distributed, is_rank0, reduce_metrics, shard_groups
 from learner.grants import GrantPlanner
 from learner.hub import RolloutHub
 from learner.metrics import MetricsLogger
@@ -115,7 +115,7 @@ class Learner:
         samples = StepSamples.from_batches(batches)
         staleness = (step - samples.weight_versions).float()
         local = shard_groups(samples, self.cfg.rollout.n_samples_per_prompt)
-        metrics = self.trainer.train_step(local)
+        metrics = reduce_metrics(self.trainer.train_step(local))
         seconds = time.perf_counter() - started
         self.busy_s += seconds
         return {**metrics, "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),

@@ -134,6 +134,8 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     grad_clip: float = opt(1.0, "Gradient norm clip.")
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage.", (0, 1, 2, 3))
+    learner_ranks: int = opt(1, "Data-parallel learner ranks the launch scripts start (torchrun); each step's "
+                                "prompt groups are split across them by token count.")
     max_staleness: int = opt(1, "Most weight versions between the policy that sampled a batch and the "
                                 "one it trains; 0 is fully synchronous on-policy PPO.")
     seed: int = opt(0, "Seed for data order, sampling and initialisation.")
@@ -182,7 +184,7 @@ class RunConfig:
                     "rollout.max_new_tokens": self.rollout.max_new_tokens,
                     "rollout.num_processes": self.rollout.num_processes,
                     "train.micro_batch_tokens": self.train.micro_batch_tokens,
-                    "train.ppo_epochs": self.train.ppo_epochs}
+                    "train.ppo_epochs": self.train.ppo_epochs, "train.learner_ranks": self.train.learner_ranks}
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")

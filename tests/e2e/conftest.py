@@ -46,6 +46,14 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
+def leftover_processes(run_id: str, wait_s: float = 15.0) -> list[str]:
+    """Processes of a run still alive after `wait_s` seconds (an empty list when all exited)."""
+    deadline = time.monotonic() + wait_s
+    while (left := processes_mentioning(run_id)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 @pytest.fixture
 def run_local(tmp_path):
     """Run launch/local.sh with extra flags in a fresh run directory; returns a RunResult."""

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from tests.e2e.conftest import processes_mentioning
+from tests.e2e.conftest import leftover_processes
 
 pytestmark = pytest.mark.e2e
 
 
 def _mean(values):
     return sum(values) / len(values)
-
-
-def _no_leftovers(run_id: str) -> list[str]:
-    deadline = time.monotonic() + 15
-    while (left := processes_mentioning(run_id)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
 
 
 def test_default_job_learns_and_cleans_up(run_local):
@@ -36,7 +27,7 @@ def test_default_job_learns_and_cleans_up(run_local):
     for producer, versions in applied.items():
         assert len(set(versions)) >= 2, f"{producer} applied only {versions}"
     assert (result.run_dir / "final" / "config.json").exists()
-    assert not _no_leftovers(result.run_id)
+    assert not leftover_processes(result.run_id)
 
 
 def test_ppo_with_critic_reference_and_sync_mode(run_local):
@@ -50,4 +41,4 @@ def test_ppo_with_critic_reference_and_sync_mode(run_local):
     assert all(m["staleness_max"] == 0 for m in metrics)
     assert all("value_loss" in m for m in metrics)
     assert metrics[-1]["kl_ref"] > 0, "the policy moved, so its KL to the reference must be positive"
-    assert not _no_leftovers(result.run_id)
+    assert not leftover_processes(result.run_id)
