@@ -38,7 +38,8 @@ rollouts="$(config_value rollout.num_processes)"
 run_dir="$(config_value output.dir)"
 mkdir -p "$run_dir/logs"
 
-pids=()
+pids=()       # process-group leaders of everything started (restarted rollouts included), for cleanup
+rollout_pid=()
 cleanup() {
   trap - EXIT INT TERM
   for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
@@ -48,32 +49,47 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+start_rollout() {  # each process in its own session, so its vLLM engine processes go with it
+  setsid "$py" -m rollout --index "$1" "${args[@]}" >>"$run_dir/logs/rollout-$1.log" 2>&1 &
+  rollout_pid[$1]=$!
+  pids+=("$!")
+}
+
 ranks="$(config_value train.learner_ranks)"
 if [[ "$ranks" -gt 1 ]]; then
   learner_cmd=("$py" -m torch.distributed.run --nproc_per_node "$ranks" --master_port "$("$py" -c 'from protocol.transport import free_tcp_port; print(free_tcp_port())')" -m learner)
 else
   learner_cmd=("$py" -m learner)
 fi
+max_restarts="$(config_value rollout.max_restarts)"
 echo "learner: ${learner_cmd[*]} (port $port, run $run_id); $rollouts rollout process(es); logs in $run_dir/logs"
 setsid "${learner_cmd[@]}" "${args[@]}" &
 learner_pid=$!
 pids+=("$learner_pid")
+restarts=()
 for ((i = 0; i < rollouts; i++)); do
-  setsid "$py" -m rollout --index "$i" "${args[@]}" >"$run_dir/logs/rollout-$i.log" 2>&1 &
-  pids+=("$!")
+  restarts[$i]=0
+  start_rollout "$i"
 done
 
-# The learner decides when the run is over; a rollout that dies early fails the run.
+# The learner decides when the run is over. A rollout that dies is restarted (the learner
+# re-issues its unanswered work and sends it the current weights) up to rollout.max_restarts times.
 status=0
 while kill -0 "$learner_pid" 2>/dev/null; do
-  for ((i = 1; i < ${#pids[@]}; i++)); do
-    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
-      wait "${pids[$i]}" && rc=0 || rc=$?
-      if [[ "$rc" -ne 0 ]]; then
-        echo "rollout $((i - 1)) exited with status $rc; last lines of its log:" >&2
-        tail -n 20 "$run_dir/logs/rollout-$((i - 1)).log" >&2
-        exit "$rc"
-      fi
+  for ((i = 0; i < rollouts; i++)); do
+    pid="${rollout_pid[$i]}"
+    [[ -z "$pid" ]] || kill -0 "$pid" 2>/dev/null && continue
+    wait "$pid" && rc=0 || rc=$?
+    rollout_pid[$i]=""
+    [[ "$rc" -eq 0 ]] && continue  # told to stop by the learner
+    if [[ "${restarts[$i]}" -lt "$max_restarts" ]]; then
+      restarts[$i]=$((restarts[$i] + 1))
+      echo "rollout $i exited with status $rc; restarting it (${restarts[$i]}/$max_restarts)" >&2
+      start_rollout "$i"
+    else
+      echo "rollout $i exited with status $rc after ${restarts[$i]} restart(s); last lines of its log:" >&2
+      tail -n 20 "$run_dir/logs/rollout-$i.log" >&2
+      exit "$rc"
     fi
   done
   sleep 1

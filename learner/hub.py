@@ -47,13 +47,15 @@ class PublishedVersion:
     version: int
     fingerprint: dict[str, str]
     sent_at: float
-    ack_latency: dict[str, float] = field(default_factory=dict)
+    ack_latency: dict[str, float] = field(default_factory=dict)  # send -> ack, per rollout
+    apply_seconds: dict[str, float] = field(default_factory=dict)  # time the engine took to load it
 
 
 class RolloutHub:
-    def __init__(self, endpoint: LearnerEndpoint, *, ack_timeout_s: float):
+    def __init__(self, endpoint: LearnerEndpoint, *, ack_timeout_s: float, peer_timeout_s: float = 60.0):
         self.endpoint = endpoint
         self.ack_timeout_s = ack_timeout_s
+        self.peer_timeout_s = peer_timeout_s
         self.peers: dict[bytes, Peer] = {}
         self.pending: collections.deque[WorkGrant] = collections.deque()
         self.batches: dict[int, list[PackedBatch]] = collections.defaultdict(list)
@@ -61,6 +63,7 @@ class RolloutHub:
         self.latest: WeightUpdate | None = None  # the only update kept in full: late joiners need it
         self.discarded: collections.Counter[str] = collections.Counter()
         self.failure: RolloutFailure | None = None
+        self.dropped_peers = 0
         self.changed = asyncio.Condition()
 
     # ------------------------------------------------------------------ driver-facing API
@@ -83,6 +86,7 @@ class RolloutHub:
         async with self.changed:
             while len(self.batches[step]) < expected_batches:
                 self._raise_if_failed()
+                self._expire_silent_peers()
                 await self._dispatch()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -96,18 +100,12 @@ class RolloutHub:
         self._check_acks()
         return sorted(self.batches.pop(step), key=lambda b: b.grant_id)
 
-    async def wait_for_rollouts(self, count: int, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with self.changed:
-            while len(self.peers) < count:
-                self._raise_if_failed()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"only {len(self.peers)}/{count} rollout process(es) connected "
-                                       f"after {timeout_s:.0f} s")
-                try:
-                    await asyncio.wait_for(self.changed.wait(), timeout=1.0)
-                except TimeoutError:
-                    pass
+    async def heartbeats(self, interval_s: float) -> None:
+        """Tell every rollout the learner is alive (they give up on a silent learner)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for peer in list(self.peers.values()):
+                await self._send(peer, Heartbeat(state="training"))
 
     async def shutdown_rollouts(self, reason: str) -> None:
         for peer in list(self.peers.values()):
@@ -115,10 +113,13 @@ class RolloutHub:
 
     def stats(self) -> dict[str, float]:
         latencies = [lat for pv in self.published.values() for lat in pv.ack_latency.values()]
+        applies = [s for pv in self.published.values() for s in pv.apply_seconds.values()]
         return {"rollouts": len(self.peers),
                 "weight_push_latency_s": float(np.mean(latencies)) if latencies else 0.0,
+                "weight_apply_s": float(np.mean(applies)) if applies else 0.0,
                 "rejected_messages": float(sum(self.endpoint.rejections.values())),
-                "discarded_batches": float(sum(self.discarded.values()))}
+                "discarded_batches": float(sum(self.discarded.values())),
+                "dropped_rollouts": float(self.dropped_peers)}
 
     def applied_versions(self) -> dict[str, list[int]]:
         """Weight versions each rollout acknowledged (with a matching fingerprint)."""
@@ -153,7 +154,8 @@ class RolloutHub:
                 elif isinstance(message, RolloutError):
                     log.error("%s reported: %s", peer.producer_id, message.message)
                     if message.fatal:
-                        self.failure = RolloutFailure(f"rollout {peer.producer_id} failed: {message.message}")
+                        # The process is going away; its work goes to the others (or to its restart).
+                        self._drop(peer, "reported a fatal error")
                 elif not isinstance(message, Heartbeat):
                     self._discard("unexpected_kind", f"{envelope.kind} from {peer.producer_id}")
             await self._dispatch()
@@ -197,6 +199,7 @@ class RolloutHub:
         peer.applied_version = max(peer.applied_version, ack.version)
         peer.acked_versions.append(ack.version)
         published.ack_latency[peer.producer_id] = time.monotonic() - published.sent_at
+        published.apply_seconds[peer.producer_id] = ack.apply_seconds
 
     # ------------------------------------------------------------------ helpers
     async def _dispatch(self) -> None:
@@ -212,10 +215,21 @@ class RolloutHub:
         try:
             await self.endpoint.send(peer.identity, message, weight_version=version)
         except PeerUnreachableError:
-            log.error("rollout %s is unreachable; re-queueing its %d grant(s)", peer.producer_id, len(peer.grants))
-            self.peers.pop(peer.identity, None)
-            self.pending.extendleft(reversed(list(peer.grants.values())))
-            peer.grants.clear()
+            self._drop(peer, "is unreachable")
+
+    def _drop(self, peer: Peer, why: str) -> None:
+        """Forget a rollout; the grants it had not answered go back to the front of the queue."""
+        log.error("rollout %s %s; re-issuing its %d unanswered grant(s)", peer.producer_id, why, len(peer.grants))
+        self.peers.pop(peer.identity, None)
+        self.pending.extendleft(reversed(list(peer.grants.values())))
+        peer.grants.clear()
+        self.dropped_peers += 1
+
+    def _expire_silent_peers(self) -> None:
+        now = time.monotonic()
+        for peer in list(self.peers.values()):
+            if now - peer.last_seen > self.peer_timeout_s:
+                self._drop(peer, f"has been silent for {now - peer.last_seen:.0f} s")
 
     def _check_acks(self) -> None:
         """Every rollout must acknowledge each version within the timeout (a lost update is an error)."""

@@ -82,7 +82,8 @@ def _open(path: str, on_damage: str) -> RecordingReader:
 # --------------------------------------------------------------------------- summary
 
 
-def summary(path: str, out=sys.stdout) -> RecordingError | None:
+def summary(path: str, out=None) -> RecordingError | None:
+    out = out or sys.stdout
     reader = _open(path, "stop")
     h = reader.header
     run_config = h.get("run_config") or {}
@@ -93,7 +94,10 @@ def summary(path: str, out=sys.stdout) -> RecordingError | None:
         print(f"run id           {run_config['run_id']}", file=out)
     if isinstance(h.get("created_at"), (int, float)):
         print(f"created          {_time(h['created_at'])}", file=out)
-    segments = reader._segments() if reader.directory.is_dir() else []
+    try:
+        segments = reader._segments()
+    except RecordingError:
+        segments = []  # reported as damage below
     print(f"segments         {len(segments)} ({sum(p.stat().st_size for p in segments)} bytes)", file=out)
 
     n_records = n_steps = 0
@@ -152,7 +156,8 @@ def _metrics(info: dict) -> dict[str, Any]:
     return found
 
 
-def steps(path: str, out=sys.stdout) -> RecordingError | None:
+def steps(path: str, out=None) -> RecordingError | None:
+    out = out or sys.stdout
     reader = _open(path, "stop")
     for rec in reader.steps():
         info = rec.info or {}
@@ -173,7 +178,8 @@ def steps(path: str, out=sys.stdout) -> RecordingError | None:
 # --------------------------------------------------------------------------- samples
 
 
-def samples(path: str, n: int, tokenizer_dir: str | None, out=sys.stdout) -> RecordingError | None:
+def samples(path: str, n: int, tokenizer_dir: str | None, out=None) -> RecordingError | None:
+    out = out or sys.stdout
     from protocol import PackedBatch, ProtocolError, decode
 
     tok = None
@@ -220,8 +226,9 @@ def samples(path: str, n: int, tokenizer_dir: str | None, out=sys.stdout) -> Rec
 # --------------------------------------------------------------------------- validate
 
 
-def validate(path: str, out=sys.stdout) -> bool:
+def validate(path: str, out=None) -> bool:
     """Check every CRC and decode every message; print a verdict; True if everything is sound."""
+    out = out or sys.stdout
     from protocol import ProtocolError, decode
 
     reader = _open(path, "raise")

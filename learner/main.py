@@ -93,14 +93,15 @@ class Learner:
         limits = DecodeLimits(max_frame_bytes=t.max_message_mb << 20, vocab_size=self.vocab_size())
         with LearnerEndpoint(self.cfg.run_id, host=t.bind_host, port=t.port, limits=limits) as endpoint:
             log.info("learner listening on %s", endpoint.address)
-            hub = RolloutHub(endpoint, ack_timeout_s=t.weight_ack_timeout_s)
-            server = asyncio.create_task(hub.serve())
+            hub = RolloutHub(endpoint, ack_timeout_s=t.weight_ack_timeout_s, peer_timeout_s=t.peer_timeout_s)
+            tasks = [asyncio.create_task(hub.serve()), asyncio.create_task(hub.heartbeats(t.heartbeat_s))]
             try:
                 yield hub
             finally:
-                server.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await server
+                for task in tasks:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 self.hub_stats = hub.stats() | {"applied_versions": hub.applied_versions()}
 
     def vocab_size(self) -> int:
@@ -113,6 +114,9 @@ class Learner:
         started = time.perf_counter()
         batches = self.broadcaster.share(batches)
         samples = StepSamples.from_batches(batches)
+        if self.logger:
+            self.logger.log_step_samples(step, samples.prompt_ids[:: self.cfg.rollout.n_samples_per_prompt].tolist(),
+                                         sorted(set(samples.weight_versions.tolist())))
         staleness = (step - samples.weight_versions).float()
         local = shard_groups(samples, self.cfg.rollout.n_samples_per_prompt)
         metrics = reduce_metrics(self.trainer.train_step(local))

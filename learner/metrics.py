@@ -17,6 +17,8 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.file = self.path.open("w")
+        # Which prompts each step trained on, and with which weight versions they were sampled.
+        self.steps_file = (run_dir / "steps.jsonl").open("w")
         self.bar = tqdm(total=total_steps, desc="RL steps", unit="step", file=sys.stderr, disable=not progress,
                         dynamic_ncols=True)
         self.start = time.time()
@@ -28,6 +30,12 @@ class MetricsLogger:
         self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in SHOWN if k in metrics}, refresh=False)
         self.bar.update(1)
 
+    def log_step_samples(self, step: int, prompt_ids: list[int], weight_versions: list[int]) -> None:
+        self.steps_file.write(json.dumps({"step": step, "prompt_ids": prompt_ids,
+                                          "weight_versions": weight_versions}) + "\n")
+        self.steps_file.flush()
+
     def close(self) -> None:
         self.bar.close()
         self.file.close()
+        self.steps_file.close()

@@ -37,7 +37,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import re
 import struct
@@ -573,6 +572,7 @@ class RecordingWriter:
                 os.fsync(f.fileno())
         os.replace(tmp, directory / HEADER_FILE)
         self._setup(directory, segment_bytes=segment_bytes, fsync=fsync, seg_idx=0, seg_size=0, next_number=0)
+        self.header = header
         if fsync:
             _fsync_dir(directory)
 
@@ -595,8 +595,10 @@ class RecordingWriter:
                       segment_bytes: int | None = None) -> "RecordingWriter":
         """Reopen a recording for appending; numbering continues after its last intact record.
 
-        A torn last record (a crash while writing it) is cut off with a log warning; damage
-        anywhere else raises :class:`RecordingError` (``code="not_resumable"``) and changes nothing.
+        Every record header is scanned (payloads are not re-read, except the last record's).
+        A torn last record (a crash while writing it) is cut off with a log warning; a damaged
+        header anywhere else raises :class:`RecordingError` (``code="not_resumable"``) and changes
+        nothing (payload CRCs of earlier records are checked by the reader / ``--validate``).
         The index is rebuilt when it does not match the segments. ``segment_bytes`` defaults to
         the value in the header.
         """
@@ -606,7 +608,7 @@ class RecordingWriter:
         if segment_bytes is None:
             segment_bytes = int(header.get("segment_bytes", 256 << 20))
         segments = reader._segments()
-        positions = list(reader._locate())
+        positions = list(reader._locate(use_index=False))  # header scan: cheap, and checks the index
         damage = reader._locate_damage
         # The header scan does not read payloads: verify the last record's payload too.
         if positions and damage is None:
@@ -710,20 +712,21 @@ class RecordingWriter:
             parts.append(v)
         return self._append(_TYPE_MESSAGE, parts)
 
-    def append_step(self, step: int, info: dict) -> int:
+    def append_step(self, step: int, info: dict, *, written_at: float | None = None) -> int:
         """Store one optimizer-step record; returns its record number.
 
         ``info`` is any JSON-able dict (numpy scalars / arrays are converted). Keys the inspector
         understands: ``consumed`` (list of message record numbers the step trained on),
         ``weight_version`` (version produced), ``seeds`` (dict), ``metrics`` (dict name -> float;
-        loss / reward / kl entries are shown by ``--steps``).
+        loss / reward / kl entries are shown by ``--steps``). ``written_at`` defaults to now.
         """
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(f"step must be an int, got {step!r}")
         if not isinstance(info, dict):
             raise TypeError(f"info must be a dict, got {type(info).__name__}")
         text = _to_json(info, f"step {step} info").encode("utf-8")
-        return self._append(_TYPE_STEP, [_STEP_PREFIX.pack(time.time(), step), text])
+        written_at = time.time() if written_at is None else float(written_at)
+        return self._append(_TYPE_STEP, [_STEP_PREFIX.pack(written_at, step), text])
 
     def _append(self, rtype: int, parts: list[Any]) -> int:
         length = 0

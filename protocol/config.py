@@ -99,6 +99,8 @@ class RolloutConfig:
     enforce_eager: bool = opt(True, "Disable CUDA graphs / torch.compile in vLLM (faster start-up).")
     omp_threads: int = opt(1, "CPU threads per rollout engine on the CPU backend.")
     seed: int = opt(0, "Base sampling seed; each process and request derives its own.")
+    max_restarts: int = opt(3, "Times launch scripts restart a rollout process that died, per process, before "
+                               "failing the run. The learner re-issues a dead rollout's unanswered work.")
 
 
 @dataclass
@@ -152,7 +154,16 @@ class TransportConfig:
     weight_ack_timeout_s: float = opt(120.0, "Seconds to wait for every rollout to apply a weight version.")
     batch_timeout_s: float = opt(600.0, "Seconds the learner waits for a step's samples before failing.")
     heartbeat_s: float = opt(5.0, "Rollout heartbeat interval.")
+    peer_timeout_s: float = opt(60.0, "A rollout silent for this long is presumed dead: dropped, and its "
+                                      "unanswered work re-issued to the others.")
     max_message_mb: int = opt(256, "Largest accepted message (bigger ones are rejected unread).")
+    curve_dir: str = opt("", "Directory of ZeroMQ CURVE key files; empty: CURVE off (plain TCP). The learner "
+                             "uses learner.key_secret and admits only the clients whose public *.key files are "
+                             "in it; rollout N uses learner.key and rollout-N.key_secret. Create them with "
+                             "`python -m protocol.keys generate DIR --name learner --name rollout-0 ...`.")
+    curve_required_off_loopback: bool = opt(True, "Refuse to start when bind_host or learner_host is not a "
+                                                   "loopback address and curve_dir is empty (unauthenticated "
+                                                   "plain TCP on a network).")
 
 
 @dataclass
@@ -160,6 +171,8 @@ class OutputConfig:
     dir: str = opt("runs/default", "Run directory: metrics.jsonl, logs and the final model.")
     save_final: bool = opt(True, "Save the trained actor as a Hugging Face directory at the end.")
     progress: bool = opt(True, "Show a progress bar.")
+    record: bool = opt(False, "Record every accepted wire message and every optimizer step under "
+                              "<dir>/recording, for replay-from-disk (python -m learner --replay.path).")
 
 
 @dataclass

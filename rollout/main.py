@@ -36,6 +36,10 @@ class RolloutWorker:
         self.address = f"tcp://{cfg.transport.learner_host}:{cfg.transport.port}"
         self.grants: collections.deque[WorkGrant] = collections.deque()
         self.stopped = False
+        self.generating = False
+        self.last_heard = time.monotonic()
+        # One sender at a time: sequence numbers must reach the learner in order.
+        self.send_lock = asyncio.Lock()
 
     async def run(self) -> None:
         configure_cpu_threads(self.cfg.rollout, self.index)
@@ -45,11 +49,14 @@ class RolloutWorker:
         async with RolloutClient(self.address, producer_id=self.producer_id, run_id=self.cfg.run_id) as client:
             self.client = client
             await self.send(Hello(engine_info={"index": self.index, "model": self.model_path, "pid": os.getpid()}))
+            beating = asyncio.create_task(self.heartbeats())
             try:
                 await self.continuous_rollouts()
             except Exception as exc:
                 await self.send(RolloutError(message=f"{type(exc).__name__}: {exc}", fatal=True))
                 raise
+            finally:
+                beating.cancel()
 
     async def continuous_rollouts(self) -> None:
         while not self.stopped:
@@ -58,8 +65,16 @@ class RolloutWorker:
             if grant is None or self.stopped:
                 continue
             self.grants.remove(grant)
+            self.generating = True
             completions, seconds = await asyncio.to_thread(timed, self.engine.generate, grant)
+            self.generating = False
             await self.send(pack_completions(completions, grant, seconds))
+
+    async def heartbeats(self) -> None:
+        """Keep the learner informed that this process is alive, also during long generations."""
+        while True:
+            await asyncio.sleep(self.cfg.transport.heartbeat_s)
+            await self.send(Heartbeat(state="generating" if self.generating else "idle"))
 
     def runnable_grant(self) -> WorkGrant | None:
         """The oldest grant this engine's weights are recent enough for."""
@@ -72,9 +87,12 @@ class RolloutWorker:
             try:
                 envelope = await self.client.recv(timeout=timeout)
             except TimeoutError:
-                if block:
-                    await self.send(Heartbeat(state="idle"))
+                silent = time.monotonic() - self.last_heard
+                if silent > self.cfg.transport.peer_timeout_s:
+                    raise TimeoutError(f"no message from the learner at {self.address} for {silent:.0f} s "
+                                       "(transport.peer_timeout_s); giving up") from None
                 return
+            self.last_heard = time.monotonic()
             message = envelope.body
             if isinstance(message, WorkGrant):
                 self.grants.append(message)
@@ -82,6 +100,8 @@ class RolloutWorker:
                 fingerprint, seconds = await asyncio.to_thread(
                     timed, self.engine.apply_weights, message, self.cfg.transport.weight_dir)
                 await self.send(WeightAck(version=message.version, fingerprint=fingerprint, apply_seconds=seconds))
+            elif isinstance(message, Heartbeat):
+                pass
             elif isinstance(message, Shutdown):
                 log.info("%s: shutdown requested (%s)", self.producer_id, message.reason)
                 self.stopped = True
@@ -90,7 +110,8 @@ class RolloutWorker:
             timeout = 0.0
 
     async def send(self, message) -> None:
-        await self.client.send(message, weight_version=self.engine.weight_version)
+        async with self.send_lock:
+            await self.client.send(message, weight_version=self.engine.weight_version)
 
 
 def main(argv: list[str] | None = None) -> int:

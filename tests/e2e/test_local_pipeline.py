@@ -42,3 +42,53 @@ def test_ppo_with_critic_reference_and_sync_mode(run_local):
     assert all("value_loss" in m for m in metrics)
     assert metrics[-1]["kl_ref"] > 0, "the policy moved, so its KL to the reference must be positive"
     assert not leftover_processes(result.run_id)
+
+
+def test_killed_rollout_is_restarted_and_no_prompt_is_lost(run_local, tmp_path):
+    """SIGKILL a rollout mid-run: training goes on, it comes back with the current weights, and
+    every prompt is still trained on exactly once per epoch."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    from tests.e2e.conftest import processes_mentioning
+
+    steps = 150  # long enough for the restarted engine (about 30 s to start) to rejoin
+    killed = {}
+
+    def kill_rollout_once_training_runs():
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+                for line in processes_mentioning("-m rollout --index 0"):
+                    pid = int(line.split(":")[0])
+                    if str(tmp_path) not in line:
+                        continue
+                    if os.getpgid(pid) == pid:  # the rollout process itself (its engine runs beside it)
+                        os.kill(pid, signal.SIGKILL)
+                        killed["pid"] = pid
+                        return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_rollout_once_training_runs, daemon=True)
+    killer.start()
+    result = run_local("--train.num_steps", str(steps), "--transport.peer_timeout_s", "10",
+                       "--output.save_final", "false")
+    killer.join(timeout=1)
+    assert killed, "the test never found the rollout process to kill"
+    assert result.returncode == 0, result.output[-3000:]
+    assert "restarting it (1/3)" in result.output
+    assert len(result.metrics) == steps
+    # in training order, every epoch of the 100-prompt dataset is a permutation of it: nothing lost, nothing twice
+    consumed = [json.loads(line) for line in (result.run_dir / "steps.jsonl").read_text().splitlines()]
+    ids = [p for step in consumed for p in step["prompt_ids"]]
+    assert len(ids) == steps * 16
+    for start in range(0, len(ids) - 99, 100):
+        assert sorted(ids[start: start + 100]) == list(range(100)), f"epoch starting at sample {start}"
+    applied = result.summary["applied_versions"]
+    restarted = [v for producer, v in applied.items() if producer.startswith("rollout-0@") and min(v) > 0]
+    assert restarted, f"the restarted rollout should have received the then-current weights: {applied}"
+    assert not leftover_processes(result.run_id)

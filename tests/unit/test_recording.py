@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -333,6 +332,29 @@ def test_writer_misuse(tmp_path):
     assert [r.info for r in RecordingReader(tmp_path / "rec2")] == [{"ok": True}]
 
 
+def test_failed_write_leaves_no_partial_record(tmp_path, monkeypatch):
+    import learner.recording as recording
+
+    rec_dir = tmp_path / "rec"
+    w = _writer(rec_dir)
+    w.append_message(b"p", [b"first"])
+    size = (rec_dir / "segment-000000.log").stat().st_size
+    real = recording._write_fully
+
+    def half_then_fail(fd, parts):
+        real(fd, parts[:2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recording, "_write_fully", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        w.append_message(b"p", [b"second", b"x" * 100])
+    assert (rec_dir / "segment-000000.log").stat().st_size == size
+    monkeypatch.undo()
+    assert w.append_message(b"p", [b"third"]) == 1
+    w.close()
+    assert [r.frames for r in RecordingReader(rec_dir)] == [[b"first"], [b"third"]]
+
+
 # --------------------------------------------------------------------------- inspect CLI
 
 
@@ -367,7 +389,7 @@ def _cli_recording(path: Path) -> None:
         w.append_message(b"rollout-1", encode(Heartbeat(state="idle"), run_id="run-rec", producer_id="rollout-1",
                                               seq=1, weight_version=2), received_at=53.0)
         w.append_step(0, {"consumed": [0, 1, 2], "weight_version": 1,
-                          "metrics": {"policy_loss": 0.125, "reward_mean": 0.5, "tokens": 14}})
+                          "metrics": {"policy_loss": 0.125, "reward_mean": 0.5, "tokens": 14}}, written_at=55.0)
 
 
 def test_cli_validate_good_and_damaged(tmp_path):
@@ -382,13 +404,19 @@ def test_cli_validate_good_and_damaged(tmp_path):
     assert bad.returncode == 1
     assert f"{seg}: record {number} at byte offset {offset}: truncated record" in bad.stdout
 
-    helptext = _cli("--help")
-    assert helptext.returncode == 0
-    for word in ("--steps", "--samples", "--validate", "--tokenizer", "CRC", "Exit status"):
-        assert word in helptext.stdout
 
-    missing = _cli(str(tmp_path / "nope"))
-    assert missing.returncode == 1 and "recording directory does not exist" in missing.stderr
+
+def test_cli_help_and_missing_recording(tmp_path, capsys):
+    from learner.inspect_recording import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    helptext = capsys.readouterr().out
+    for word in ("--steps", "--samples", "--validate", "--tokenizer", "CRC", "Exit status"):
+        assert word in helptext
+    assert main([str(tmp_path / "nope")]) == 1
+    assert "recording directory does not exist" in capsys.readouterr().err
 
 
 def test_cli_validate_reports_undecodable_message(tmp_path, capsys):
@@ -424,7 +452,7 @@ def test_cli_summary_steps_and_samples(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "records          6" in out and "messages         5" in out
     assert "kind packed_batch" in out and "kind heartbeat" in out
-    assert "from rollout-0              3" in out and "from rollout-1              2" in out
+    assert "from rollout-0            3" in out and "from rollout-1            2" in out
     assert "steps            1 (step 0 .. 0)" in out and "(10.000 s)" in out
     assert "step 0  record 4  consumed 3 [0-2]  weight_version 1  policy_loss 0.125  reward_mean 0.5" in out
     sample_lines = [line for line in out.splitlines() if line.startswith("record ") and "prompt_id" in line]
