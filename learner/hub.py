@@ -20,6 +20,8 @@ from protocol.messages import (Heartbeat, Hello, PackedBatch, RolloutError, Shut
                                WeightUpdate, WorkGrant)
 from protocol.transport import LearnerEndpoint, PeerUnreachableError
 
+from learner.recording import RecordingWriter
+
 log = logging.getLogger("learner.hub")
 
 # Grants queued per rollout: one generating, one ready, so an engine never waits on a round trip.
@@ -52,8 +54,15 @@ class PublishedVersion:
 
 
 class RolloutHub:
-    def __init__(self, endpoint: LearnerEndpoint, *, ack_timeout_s: float, peer_timeout_s: float = 60.0):
+    def __init__(self, endpoint: LearnerEndpoint, *, ack_timeout_s: float, peer_timeout_s: float = 60.0,
+                 recorder: RecordingWriter | None = None):
         self.endpoint = endpoint
+        self.recorder = recorder
+        self.last_record: int | None = None
+        self.record_of_grant: dict[int, int] = {}
+        self.consumed: dict[int, list[int]] = {}
+        if recorder is not None:
+            endpoint.on_accept = self._record
         self.ack_timeout_s = ack_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self.peers: dict[bytes, Peer] = {}
@@ -98,7 +107,19 @@ class RolloutHub:
                 except TimeoutError:
                     pass
         self._check_acks()
-        return sorted(self.batches.pop(step), key=lambda b: b.grant_id)
+        batches = sorted(self.batches.pop(step), key=lambda b: b.grant_id)
+        if self.recorder is not None:
+            self.consumed[step] = [self.record_of_grant.pop(b.grant_id) for b in batches]
+        return batches
+
+    def end_step(self, step: int, fingerprint: dict[str, str], metrics: dict[str, float]) -> None:
+        """Record which messages `step` consumed and what it produced (when recording)."""
+        if self.recorder is not None:
+            self.recorder.append_step(step, {"consumed": self.consumed.pop(step), "weight_version": step + 1,
+                                             "fingerprint": fingerprint, "metrics": metrics})
+
+    def _record(self, peer: bytes, frames) -> None:
+        self.last_record = self.recorder.append_message(peer, frames)
 
     async def heartbeats(self, interval_s: float) -> None:
         """Tell every rollout the learner is alive (they give up on a silent learner)."""
@@ -183,6 +204,8 @@ class RolloutHub:
             self.failure = RolloutFailure(f"{peer.producer_id}, grant {grant.grant_id}: {problem}")
             return
         del peer.grants[batch.grant_id]
+        if self.recorder is not None:
+            self.record_of_grant[batch.grant_id] = self.last_record
         peer.busy_seconds += batch.gen_seconds
         self.batches[grant.step].append(batch)
 

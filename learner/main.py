@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from protocol.codec import DecodeLimits
-from protocol.config import RunConfig, add_config_arguments, config_from_args, config_to_dict
+from protocol.config import RunConfig, add_config_arguments, config_from_args, config_from_dict, config_to_dict
+from protocol.messages import SCHEMA_VERSION
 from protocol.transport import LearnerEndpoint
 
 from learner.data import PromptDataset, load_prompt_rows
@@ -31,6 +32,8 @@ from learner.distributed import StepBroadcaster, init_distributed, is_rank0, red
 from learner.grants import GrantPlanner
 from learner.hub import RolloutHub
 from learner.metrics import MetricsLogger
+from learner.recording import RecordingReader, RecordingWriter
+from learner.replay import ReplayHub
 from learner.rewards import load_reward_fn
 from learner.rollouts import StepSamples
 from learner.trainer import PPOTrainer
@@ -46,13 +49,15 @@ async def train(cfg: RunConfig) -> dict[str, float]:
         planner = GrantPlanner(cfg, learner.dataset, learner.stop_token_ids)
         await hub.publish(learner.weights(version=0))
         hub.offer(planner.release(published_version=0))
-        for step in range(cfg.train.num_steps):
+        for step in range(learner.num_steps):
             started = time.perf_counter()
             batches = await hub.collect(step, planner.grants_per_step, cfg.transport.batch_timeout_s)
             waited = time.perf_counter() - started
             metrics = await asyncio.to_thread(learner.train_step, step, batches)
-            await hub.publish(learner.weights(version=step + 1))
+            update = learner.weights(version=step + 1)
+            await hub.publish(update)
             hub.offer(planner.release(published_version=step + 1))
+            hub.end_step(step, update.fingerprint, metrics)  # recorded, or checked against a recording
             learner.log(step, metrics, waited=waited, total=time.perf_counter() - started)
         await hub.shutdown_rollouts("training finished")
     return learner.finish()
@@ -77,23 +82,37 @@ class Learner:
                                          zero_stage=cfg.train.zero_stage)
         self.broadcaster = StepBroadcaster()
         self.run_dir = Path(cfg.output.dir)
-        self.logger = MetricsLogger(self.run_dir, cfg.train.num_steps, cfg.output.progress and is_rank0()) \
+        self.logger = MetricsLogger(self.run_dir, self.num_steps, cfg.output.progress and is_rank0()) \
             if is_rank0() else None
         self.last_metrics: dict[str, float] = {}
         self.hub_stats: dict = {}
         self.busy_s = 0.0
         self.wall_start = time.perf_counter()
 
+    @property
+    def num_steps(self) -> int:
+        stop = self.cfg.replay.stop_after_step if self.cfg.replay.path else -1
+        return self.cfg.train.num_steps if stop < 0 else min(stop + 1, self.cfg.train.num_steps)
+
     @contextlib.asynccontextmanager
     async def open_hub(self):
         if not is_rank0():
-            yield FollowerHub(self)
+            yield FollowerHub()
+            return
+        if self.cfg.replay.path:
+            hub = ReplayHub(self.cfg.replay.path, verify=self.cfg.replay.verify,
+                            dump_step=self.cfg.replay.stop_after_step, dump_dir=self.run_dir)
+            yield hub
+            self.hub_stats = hub.stats()
             return
         t = self.cfg.transport
         limits = DecodeLimits(max_frame_bytes=t.max_message_mb << 20, vocab_size=self.vocab_size())
+        recorder = RecordingWriter(self.run_dir / "recording", run_config=config_to_dict(self.cfg),
+                                   protocol_version=SCHEMA_VERSION) if self.cfg.output.record else None
         with LearnerEndpoint(self.cfg.run_id, host=t.bind_host, port=t.port, limits=limits) as endpoint:
             log.info("learner listening on %s", endpoint.address)
-            hub = RolloutHub(endpoint, ack_timeout_s=t.weight_ack_timeout_s, peer_timeout_s=t.peer_timeout_s)
+            hub = RolloutHub(endpoint, ack_timeout_s=t.weight_ack_timeout_s, peer_timeout_s=t.peer_timeout_s,
+                             recorder=recorder)
             tasks = [asyncio.create_task(hub.serve()), asyncio.create_task(hub.heartbeats(t.heartbeat_s))]
             try:
                 yield hub
@@ -102,6 +121,8 @@ class Learner:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                if recorder is not None:
+                    recorder.close()
                 self.hub_stats = hub.stats() | {"applied_versions": hub.applied_versions()}
 
     def vocab_size(self) -> int:
@@ -146,9 +167,6 @@ class Learner:
 class FollowerHub:
     """The hub seen by ranks > 0: they talk to no rollout and get each step's batches from rank 0."""
 
-    def __init__(self, learner: Learner):
-        self.learner = learner
-
     def offer(self, grants):
         pass
 
@@ -157,6 +175,9 @@ class FollowerHub:
 
     async def collect(self, step, expected, timeout):
         return None
+
+    def end_step(self, step, fingerprint, metrics):
+        pass
 
     async def shutdown_rollouts(self, reason):
         pass
@@ -167,7 +188,15 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    replay_path = vars(args).get("replay.path")
+    if replay_path:
+        # A replay starts from the recorded run's config; flags still override it.
+        recorded = config_from_dict(RecordingReader(replay_path).header["run_config"], f"recording {replay_path}")
+        recorded.output.record = False
+        recorded.output.dir = str(Path(replay_path).resolve().parent / "replay")
+        cfg = config_from_args(args, recorded)
+    else:
+        cfg = config_from_args(args)
     if not cfg.model.path or not cfg.data.path:
         parser.error("--model.path and --data.path are required (launch/local.sh prepares the built-in task)")
     if not cfg.run_id:

@@ -176,6 +176,15 @@ class OutputConfig:
 
 
 @dataclass
+class ReplayConfig:
+    path: str = opt("", "Replay a recording (<run dir>/recording of a run with output.record) instead of "
+                        "receiving from rollouts; the recorded run's config is the default for every key.")
+    stop_after_step: int = opt(-1, "Stop after this step and dump its batch and metrics to "
+                                   "<output.dir>/replay_step_<k>.json; -1 replays every recorded step.")
+    verify: bool = opt(True, "Fail at the first step whose loss or weights differ from the recording.")
+
+
+@dataclass
 class RunConfig:
     run_id: str = opt("", "Identifier stamped on every message; empty: generated at start.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Actor model."})
@@ -187,6 +196,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Optimisation."})
     transport: TransportConfig = field(default_factory=TransportConfig, metadata={"help": "Networking."})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Outputs."})
+    replay: ReplayConfig = field(default_factory=ReplayConfig, metadata={"help": "Replay from disk."})
 
     def validate(self) -> RunConfig:
         """Cross-field checks that no single field's type can express."""
@@ -290,9 +300,10 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the YAML file at `path`, then dotted `overrides` (strings parsed as YAML)."""
-    config = RunConfig()
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                base: RunConfig | None = None) -> RunConfig:
+    """Defaults (or `base`), then the YAML file at `path`, then dotted `overrides` (strings parsed as YAML)."""
+    config = base or RunConfig()
     if path:
         path = Path(path)
         if not path.is_file():
@@ -347,7 +358,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     walk(defaults, "")
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
     overrides = {k: v for k, v in vars(args).items() if "." in k or k == "run_id"}
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, base)
 

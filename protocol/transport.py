@@ -112,6 +112,20 @@ class InsecureTransportError(ConfigError):
     """The transport would accept unauthenticated connections from the network."""
 
 
+def _event_name(value: int) -> str:
+    try:
+        return zmq.Event(value).name
+    except ValueError:
+        return str(value)
+
+
+def _protocol_error_name(value: int) -> str:
+    for name in dir(zmq):
+        if name.startswith("PROTOCOL_ERROR_") and getattr(zmq, name) == value:
+            return name
+    return str(value)
+
+
 def is_loopback_host(host: str) -> bool:
     """True for ``localhost`` and loopback IP addresses (``127.0.0.0/8``, ``::1``); False for anything
     else, including ``0.0.0.0`` / ``*`` (every interface) and host or interface names (not resolved)."""
@@ -311,6 +325,8 @@ class LearnerEndpoint(_Owned):
         self.rejections: Counter[str] = Counter()
         self._on_reject = on_reject
         self._check_seq = check_seq
+        # Called with (peer, frames) for every accepted message before recv returns it (recording).
+        self.on_accept: Callable[[bytes, list[zmq.Frame]], None] | None = None
         self._last_seq: dict[bytes, int] = {}
         self._seq = 0
         self.address = ""
@@ -400,6 +416,8 @@ class LearnerEndpoint(_Owned):
                 self._record(peer, exc)
                 continue
             self._last_seq[peer] = env.seq
+            if self.on_accept is not None:
+                self.on_accept(peer, frames[1:])
             return peer, env
 
     async def send(self, peer: bytes, msg: Any, weight_version: int) -> None:
@@ -432,8 +450,10 @@ class RolloutClient(_Owned):
     once the learner has refused its key (libzmq then stops reconnecting, and
     a send would wait forever), or after
     ``_HANDSHAKE_FAILURES_FATAL`` failed handshakes in a row without a
-    successful one (wrong learner key, learner without CURVE), ``send`` and
-    ``recv`` raise :class:`CurveHandshakeError` saying so.
+    successful one or after a handshake protocol error (wrong learner key,
+    learner without CURVE), ``send`` and
+    ``recv`` raise :class:`CurveHandshakeError` saying so (a protocol error
+    seen by the client ends the connection at once: libzmq does not retry it).
     """
 
     def __init__(
@@ -505,13 +525,15 @@ class RolloutClient(_Owned):
                     f"{self.curve.public_key.decode()} (ZAP status {value}): it is not in the learner's allow-list; "
                     f"copy this rollout's .key file into the learner's transport.curve_dir and restart the learner")
             else:
+                # A protocol error detected here ends the connection for good (libzmq does not
+                # reconnect after one); a handshake cut short by the learner ("no detail") is retried.
                 self._handshake_failures += 1
-                if self._handshake_failures >= _HANDSHAKE_FAILURES_FATAL:
+                if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL or self._handshake_failures >= _HANDSHAKE_FAILURES_FATAL:
                     self._handshake_error = (
-                        f"{self._handshake_failures} CURVE handshakes with {self.address} failed in a row (last "
-                        f"event {zmq.Event(kind).name}, value {value}): the learner's public key "
-                        f"{self.curve.server_public_key.decode()} is not the key of the learner listening there, "
-                        f"or that learner does not use CURVE")
+                        f"the CURVE handshake with {self.address} failed ({self._handshake_failures} attempt(s), "
+                        f"last: {_event_name(kind)}, {_protocol_error_name(value) if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else value}): "
+                        f"the learner's public key {self.curve.server_public_key.decode()} is not the key of the "
+                        f"learner listening there, or that learner does not use CURVE")
         if self._handshake_error is not None:
             raise CurveHandshakeError(f"RolloutClient({self.producer_id!r}): {self._handshake_error}")
 

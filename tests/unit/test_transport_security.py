@@ -75,9 +75,11 @@ async def monitored(sock):
         mon.close(linger=0)
 
 
-async def wait_event(events: list, event: int, value: int | None = None, timeout: float = TIMEOUT) -> None:
+async def wait_event(events: list, event: int | tuple[int, ...], value: int | None = None,
+                     timeout: float = TIMEOUT) -> None:
+    wanted = event if isinstance(event, tuple) else (event,)
     deadline = asyncio.get_running_loop().time() + timeout
-    while not any(e == event and (value is None or v == value) for e, v in events):
+    while not any(e in wanted and (value is None or v == value) for e, v in events):
         assert asyncio.get_running_loop().time() < deadline, f"no monitor event {event} (value {value}): {events}"
         await asyncio.sleep(0.005)
 
@@ -158,8 +160,8 @@ async def test_client_without_keys_can_neither_deliver_nor_receive(keydir):
         async with monitored(ep.socket) as events:
             async with RolloutClient(ep.address, RUN, "plain") as plain:
                 await plain.send(Hello(engine_info={}), weight_version=-1)
-                await wait_event(events, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                                 zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH)
+                # whichever side notices the mechanism mismatch first, the server's handshake fails
+                await wait_event(events, (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL))
                 await assert_shut_out(ep, plain)
         async with RolloutClient(ep.address, RUN, "rollout-0", curve=client_keys_from_dir(keydir, "rollout-0")) as ok:
             await round_trips(ep, ok, n=1)
@@ -192,7 +194,7 @@ async def test_client_with_the_wrong_server_public_key_gets_nothing(keydir, tmp_
                 await wait_event(events, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC)
                 await assert_shut_out(ep, client)
                 error = str(await handshake_error(client))
-                assert "failed in a row" in error and wrong_server.decode() in error
+                assert "handshake" in error and "is not the key of the learner" in error and wrong_server.decode() in error
         async with RolloutClient(ep.address, RUN, "rollout-0", curve=own) as ok:
             await round_trips(ep, ok, n=1)
 
