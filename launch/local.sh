@@ -10,15 +10,10 @@
 # Ctrl-C, an error in any process, or the end of training stops every process it started.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-"$root/launch/setup_env.sh"
-py="${STREAMRLHF_VENV:-$root/.venv}/bin/python"
+source "$root/launch/common.sh"  # has, config_value, cleanup, start_rollout(s), check_rollouts
+launch_init
 
 args=("$@")
-has() { local k; for k in "${args[@]}"; do [[ "$k" == "$1" ]] && return 0; done; return 1; }
-config_value() {  # the effective value of a config key (YAML file + flags), read by the config loader itself
-  "$py" -m protocol.config_get "$1" "${args[@]}"
-}
 if ! has --config && ! has --model.path; then
   args=(--config configs/tiny.yaml "${args[@]}")
 fi
@@ -30,7 +25,7 @@ if [[ -z "$(config_value model.path)" ]]; then
     args+=(--data.path "$("$py" -c 'import json,sys; print(json.loads(sys.argv[1])["prompts"])' "$prepared")")
 fi
 port="$(config_value transport.port)"
-[[ "$port" == 0 ]] && port="$("$py" -c 'from protocol.transport import free_tcp_port; print(free_tcp_port())')"
+[[ "$port" == 0 ]] && port="$(free_port)"
 run_id="$(config_value run_id)"
 [[ -z "$run_id" ]] && run_id="local-$(date +%s)-$$"
 args+=(--transport.port "$port" --run_id "$run_id")
@@ -38,26 +33,11 @@ rollouts="$(config_value rollout.num_processes)"
 run_dir="$(config_value output.dir)"
 mkdir -p "$run_dir/logs"
 
-pids=()       # process-group leaders of everything started (restarted rollouts included), for cleanup
-rollout_pid=()
-cleanup() {
-  trap - EXIT INT TERM
-  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
-  sleep 2
-  for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-start_rollout() {  # each process in its own session, so its vLLM engine processes go with it
-  setsid "$py" -m rollout --index "$1" "${args[@]}" >>"$run_dir/logs/rollout-$1.log" 2>&1 &
-  rollout_pid[$1]=$!
-  pids+=("$!")
-}
+install_cleanup  # every process group started is stopped on exit, error or Ctrl-C
 
 ranks="$(config_value train.learner_ranks)"
 if [[ "$ranks" -gt 1 ]]; then
-  learner_cmd=("$py" -m torch.distributed.run --nproc_per_node "$ranks" --master_port "$("$py" -c 'from protocol.transport import free_tcp_port; print(free_tcp_port())')" -m learner)
+  learner_cmd=("$py" -m torch.distributed.run --nproc_per_node "$ranks" --master_port "$(free_port)" -m learner)
 else
   learner_cmd=("$py" -m learner)
 fi
@@ -66,32 +46,13 @@ echo "learner: ${learner_cmd[*]} (port $port, run $run_id); $rollouts rollout pr
 setsid "${learner_cmd[@]}" "${args[@]}" &
 learner_pid=$!
 pids+=("$learner_pid")
-restarts=()
-for ((i = 0; i < rollouts; i++)); do
-  restarts[$i]=0
-  start_rollout "$i"
-done
+start_rollouts 0 "$rollouts"
 
 # The learner decides when the run is over. A rollout that dies is restarted (the learner
 # re-issues its unanswered work and sends it the current weights) up to rollout.max_restarts times.
 status=0
 while kill -0 "$learner_pid" 2>/dev/null; do
-  for ((i = 0; i < rollouts; i++)); do
-    pid="${rollout_pid[$i]}"
-    [[ -z "$pid" ]] || kill -0 "$pid" 2>/dev/null && continue
-    wait "$pid" && rc=0 || rc=$?
-    rollout_pid[$i]=""
-    [[ "$rc" -eq 0 ]] && continue  # told to stop by the learner
-    if [[ "${restarts[$i]}" -lt "$max_restarts" ]]; then
-      restarts[$i]=$((restarts[$i] + 1))
-      echo "rollout $i exited with status $rc; restarting it (${restarts[$i]}/$max_restarts)" >&2
-      start_rollout "$i"
-    else
-      echo "rollout $i exited with status $rc after ${restarts[$i]} restart(s); last lines of its log:" >&2
-      tail -n 20 "$run_dir/logs/rollout-$i.log" >&2
-      exit "$rc"
-    fi
-  done
+  check_rollouts
   sleep 1
 done
 wait "$learner_pid" || status=$?

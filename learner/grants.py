@@ -29,6 +29,9 @@ class GrantPlanner:
                                      seed=r.seed)
         self.next_step = 0
         self.next_grant_id = 0
+        # Dataset position after planning each step: a checkpoint after step s resumes from there,
+        # so the prompts of steps planned ahead but never trained are handed out again.
+        self.dataset_state_after: dict[int, dict] = {}
 
     @property
     def grants_per_step(self) -> int:
@@ -50,5 +53,17 @@ class GrantPlanner:
                     prompts=[PromptSpec(prompt_id=p.prompt_id, token_ids=p.token_ids, label=p.label)
                              for p in chunk]))
                 self.next_grant_id += 1
+            self.dataset_state_after[step] = self.dataset.state_dict()
+            self.dataset_state_after.pop(step - self.max_staleness - 2, None)
             self.next_step += 1
         return grants
+
+    def state_after(self, step: int) -> dict:
+        """What a checkpoint taken after `step` must remember to plan step + 1 onwards."""
+        return {"dataset": self.dataset_state_after[step], "next_grant_id": self.next_grant_id}
+
+    def resume(self, step: int, state: dict) -> None:
+        """Continue planning at `step` from a checkpoint's `state_after(step - 1)`."""
+        self.dataset.load_state_dict(state["dataset"])
+        self.next_step = step
+        self.next_grant_id = state["next_grant_id"]

@@ -25,9 +25,11 @@ import torch
 from protocol.codec import DecodeLimits
 from protocol.config import RunConfig, add_config_arguments, config_from_args, config_from_dict, config_to_dict
 from protocol.messages import SCHEMA_VERSION
-from protocol.transport import LearnerEndpoint
+from protocol.keys import server_keys_from_dir
+from protocol.transport import LearnerEndpoint, check_transport_security
 
 from learner.data import PromptDataset, load_prompt_rows
+from learner.checkpoint import CheckpointManager
 from learner.distributed import StepBroadcaster, init_distributed, is_rank0, reduce_metrics, shard_groups
 from learner.grants import GrantPlanner
 from learner.hub import RolloutHub
@@ -45,11 +47,11 @@ log = logging.getLogger("learner")
 async def train(cfg: RunConfig) -> dict[str, float]:
     """The algorithm: hand out prompts, collect samples, update the policy, push weights. Repeat."""
     learner = Learner(cfg)
+    planner = learner.grant_planner()
     async with learner.open_hub() as hub:
-        planner = GrantPlanner(cfg, learner.dataset, learner.stop_token_ids)
-        await hub.publish(learner.weights(version=0))
-        hub.offer(planner.release(published_version=0))
-        for step in range(learner.num_steps):
+        await hub.publish(learner.weights(version=learner.start_step))
+        hub.offer(planner.release(published_version=learner.start_step))
+        for step in range(learner.start_step, learner.num_steps):
             started = time.perf_counter()
             batches = await hub.collect(step, planner.grants_per_step, cfg.transport.batch_timeout_s)
             waited = time.perf_counter() - started
@@ -59,6 +61,7 @@ async def train(cfg: RunConfig) -> dict[str, float]:
             hub.offer(planner.release(published_version=step + 1))
             hub.end_step(step, update.fingerprint, metrics)  # recorded, or checked against a recording
             learner.log(step, metrics, waited=waited, total=time.perf_counter() - started)
+            learner.maybe_checkpoint(step, planner)
         await hub.shutdown_rollouts("training finished")
     return learner.finish()
 
@@ -82,12 +85,39 @@ class Learner:
                                          zero_stage=cfg.train.zero_stage)
         self.broadcaster = StepBroadcaster()
         self.run_dir = Path(cfg.output.dir)
-        self.logger = MetricsLogger(self.run_dir, self.num_steps, cfg.output.progress and is_rank0()) \
-            if is_rank0() else None
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self.start_step, self.resume_state = 0, None
+        if cfg.train.resume:
+            self.resume()
+        self.logger = MetricsLogger(self.run_dir, self.num_steps, cfg.output.progress and is_rank0(),
+                                    first_step=self.start_step) if is_rank0() else None
         self.last_metrics: dict[str, float] = {}
         self.hub_stats: dict = {}
         self.busy_s = 0.0
         self.wall_start = time.perf_counter()
+
+    def resume(self) -> None:
+        path = self.checkpoints.latest()
+        if path is None:
+            raise FileNotFoundError(f"--train.resume: no complete checkpoint under {self.checkpoints.directory}")
+        self.resume_state = self.checkpoints.load(path, self.trainer.engines)
+        self.start_step = self.resume_state["step"] + 1
+        self.trainer.kl_controller.value = self.resume_state["kl_coef"]
+        log.info("resumed from %s: continuing at step %d", path, self.start_step)
+
+    def grant_planner(self) -> GrantPlanner:
+        planner = GrantPlanner(self.cfg, self.dataset, self.stop_token_ids)
+        if self.resume_state is not None:
+            planner.resume(self.start_step, self.resume_state["planner"])
+        return planner
+
+    def maybe_checkpoint(self, step: int, planner: GrantPlanner) -> None:
+        every = self.cfg.train.save_every
+        if every <= 0 or self.cfg.replay.path or ((step + 1) % every and step + 1 != self.num_steps):
+            return
+        state = {"weight_version": step + 1, "planner": planner.state_after(step),
+                 "kl_coef": self.trainer.kl_controller.value, "run_id": self.cfg.run_id}
+        self.checkpoints.save(step, self.trainer.engines, self.trainer.save, state)
 
     @property
     def num_steps(self) -> int:
@@ -106,10 +136,15 @@ class Learner:
             self.hub_stats = hub.stats()
             return
         t = self.cfg.transport
+        check_transport_security(self.cfg)
         limits = DecodeLimits(max_frame_bytes=t.max_message_mb << 20, vocab_size=self.vocab_size())
-        recorder = RecordingWriter(self.run_dir / "recording", run_config=config_to_dict(self.cfg),
-                                   protocol_version=SCHEMA_VERSION) if self.cfg.output.record else None
-        with LearnerEndpoint(self.cfg.run_id, host=t.bind_host, port=t.port, limits=limits) as endpoint:
+        recorder = None
+        if self.cfg.output.record:
+            recording = self.run_dir / "recording"
+            recorder = RecordingWriter.open_existing(recording) if self.cfg.train.resume and recording.exists() \
+                else RecordingWriter(recording, run_config=config_to_dict(self.cfg), protocol_version=SCHEMA_VERSION)
+        curve = server_keys_from_dir(t.curve_dir) if t.curve_dir else None
+        with LearnerEndpoint(self.cfg.run_id, host=t.bind_host, port=t.port, limits=limits, curve=curve) as endpoint:
             log.info("learner listening on %s", endpoint.address)
             hub = RolloutHub(endpoint, ack_timeout_s=t.weight_ack_timeout_s, peer_timeout_s=t.peer_timeout_s,
                              recorder=recorder)

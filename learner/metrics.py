@@ -13,14 +13,17 @@ SHOWN = ("reward_mean", "kl_ref", "entropy", "clip_fraction", "staleness_mean", 
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, progress: bool):
+    """metrics.jsonl (every metric per step) and steps.jsonl (the prompts and weight versions each
+    step trained on). A resumed run keeps the lines of the steps before `first_step` and drops
+    those that a crash left after the checkpoint, since those steps are trained again."""
+
+    def __init__(self, run_dir: Path, total_steps: int, progress: bool, first_step: int = 0):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
-        self.file = self.path.open("w")
-        # Which prompts each step trained on, and with which weight versions they were sampled.
-        self.steps_file = (run_dir / "steps.jsonl").open("w")
-        self.bar = tqdm(total=total_steps, desc="RL steps", unit="step", file=sys.stderr, disable=not progress,
-                        dynamic_ncols=True)
+        self.file = _open_from_step(self.path, first_step)
+        self.steps_file = _open_from_step(run_dir / "steps.jsonl", first_step)
+        self.bar = tqdm(total=total_steps, initial=first_step, desc="RL steps", unit="step", file=sys.stderr,
+                        disable=not progress, dynamic_ncols=True)
         self.start = time.time()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -39,3 +42,13 @@ class MetricsLogger:
         self.bar.close()
         self.file.close()
         self.steps_file.close()
+
+
+def _open_from_step(path: Path, first_step: int):
+    kept = []
+    if first_step > 0 and path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < first_step]
+    f = path.open("w")
+    f.writelines(line + "\n" for line in kept)
+    f.flush()
+    return f

@@ -105,6 +105,11 @@ class PPOTrainer:
     def actor_module(self) -> Actor:
         return self.actor.module
 
+    @property
+    def engines(self) -> dict:
+        """The DeepSpeed engines whose state a checkpoint holds."""
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
+
     # ------------------------------------------------------------------ experience
     def score(self, samples: StepSamples) -> torch.Tensor:
         prompts, completions = samples.response_texts(self.tokenizer)

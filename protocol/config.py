@@ -141,6 +141,9 @@ class TrainConfig:
     max_staleness: int = opt(1, "Most weight versions between the policy that sampled a batch and the "
                                 "one it trains; 0 is fully synchronous on-policy PPO.")
     seed: int = opt(0, "Seed for data order, sampling and initialisation.")
+    save_every: int = opt(0, "Save a resumable checkpoint every this many steps (and at the end); 0: never.")
+    keep_checkpoints: int = opt(2, "Complete checkpoints kept under <output.dir>/checkpoints.")
+    resume: bool = opt(False, "Resume from the newest complete checkpoint in <output.dir>/checkpoints.")
     torch_threads: int = opt(1, "Torch intra-op threads per learner rank on the CPU.")
 
 

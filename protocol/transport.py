@@ -70,6 +70,7 @@ __all__ = [
     "LearnerEndpoint",
     "RolloutClient",
     "PeerUnreachableError",
+    "PeerBackloggedError",
     "free_tcp_port",
     "CurveServerKeys",
     "CurveClientKeys",
@@ -92,7 +93,8 @@ ZAP_DOMAIN = "streamrlhf"
 # 1 flags byte); libzmq applies ZMQ_MAXMSGSIZE to that wrapped frame.
 _CURVE_FRAME_OVERHEAD = 33
 
-# A CURVE client gives up after this many failed handshakes in a row (libzmq keeps retrying those).
+# A CURVE client gives up after this many handshakes in a row cut short by the learner (libzmq retries
+# those; a protocol error or a refusal it detects itself ends the connection at once).
 _HANDSHAKE_FAILURES_FATAL = 3
 
 # Rejections logged in full per reason code before logging only at powers of two.
@@ -101,6 +103,10 @@ _LOG_FIRST_REJECTIONS = 10
 
 class PeerUnreachableError(ConnectionError):
     """The learner tried to send to a peer identity that is not (or no longer) connected."""
+
+
+class PeerBackloggedError(PeerUnreachableError):
+    """The learner tried to send to a peer that has not read its last SNDHWM messages (stuck or hostile)."""
 
 
 class CurveHandshakeError(ConnectionError):
@@ -423,16 +429,25 @@ class LearnerEndpoint(_Owned):
     async def send(self, peer: bytes, msg: Any, weight_version: int) -> None:
         """Send ``msg`` to the rollout whose routing id is ``peer``.
 
-        Raises :class:`PeerUnreachableError` when no such peer is connected.
+        Raises :class:`PeerUnreachableError` when no such peer is connected,
+        and its subclass :class:`PeerBackloggedError` when the peer's queue is
+        full (``sndhwm`` messages it has not read): never waits for a peer, so
+        one that stops reading (stuck or hostile) cannot stall the caller, and
+        the error reaches the caller as a peer problem, not as ``zmq.Again``.
         """
         frames = encode(msg, run_id=self.run_id, producer_id=self.producer_id, seq=self._seq, weight_version=weight_version)
         self._seq += 1
         try:
-            await self._sock.send_multipart([bytes(peer), *frames], copy=False)
+            await self._sock.send_multipart([bytes(peer), *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 raise PeerUnreachableError(
                     f"LearnerEndpoint({self.address}): peer {bytes(peer)!r} is not connected (ROUTER_MANDATORY)"
+                ) from exc
+            if exc.errno == zmq.EAGAIN:
+                raise PeerBackloggedError(
+                    f"LearnerEndpoint({self.address}): peer {bytes(peer)!r} has not read its last "
+                    f"{self._sock.getsockopt(zmq.SNDHWM)} messages (send queue full)"
                 ) from exc
             raise
 

@@ -21,7 +21,8 @@ import time
 from protocol.config import RunConfig, add_config_arguments, config_from_args
 from protocol.messages import (Heartbeat, Hello, RolloutError, Shutdown, WeightAck, WeightUpdate,
                                WorkGrant)
-from protocol.transport import RolloutClient
+from protocol.keys import client_keys_from_dir
+from protocol.transport import RolloutClient, check_transport_security
 from rollout.engine import VLLMGenerator, configure_cpu_threads, pack_completions, timed
 
 log = logging.getLogger("rollout")
@@ -46,7 +47,10 @@ class RolloutWorker:
         self.engine = await asyncio.to_thread(
             VLLMGenerator, self.model_path, self.cfg.rollout,
             seed=self.cfg.rollout.seed + 1000 * self.index, trust_remote_code=self.cfg.model.trust_remote_code)
-        async with RolloutClient(self.address, producer_id=self.producer_id, run_id=self.cfg.run_id) as client:
+        t = self.cfg.transport
+        curve = client_keys_from_dir(t.curve_dir, f"rollout-{self.index}") if t.curve_dir else None
+        async with RolloutClient(self.address, producer_id=self.producer_id, run_id=self.cfg.run_id,
+                                 curve=curve) as client:
             self.client = client
             await self.send(Hello(engine_info={"index": self.index, "model": self.model_path, "pid": os.getpid()}))
             beating = asyncio.create_task(self.heartbeats())
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    check_transport_security(cfg)
     if not cfg.run_id or not cfg.transport.port:
         parser.error("--run_id and --transport.port are required (the launcher passes the learner's)")
     if not cfg.model.path:

@@ -1,0 +1,114 @@
+# Shared helpers of the launch scripts (local.sh, learner.sh, rollouts.sh); sourced, not run.
+#
+# The sourcing script sets `root` (the repository) before sourcing and `args` (the config flags
+# every process gets) before calling the helpers that read the config. Nothing here starts a
+# process or changes directory when sourced; `launch_init` does both set-up steps.
+
+# cd to the repository, create the environment on first use, set `py` (the venv's python).
+launch_init() {
+  cd "$root"
+  "$root/launch/setup_env.sh"
+  py="${STREAMRLHF_VENV:-$root/.venv}/bin/python"
+}
+
+has() { local k; for k in "${args[@]}"; do [[ "$k" == "$1" ]] && return 0; done; return 1; }
+
+config_value() {  # the effective value of a config key (YAML file + flags), read by the config loader itself
+  "$py" -m protocol.config_get "$1" "${args[@]}"
+}
+
+free_port() { "$py" -c 'from protocol.transport import free_tcp_port; print(free_tcp_port())'; }
+
+# Refuse unauthenticated plain TCP off the loopback interface (protocol.transport.
+# check_transport_security: transport.bind_host / learner_host, curve_dir,
+# curve_required_off_loopback). $1: learner|rollout. Prints "on" or "off" (CURVE); exits 2 when
+# the transport is refused, with the check's message.
+check_transport() {
+  local role="$1" curve
+  curve="$("$py" - "$role" "${args[@]}" <<'PY'
+import argparse, sys
+from protocol.config import ConfigError, add_config_arguments, config_from_args
+from protocol.transport import check_transport_security
+role = sys.argv[1]
+parser = argparse.ArgumentParser(prog=f"launch/{role}")
+add_config_arguments(parser)
+cfg = config_from_args(parser.parse_args(sys.argv[2:]))
+try:
+    print("on" if check_transport_security(cfg) else "off")
+except ConfigError as exc:
+    sys.exit(f"{role}: refusing to start: {exc}")
+PY
+  )" || exit 2
+  # Stop-gap, fail closed: protocol/ implements CURVE, but a process only encrypts if its own code
+  # passes the keys of transport.curve_dir to its socket. Until learner/ and rollout/ do, a set
+  # curve_dir would pass the check above and still run plain TCP. Remove once both are wired.
+  if [[ "$curve" == on ]]; then
+    local dir=learner pattern='server_keys_from_dir|CurveServerKeys'
+    [[ "$role" == rollout ]] && dir=rollout pattern='client_keys_from_dir|CurveClientKeys'
+    if ! grep -qE "curve_dir|$pattern" "$root/$dir"/*.py; then
+      echo "$role: refusing to start: transport.curve_dir is set, but this checkout's $dir/ code never" \
+           "passes CURVE keys to its socket, so the connection would be plain TCP. Run on a network you" \
+           "trust completely with --transport.curve_dir '' --transport.curve_required_off_loopback false," \
+           "or bind to 127.0.0.1." >&2
+      exit 2
+    fi
+  fi
+  echo "$curve"
+}
+
+# Process groups of everything started (restarted rollouts included); all stopped on exit.
+pids=()
+cleanup() {
+  trap - EXIT INT TERM
+  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
+  sleep 2
+  for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+}
+install_cleanup() {
+  trap cleanup EXIT
+  trap 'exit 130' INT TERM
+}
+
+# Rollout processes by index (a sparse array: rollouts.sh starts at --first-index); logs go to
+# $run_dir/logs/rollout-INDEX.log. Set `max_restarts` and `run_dir` before using these.
+rollout_pid=()
+restarts=()
+start_rollout() {  # each process in its own session, so its vLLM engine processes go with it
+  setsid "$py" -m rollout --index "$1" "${args[@]}" >>"$run_dir/logs/rollout-$1.log" 2>&1 &
+  rollout_pid[$1]=$!
+  pids+=("$!")
+}
+start_rollouts() {  # $1: first index, $2: count
+  local i
+  for ((i = $1; i < $1 + $2; i++)); do
+    restarts[$i]=0
+    start_rollout "$i"
+  done
+}
+
+# One pass over the rollouts: a rollout that exited 0 was told to stop by the learner and stays
+# stopped; one that failed is restarted (the learner re-issues its unanswered work and sends it
+# the current weights) up to rollout.max_restarts times, after which the script exits with its
+# status. Sets `rollouts_alive` to the number still running.
+check_rollouts() {
+  local i pid rc
+  rollouts_alive=0
+  for i in "${!rollout_pid[@]}"; do
+    pid="${rollout_pid[$i]}"
+    [[ -z "$pid" ]] && continue
+    if kill -0 "$pid" 2>/dev/null; then rollouts_alive=$((rollouts_alive + 1)); continue; fi
+    wait "$pid" && rc=0 || rc=$?
+    rollout_pid[$i]=""
+    [[ "$rc" -eq 0 ]] && continue  # told to stop by the learner
+    if [[ "${restarts[$i]}" -lt "$max_restarts" ]]; then
+      restarts[$i]=$((restarts[$i] + 1))
+      echo "rollout $i exited with status $rc; restarting it (${restarts[$i]}/$max_restarts)" >&2
+      start_rollout "$i"
+      rollouts_alive=$((rollouts_alive + 1))
+    else
+      echo "rollout $i exited with status $rc after ${restarts[$i]} restart(s); last lines of its log:" >&2
+      tail -n 20 "$run_dir/logs/rollout-$i.log" >&2
+      exit "$rc"
+    fi
+  done
+}
