@@ -79,7 +79,8 @@ class Learner:
         self.dataset = PromptDataset(rows, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
                                      apply_chat_template=template, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
         self.stop_token_ids = list(cfg.rollout.stop_token_ids)
-        self.trainer = PPOTrainer(cfg, cfg.model.path, self.tokenizer, load_reward_fn(cfg.reward.function))
+        reward_fn = load_reward_fn(cfg.reward.function) if cfg.reward.function else None
+        self.trainer = PPOTrainer(cfg, cfg.model.path, self.tokenizer, reward_fn)
         self.publisher = WeightPublisher(self.trainer.actor_module, engine_dtype=cfg.rollout.engine_dtype,
                                          bucket_bytes=cfg.transport.weight_bucket_mb << 20,
                                          zero_stage=cfg.train.zero_stage)

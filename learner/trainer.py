@@ -26,7 +26,7 @@ from learner.algo.kl import AdaptiveKLController, FixedKLController
 from learner.models.actor import Actor, LoraSpec
 from learner.models.packing import unpack_to_padded
 from learner.models.value_model import build_value_model
-from learner.rewards import clip_rewards, score_batch
+from learner.rewards import clip_rewards, combine_rewards, score_batch
 from learner.rollouts import StepSamples
 
 
@@ -88,6 +88,12 @@ class PPOTrainer:
         if cfg.algo.kl_coef > 0:
             self.ref = Actor.from_pretrained(model_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
                                              trust_remote_code=m.trust_remote_code).eval().requires_grad_(False)
+        self.reward_model = None
+        if cfg.reward.model_path:
+            self.reward_model = build_value_model(
+                "reward", cfg.reward.model_path, dtype=m.dtype, value_head_prefix=cfg.reward.value_head_prefix,
+                attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code,
+            ).eval().requires_grad_(False)
         self.critic = None
         if cfg.uses_critic:
             critic = build_value_model("critic", cfg.critic.path or model_path, dtype=m.dtype,
@@ -111,20 +117,30 @@ class PPOTrainer:
         return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
 
     # ------------------------------------------------------------------ experience
-    def score(self, samples: StepSamples) -> torch.Tensor:
+    def function_scores(self, samples: StepSamples) -> torch.Tensor:
+        if self.reward_fn is None:
+            return torch.zeros(samples.num_sequences)
         prompts, completions = samples.response_texts(self.tokenizer)
-        scores = score_batch(self.reward_fn, prompts, completions, samples.labels)
-        if self.cfg.reward.clip > 0:
-            scores = clip_rewards(scores, self.cfg.reward.clip)
-        return torch.tensor(scores, dtype=torch.float32)
+        return torch.tensor(score_batch(self.reward_fn, prompts, completions, samples.labels), dtype=torch.float32)
+
+    def total_reward(self, function_scores: torch.Tensor, model_scores: torch.Tensor | None) -> torch.Tensor:
+        """Weighted sum of the reward function's and the reward model's scores, clipped if asked."""
+        r = self.cfg.reward
+        components, weights = {}, {}
+        if self.reward_fn is not None:
+            components["function"], weights["function"] = function_scores.tolist(), r.function_weight
+        if model_scores is not None:
+            components["model"], weights["model"] = model_scores.tolist(), r.model_weight
+        return torch.tensor(clip_rewards(combine_rewards(components, weights), r.clip or None), dtype=torch.float32)
 
     @torch.no_grad()
     def make_experience(self, samples: StepSamples) -> Experience:
         cfg, algo = self.cfg, self.cfg.algo
-        scores = self.score(samples)
+        function_scores = self.function_scores(samples)
         bounds = samples.micro_batch_bounds(cfg.train.micro_batch_tokens)
         width = int((samples.cu_seqlens[1:] - samples.cu_seqlens[:-1] - samples.prompt_lens).max())
         columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("mask", "behaviour", "old", "entropy", "ref", "values")}
+        model_scores: list[torch.Tensor] = []
         self.actor.eval()
         for start, stop in bounds:
             part = samples.rows(start, stop)
@@ -139,7 +155,10 @@ class PPOTrainer:
                 columns["ref"].append(_padded(ref["log_probs"], part, width))
             if self.critic is not None:
                 columns["values"].append(_padded(self.critic(part.tokens, cu_seqlens=part.cu_seqlens), part, width))
+            if self.reward_model is not None:
+                model_scores.append(self.reward_model(part.tokens, cu_seqlens=part.cu_seqlens))
         self.actor.train()
+        scores = self.total_reward(function_scores, torch.cat(model_scores) if model_scores else None)
         t = {k: torch.cat(v) for k, v in columns.items() if v}
         mask, old, behaviour = t["mask"], t["old"], t["behaviour"]
         ref, values = t.get("ref"), t.get("values")
@@ -160,6 +179,8 @@ class PPOTrainer:
         behaviour_kl = approx_kl(old, behaviour, "k3", action_mask=mask)
         metrics = {
             "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            **({"reward_function_mean": float(function_scores.mean())} if self.reward_fn is not None else {}),
+            **({"reward_model_mean": float(torch.cat(model_scores).mean())} if model_scores else {}),
             "response_len": float(mask.sum(1).float().mean()), "entropy": float(masked_mean(t["entropy"], mask)),
             "kl_ref": float(masked_mean(kl, mask)), "kl_coef": kl_coef,
             "kl_behaviour": float(masked_mean(behaviour_kl, mask)),

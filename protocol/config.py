@@ -76,8 +76,13 @@ class DataConfig:
 class RewardConfig:
     function: str = opt("learner.tasks.arithmetic:arithmetic_reward",
                         "Reward function, `package.module:function` or `path/file.py:function`, called "
-                        "batched as fn(prompts, completions, labels) -> list of floats.")
-    clip: float = opt(0.0, "Clip scores to [-clip, clip]; 0 disables.")
+                        "batched as fn(prompts, completions, labels) -> list of floats; empty: none.")
+    function_weight: float = opt(1.0, "Weight of the reward function's score in the total reward.")
+    model_path: str = opt("", "Reward model directory (a value-head model, see learner.models.value_model), "
+                              "scored in the learner at the last token of each sequence; empty: none.")
+    model_weight: float = opt(1.0, "Weight of the reward model's score in the total reward.")
+    value_head_prefix: str = opt("score", "Attribute name of the reward model's value head.")
+    clip: float = opt(0.0, "Clip the total reward to [-clip, clip]; 0 disables.")
 
 
 @dataclass
@@ -228,6 +233,8 @@ class RunConfig:
         if self.train.prompts_per_step % self.rollout.prompts_per_grant:
             raise ConfigError(f"train.prompts_per_step ({self.train.prompts_per_step}) must be a multiple of "
                               f"rollout.prompts_per_grant ({self.rollout.prompts_per_grant})")
+        if not self.reward.function and not self.reward.model_path:
+            raise ConfigError("no reward: set reward.function and/or reward.model_path")
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         return self

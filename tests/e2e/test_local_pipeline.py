@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.e2e.conftest import leftover_processes
+from tests.e2e.conftest import ROOT, leftover_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -49,16 +49,25 @@ def test_default_job_learns_and_cleans_up(run_local):
     assert "GENERATED" in check.stdout
 
 
-def test_ppo_with_critic_reference_and_sync_mode(run_local):
-    """GAE with a critic, a KL penalty against the reference model, fully synchronous (staleness 0)."""
+def test_ppo_with_critic_reference_reward_model_and_sync_mode(run_local, tmp_path):
+    """GAE with a critic, a KL penalty against the reference model, a reward model next to the
+    reward function, fully synchronous (staleness 0)."""
+    from learner.models.value_model import build_value_model
+    from learner.tasks.arithmetic import prepare
+
+    reward_model = tmp_path / "reward_model"
+    build_value_model("reward", prepare(ROOT / "runs" / "arithmetic")["model"]).save_pretrained(reward_model)
     result = run_local("--train.num_steps", "6", "--algo.advantage_estimator", "gae", "--algo.kl_coef", "0.05",
                        "--algo.kl_mode", "reward", "--train.max_staleness", "0", "--rollout.num_processes", "1",
+                       "--reward.model_path", str(reward_model), "--reward.model_weight", "0.5",
                        "--output.save_final", "false")
     assert result.returncode == 0, result.output[-3000:]
     metrics = result.metrics
     assert len(metrics) == 6
     assert all(m["staleness_max"] == 0 for m in metrics)
     assert all("value_loss" in m for m in metrics)
+    for m in metrics:  # the total is the weighted sum of both scorers
+        assert m["reward_mean"] == pytest.approx(m["reward_function_mean"] + 0.5 * m["reward_model_mean"], abs=1e-5)
     assert metrics[-1]["kl_ref"] > 0, "the policy moved, so its KL to the reference must be positive"
     assert not leftover_processes(result.run_id)
 
