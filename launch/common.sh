@@ -21,38 +21,33 @@ free_port() { "$py" -c 'from protocol.transport import free_tcp_port; print(free
 
 # Refuse unauthenticated plain TCP off the loopback interface (protocol.transport.
 # check_transport_security: transport.bind_host / learner_host, curve_dir,
-# curve_required_off_loopback). $1: learner|rollout. Prints "on" or "off" (CURVE); exits 2 when
-# the transport is refused, with the check's message.
+# curve_required_off_loopback) and, with CURVE, load the keys the processes will load. The learner
+# and the rollouts check this themselves too, the learner only after loading its model; this fails
+# in a second. Usage: check_transport learner | check_transport rollout INDEX...
+# Prints "on" or "off" (CURVE); exits 2, with the reason, when the transport or a key is refused.
 check_transport() {
-  local role="$1" curve
-  curve="$("$py" - "$role" "${args[@]}" <<'PY'
+  local curve
+  curve="$("$py" - "$@" -- "${args[@]}" <<'PY'
 import argparse, sys
 from protocol.config import ConfigError, add_config_arguments, config_from_args
+from protocol.keys import CurveKeyError, client_keys_from_dir, server_keys_from_dir
 from protocol.transport import check_transport_security
-role = sys.argv[1]
+split = sys.argv.index("--")
+role, indices, flags = sys.argv[1], sys.argv[2:split], sys.argv[split + 1:]
 parser = argparse.ArgumentParser(prog=f"launch/{role}")
 add_config_arguments(parser)
-cfg = config_from_args(parser.parse_args(sys.argv[2:]))
+cfg = config_from_args(parser.parse_args(flags))
 try:
-    print("on" if check_transport_security(cfg) else "off")
-except ConfigError as exc:
+    curve = check_transport_security(cfg)
+    if curve and role == "learner":
+        server_keys_from_dir(cfg.transport.curve_dir)
+    for i in indices if curve else ():
+        client_keys_from_dir(cfg.transport.curve_dir, f"rollout-{i}")
+except (ConfigError, CurveKeyError) as exc:
     sys.exit(f"{role}: refusing to start: {exc}")
+print("on" if curve else "off")
 PY
   )" || exit 2
-  # Stop-gap, fail closed: protocol/ implements CURVE, but a process only encrypts if its own code
-  # passes the keys of transport.curve_dir to its socket. Until learner/ and rollout/ do, a set
-  # curve_dir would pass the check above and still run plain TCP. Remove once both are wired.
-  if [[ "$curve" == on ]]; then
-    local dir=learner pattern='server_keys_from_dir|CurveServerKeys'
-    [[ "$role" == rollout ]] && dir=rollout pattern='client_keys_from_dir|CurveClientKeys'
-    if ! grep -qE "curve_dir|$pattern" "$root/$dir"/*.py; then
-      echo "$role: refusing to start: transport.curve_dir is set, but this checkout's $dir/ code never" \
-           "passes CURVE keys to its socket, so the connection would be plain TCP. Run on a network you" \
-           "trust completely with --transport.curve_dir '' --transport.curve_required_off_loopback false," \
-           "or bind to 127.0.0.1." >&2
-      exit 2
-    fi
-  fi
   echo "$curve"
 }
 

@@ -36,7 +36,7 @@ done
 [[ -n "$(config_value run_id)" ]] || die "--run_id is required: the learner's"
 port="$(config_value transport.port)"
 [[ "$port" != 0 ]] || die "--transport.port is required: the learner's"
-curve="$(check_transport rollout)" || exit 2
+curve="$(check_transport rollout $(seq "$first" $((first + count - 1))))" || exit 2
 max_restarts="$(config_value rollout.max_restarts)"
 run_dir="$(config_value output.dir)"
 mkdir -p "$run_dir/logs"

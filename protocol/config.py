@@ -181,6 +181,13 @@ class OutputConfig:
     progress: bool = opt(True, "Show a progress bar.")
     record: bool = opt(False, "Record every accepted wire message and every optimizer step under "
                               "<dir>/recording, for replay-from-disk (python -m learner --replay.path).")
+    jsonl_stdout: bool = opt(False, "Also print each step's metrics as one JSON line on stdout (for log "
+                                    "collectors; non-finite values are written as null).")
+    tensorboard: bool = opt(False, "Write every step's scalar metrics to <dir>/tensorboard for TensorBoard "
+                                   "(needs `pip install tensorboard`).")
+    wandb_project: str = opt("", "Log every step's metrics and the run config to this Weights & Biases project "
+                                 "(needs `pip install wandb` and a login); empty: off.")
+    plot: bool = opt(True, "At the end, draw reward, KL and throughput per step into <dir>/training.png.")
 
 
 @dataclass

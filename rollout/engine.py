@@ -96,14 +96,18 @@ class VLLMGenerator:
                     label=spec.label, weight_version=self.weight_version))
         return completions
 
-    def apply_weights(self, update: WeightUpdate, staging_dir: str) -> dict[str, str]:
-        """Load a WeightUpdate into the running engine; returns the fingerprint the workers saw."""
+    def apply_weights(self, update: WeightUpdate, staging_dir: str, timeout_s: float) -> dict[str, str]:
+        """Load a WeightUpdate into the running engine; returns the fingerprint the workers saw.
+
+        A worker that does not finish within `timeout_s` raises TimeoutError instead of hanging.
+        """
         tensors = {m.name: torch.frombuffer(bytearray(update.tensor_bytes(m)), dtype=_TORCH_DTYPES[m.dtype])
                    .view(m.shape) for m in update.tensors}
         path = Path(staging_dir) / f"streamrlhf-{os.getpid()}-v{update.version}.safetensors"
         save_file(tensors, str(path))
         try:
-            prints = self.llm.collective_rpc("apply_weights_file", args=(str(path), sorted(update.fingerprint)))
+            prints = self.llm.collective_rpc("apply_weights_file", args=(str(path), sorted(update.fingerprint)),
+                                             timeout=timeout_s)
         finally:
             path.unlink(missing_ok=True)
         # KV blocks cached for shared prompt prefixes were computed with the old weights.

@@ -102,7 +102,8 @@ class RolloutWorker:
                 self.grants.append(message)
             elif isinstance(message, WeightUpdate):
                 fingerprint, seconds = await asyncio.to_thread(
-                    timed, self.engine.apply_weights, message, self.cfg.transport.weight_dir)
+                    timed, self.engine.apply_weights, message, self.cfg.transport.weight_dir,
+                    self.cfg.transport.weight_ack_timeout_s)
                 await self.send(WeightAck(version=message.version, fingerprint=fingerprint, apply_seconds=seconds))
             elif isinstance(message, Heartbeat):
                 pass

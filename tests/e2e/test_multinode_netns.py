@@ -4,10 +4,9 @@ two network namespaces joined by a veth pair, talking over their own non-loopbac
 Needs root and iproute2 (`ip netns`). The namespaces, the veth pair and the /30 between them exist
 only for the test and are removed at the end (also on failure), with every process inside them.
 
-CURVE is off: learner/ and rollout/ do not pass the keys of transport.curve_dir to their sockets
-yet, so the launch scripts refuse a curve_dir (they would otherwise run plain TCP while the config
-says CURVE); the run sets transport.curve_required_off_loopback false, and the test also checks that
-without it both scripts refuse the non-loopback addresses.
+The connection is CURVE-authenticated and encrypted (keys generated with `python -m protocol.keys`
+into the test's directory): off the loopback interface the launch scripts refuse plain TCP, which
+the test checks first.
 """
 
 from __future__ import annotations
@@ -134,12 +133,15 @@ def test_learner_and_rollout_in_two_network_namespaces(netns_pair, tmp_path):
         assert refused.returncode == 2, refused.stdout + refused.stderr
         assert "not a loopback address, and CURVE is off" in refused.stderr, refused.stderr
 
-    insecure_ok = ["--transport.curve_required_off_loopback", "false"]  # CURVE is not wired into the processes yet
+    keys = tmp_path / "keys"
+    subprocess.run([PY, "-m", "protocol.keys", "generate", str(keys), "--name", "learner", "--name", "rollout-0"],
+                   cwd=ROOT, capture_output=True, text=True, check=True)
+    curve = ["--transport.curve_dir", str(keys)]
     learner_log, rollout_log = tmp_path / "learner.out", tmp_path / "rollouts.out"
     with open(learner_log, "w") as lout, open(rollout_log, "w") as rout:
-        learner = subprocess.Popen([*learner_cmd, *learner_flags, *insecure_ok], cwd=ROOT, stdout=lout,
+        learner = subprocess.Popen([*learner_cmd, *learner_flags, *curve], cwd=ROOT, stdout=lout,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-        rollouts = subprocess.Popen([*rollout_cmd, *rollout_flags, *insecure_ok], cwd=ROOT, stdout=rout,
+        rollouts = subprocess.Popen([*rollout_cmd, *rollout_flags, *curve], cwd=ROOT, stdout=rout,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         try:
             learner_rc = learner.wait(timeout=600)
@@ -154,6 +156,7 @@ def test_learner_and_rollout_in_two_network_namespaces(netns_pair, tmp_path):
 
     assert learner_rc == 0, output
     assert rollouts_rc == 0, output + logs
+    assert "CURVE on" in learner_log.read_text() and "CURVE on" in rollout_log.read_text()
     assert "all 1 rollout(s) finished" in rollout_log.read_text()
     assert (tmp_path / "rollout" / "logs" / "rollout-0.log").exists()  # the rollout's log on its own "node"
     metrics = [json.loads(line) for line in (tmp_path / "learner" / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,134 @@
+"""A one-page PNG of a run from its metrics.jsonl: reward, KL and throughput per step.
+
+    python -m learner.plot runs/x/metrics.jsonl runs/x/training.png
+
+Drawn with matplotlib's Agg canvas directly (no pyplot, no display, no global backend change),
+so it works on headless machines and inside the learner process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The step records of a metrics.jsonl; blank or half-written lines (a crash) are skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    records.sort(key=lambda r: r["step"])
+    return records
+
+
+def rolling_mean(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` finite values (fewer at the start; NaN if none)."""
+    out = []
+    for i in range(len(values)):
+        finite = [v for v in values[max(0, i - window + 1): i + 1] if math.isfinite(v)]
+        out.append(sum(finite) / len(finite) if finite else math.nan)
+    return out
+
+
+def plot_run(metrics_jsonl_path: str | Path, out_png: str | Path, window: int | None = None) -> Path | None:
+    """Draw reward_mean (with a rolling mean), kl_ref and kl_behaviour, tokens_per_s and completions
+    (`sequences`) per step into `out_png`. Returns its path, or None (with a warning) when there are
+    no metrics to draw. `window`: rolling-mean width in steps (default: about a twentieth of the run)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(metrics_jsonl_path)
+    records = read_metrics(path) if path.exists() else []
+    if not records:
+        log.warning("no metrics in %s: %s not drawn", path, out_png)
+        return None
+    steps = [r["step"] for r in records]
+
+    def series(key: str) -> list[float] | None:
+        if not any(key in r for r in records):
+            return None
+        return [float(v) if isinstance(v := r.get(key), (int, float)) else math.nan
+                for r in records]
+
+    fig = Figure(figsize=(8, 9), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_reward, ax_kl, ax_speed = fig.subplots(3, 1, sharex=True)
+    fig.suptitle(f"{path.parent.name or path.name}: {len(records)} steps")
+
+    reward = series("reward_mean")
+    if reward is not None:
+        width = window or max(1, min(50, len(records) // 20))
+        ax_reward.plot(steps, reward, color="tab:blue", alpha=0.35, linewidth=1, label="reward_mean")
+        ax_reward.plot(steps, rolling_mean(reward, width), color="tab:blue", linewidth=2,
+                       label=f"rolling mean ({width} steps)")
+    _finish(ax_reward, "reward", reward is not None)
+
+    drawn = False
+    for key, color in (("kl_ref", "tab:red"), ("kl_behaviour", "tab:purple")):
+        values = series(key)
+        if values is not None:
+            ax_kl.plot(steps, values, color=color, linewidth=1.5, label=key)
+            drawn = True
+    _finish(ax_kl, "KL", drawn)
+
+    tokens, sequences = series("tokens_per_s"), series("sequences")
+    handles = []
+    if tokens is not None:
+        handles += ax_speed.plot(steps, tokens, color="tab:green", linewidth=1.5, label="tokens_per_s")
+    if sequences is not None:
+        ax_count = ax_speed.twinx() if tokens is not None else ax_speed
+        handles += ax_count.plot(steps, sequences, color="tab:orange", linewidth=1.5, linestyle="--",
+                                 label="completions per step")
+        ax_count.set_ylabel("completions per step")
+    if tokens is not None:
+        ax_speed.set_ylabel("tokens / s")
+    if handles:
+        ax_speed.legend(handles=handles, loc="best", fontsize="small")
+    else:
+        _empty(ax_speed)
+    ax_speed.set_xlabel("step")
+    ax_speed.grid(alpha=0.3)
+
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def _finish(ax, ylabel: str, drawn: bool) -> None:
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        _empty(ax)
+
+
+def _empty(ax) -> None:
+    ax.text(0.5, 0.5, "not in metrics", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Draw a run's metrics.jsonl into a PNG.")
+    parser.add_argument("metrics", help="metrics.jsonl of a run")
+    parser.add_argument("out", nargs="?", help="PNG to write (default: training.png next to the metrics)")
+    parser.add_argument("--window", type=int, default=None, help="Rolling-mean width in steps.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    out = plot_run(args.metrics, args.out or Path(args.metrics).with_name("training.png"), args.window)
+    if out is not None:
+        print(out)
+
+
+if __name__ == "__main__":
+    main()
