@@ -90,8 +90,11 @@ class Learner:
         self.start_step, self.resume_state = 0, None
         if cfg.train.resume:
             self.resume()
-        self.logger = MetricsLogger(self.run_dir, self.num_steps, cfg.output.progress and is_rank0(),
-                                    first_step=self.start_step) if is_rank0() else None
+        o = cfg.output
+        self.logger = MetricsLogger(self.run_dir, self.num_steps, o.progress, first_step=self.start_step,
+                                    jsonl_stdout=o.jsonl_stdout, tensorboard=o.tensorboard,
+                                    wandb_project=o.wandb_project, run_config=config_to_dict(cfg),
+                                    plot=o.plot) if is_rank0() else None
         self.last_metrics: dict[str, float] = {}
         self.hub_stats: dict = {}
         self.busy_s = 0.0
@@ -229,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         # A replay starts from the recorded run's config; flags still override it.
         recorded = config_from_dict(RecordingReader(replay_path).header["run_config"], f"recording {replay_path}")
         recorded.output.record = False
+        recorded.output.wandb_project = ""
         recorded.output.dir = str(Path(replay_path).resolve().parent / "replay")
         cfg = config_from_args(args, recorded)
     else:

@@ -73,31 +73,31 @@ def plot_run(metrics_jsonl_path: str | Path, out_png: str | Path, window: int | 
                        label=f"rolling mean ({width} steps)")
     _finish(ax_reward, "reward", reward is not None)
 
-    drawn = False
-    for key, color in (("kl_ref", "tab:red"), ("kl_behaviour", "tab:purple")):
-        values = series(key)
-        if values is not None:
-            ax_kl.plot(steps, values, color=color, linewidth=1.5, label=key)
-            drawn = True
-    _finish(ax_kl, "KL", drawn)
+    # The two KLs differ by orders of magnitude: kl_behaviour (vLLM vs learner, near 0) gets its own axis.
+    kl_ref, kl_behaviour = series("kl_ref"), series("kl_behaviour")
+    handles = []
+    if kl_ref is not None:
+        handles += ax_kl.plot(steps, kl_ref, color="tab:red", linewidth=1.5, label="kl_ref")
+        ax_kl.set_ylabel("kl_ref")
+    if kl_behaviour is not None:
+        ax_b = ax_kl.twinx() if kl_ref is not None else ax_kl
+        handles += ax_b.plot(steps, kl_behaviour, color="tab:purple", linewidth=1.5, linestyle="--",
+                             label="kl_behaviour")
+        ax_b.set_ylabel("kl_behaviour")
+    _legend(ax_kl, handles)
 
     tokens, sequences = series("tokens_per_s"), series("sequences")
     handles = []
     if tokens is not None:
         handles += ax_speed.plot(steps, tokens, color="tab:green", linewidth=1.5, label="tokens_per_s")
+        ax_speed.set_ylabel("tokens / s")
     if sequences is not None:
         ax_count = ax_speed.twinx() if tokens is not None else ax_speed
         handles += ax_count.plot(steps, sequences, color="tab:orange", linewidth=1.5, linestyle="--",
                                  label="completions per step")
         ax_count.set_ylabel("completions per step")
-    if tokens is not None:
-        ax_speed.set_ylabel("tokens / s")
-    if handles:
-        ax_speed.legend(handles=handles, loc="best", fontsize="small")
-    else:
-        _empty(ax_speed)
+    _legend(ax_speed, handles)
     ax_speed.set_xlabel("step")
-    ax_speed.grid(alpha=0.3)
 
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +110,14 @@ def _finish(ax, ylabel: str, drawn: bool) -> None:
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(loc="best", fontsize="small")
+    else:
+        _empty(ax)
+
+
+def _legend(ax, handles: list) -> None:
+    ax.grid(alpha=0.3)
+    if handles:
+        ax.legend(handles=handles, loc="best", fontsize="small")
     else:
         _empty(ax)
 

@@ -53,6 +53,7 @@ class RolloutWorker:
                                  curve=curve) as client:
             self.client = client
             await self.send(Hello(engine_info={"index": self.index, "model": self.model_path, "pid": os.getpid()}))
+            self.last_heard = time.monotonic()  # the learner's silence counts from here, not from engine start
             beating = asyncio.create_task(self.heartbeats())
             try:
                 await self.continuous_rollouts()
