@@ -41,7 +41,6 @@ class Peer:
     applied_version: int = -1
     acked_versions: list[int] = field(default_factory=list)
     grants: dict[int, WorkGrant] = field(default_factory=dict)
-    busy_seconds: float = 0.0
 
 
 @dataclass
@@ -206,7 +205,6 @@ class RolloutHub:
         del peer.grants[batch.grant_id]
         if self.recorder is not None:
             self.record_of_grant[batch.grant_id] = self.last_record
-        peer.busy_seconds += batch.gen_seconds
         self.batches[grant.step].append(batch)
 
     def _on_ack(self, peer: Peer, ack: WeightAck) -> None:

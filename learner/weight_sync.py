@@ -27,7 +27,6 @@ class WeightPublisher:
     def __init__(self, actor: Actor, *, engine_dtype: str, bucket_bytes: int, zero_stage: int):
         self.actor = actor
         self.dtype = _DTYPES[engine_dtype]
-        self.dtype_name = engine_dtype
         self.bucket_bytes = bucket_bytes
         self.zero_stage = zero_stage
 

@@ -57,7 +57,6 @@ class CriticConfig:
     value_head_prefix: str = opt("score", "Attribute name of the linear value head.")
     lr: float = opt(5e-4, "Critic learning rate.")
     value_clip: float = opt(0.2, "Clip range of the value loss around the old values; 0 disables.")
-    value_loss_coef: float = opt(0.5, "Weight of the value loss (reported; the critic has its own optimizer).")
 
 
 @dataclass
