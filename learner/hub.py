@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -72,12 +73,27 @@ class RolloutHub:
         self.discarded: collections.Counter[str] = collections.Counter()
         self.failure: RolloutFailure | None = None
         self.dropped_peers = 0
+        self.reusable: dict[tuple[int, tuple[int, ...]], tuple[int, PackedBatch]] = {}
+        self.reused = 0
         self.changed = asyncio.Condition()
 
     # ------------------------------------------------------------------ driver-facing API
     def offer(self, grants: list[WorkGrant]) -> None:
-        """Queue grants; they go to rollouts with free slots, oldest first."""
-        self.pending.extend(grants)
+        """Queue grants; they go to rollouts with free slots, oldest first. A grant that a recorded
+        batch of a crashed run already answers (see `reuse`) is answered from the recording."""
+        for grant in grants:
+            key = (grant.step, tuple(p.prompt_id for p in grant.prompts))
+            number, batch = self.reusable.pop(key, (None, None))
+            if batch is not None and batch.num_sequences == len(grant.prompts) * grant.n_samples:
+                self.batches[grant.step].append(dataclasses.replace(batch, grant_id=grant.grant_id))
+                self.record_of_grant[grant.grant_id] = number
+                self.reused += 1
+            else:
+                self.pending.append(grant)
+
+    def reuse(self, recorded: dict[tuple[int, tuple[int, ...]], tuple[int, PackedBatch]]) -> None:
+        """Batches a crashed run recorded but never trained on, keyed by (step, prompt ids)."""
+        self.reusable = dict(recorded)
 
     async def publish(self, update: WeightUpdate) -> None:
         """Send a new weight version to every connected rollout (and to any that connects later).
@@ -139,7 +155,8 @@ class RolloutHub:
                 "weight_apply_s": float(np.mean(applies)) if applies else 0.0,
                 "rejected_messages": float(sum(self.endpoint.rejections.values())),
                 "discarded_batches": float(sum(self.discarded.values())),
-                "dropped_rollouts": float(self.dropped_peers)}
+                "dropped_rollouts": float(self.dropped_peers),
+                "reused_recorded_batches": float(self.reused)}
 
     def applied_versions(self) -> dict[str, list[int]]:
         """Weight versions each rollout acknowledged (with a matching fingerprint)."""
@@ -265,8 +282,12 @@ class RolloutHub:
                                          f"within {self.ack_timeout_s:.0f} s")
 
     def _discard(self, reason: str, detail: str) -> None:
+        """Count a discarded message; log the first few of each reason, then at powers of two, so a
+        flood cannot turn into a flood of log records."""
         self.discarded[reason] += 1
-        log.warning("discarded message (%s): %s", reason, detail)
+        n = self.discarded[reason]
+        if n <= 10 or n & (n - 1) == 0:
+            log.warning("discarded message (%s, %d so far): %s", reason, n, detail)
 
     def _raise_if_failed(self) -> None:
         if self.failure is not None:

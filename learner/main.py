@@ -35,7 +35,7 @@ from learner.grants import GrantPlanner
 from learner.hub import RolloutHub
 from learner.metrics import MetricsLogger
 from learner.recording import RecordingReader, RecordingWriter
-from learner.replay import ReplayHub
+from learner.replay import ReplayHub, reusable_batches
 from learner.rewards import load_reward_fn
 from learner.rollouts import StepSamples
 from learner.trainer import PPOTrainer
@@ -87,7 +87,7 @@ class Learner:
         self.broadcaster = StepBroadcaster()
         self.run_dir = Path(cfg.output.dir)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-        self.start_step, self.resume_state = 0, None
+        self.start_step, self.resume_state, self.reusable = 0, None, {}
         if cfg.train.resume:
             self.resume()
         o = cfg.output
@@ -106,6 +106,10 @@ class Learner:
             raise FileNotFoundError(f"--train.resume: no complete checkpoint under {self.checkpoints.directory}")
         self.resume_state = self.checkpoints.load(path, self.trainer.engines)
         self.start_step = self.resume_state["step"] + 1
+        recording = self.run_dir / "recording"
+        if self.cfg.output.record and recording.exists():
+            self.reusable = reusable_batches(recording, after_step=self.resume_state["step"])
+            log.info("%d recorded batch(es) of the interrupted run will be reused", len(self.reusable))
         self.trainer.kl_controller.value = self.resume_state["kl_coef"]
         log.info("resumed from %s: continuing at step %d", path, self.start_step)
 
@@ -148,10 +152,12 @@ class Learner:
             recorder = RecordingWriter.open_existing(recording) if self.cfg.train.resume and recording.exists() \
                 else RecordingWriter(recording, run_config=config_to_dict(self.cfg), protocol_version=SCHEMA_VERSION)
         curve = server_keys_from_dir(t.curve_dir) if t.curve_dir else None
-        with LearnerEndpoint(self.cfg.run_id, host=t.bind_host, port=t.port, limits=limits, curve=curve) as endpoint:
+        with LearnerEndpoint(self.cfg.run_id, host=t.bind_host, port=t.port, limits=limits, curve=curve,
+                             rcvhwm=t.receive_queue) as endpoint:
             log.info("learner listening on %s", endpoint.address)
             hub = RolloutHub(endpoint, ack_timeout_s=t.weight_ack_timeout_s, peer_timeout_s=t.peer_timeout_s,
                              recorder=recorder)
+            hub.reuse(self.reusable)
             tasks = [asyncio.create_task(hub.serve()), asyncio.create_task(hub.heartbeats(t.heartbeat_s))]
             try:
                 yield hub

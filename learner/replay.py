@@ -96,3 +96,20 @@ class ReplayHub:
 
     def stats(self) -> dict:
         return {"replayed_from": str(self.reader.directory), "replayed_steps": len(self.steps)}
+
+
+def reusable_batches(directory: Path, after_step: int) -> dict[tuple[int, tuple[int, ...]], tuple[int, PackedBatch]]:
+    """Recorded batches of steps after `after_step`, keyed by (step, prompt ids), with their record numbers.
+
+    After a crash, a run resumed from the checkpoint of `after_step` plans the same prompts for the
+    same steps again; these batches answer them without generating anything twice. The newest
+    recording of a key wins (a run may have crashed more than once).
+    """
+    reader = RecordingReader(directory, on_damage="stop")
+    found = {}
+    for record in reader.messages():
+        body = decode(record.frames).body
+        if isinstance(body, PackedBatch) and body.step > after_step:
+            prompts = tuple(int(p) for p in dict.fromkeys(body.prompt_ids.tolist()))
+            found[(body.step, prompts)] = (record.number, body)
+    return found

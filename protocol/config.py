@@ -164,6 +164,8 @@ class TransportConfig:
     peer_timeout_s: float = opt(60.0, "A rollout silent for this long is presumed dead: dropped, and its "
                                       "unanswered work re-issued to the others.")
     max_message_mb: int = opt(256, "Largest accepted message (bigger ones are rejected unread).")
+    receive_queue: int = opt(64, "Messages ZeroMQ queues per rollout before it holds the sender back (high-water "
+                                 "mark); with max_message_mb it bounds what a flood can make the learner hold.")
     curve_dir: str = opt("", "Directory of ZeroMQ CURVE key files; empty: CURVE off (plain TCP). The learner "
                              "uses learner.key_secret and admits only the clients whose public *.key files are "
                              "in it; rollout N uses learner.key and rollout-N.key_secret. Create them with "

@@ -56,5 +56,7 @@ def test_learner_killed_and_resumed(run_local, tmp_path):
     for start in range(0, len(ids) - 99, 100):
         assert sorted(ids[start: start + 100]) == list(range(100)), f"epoch starting at sample {start}"
     assert len(list((run_dir / "checkpoints").glob("step-*"))) == 2, "only the newest 2 checkpoints are kept"
+    # batches the crashed run received (and recorded) but never trained on are not generated again
+    assert second.summary["reused_recorded_batches"] >= 1
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
     assert not leftover_processes(second.run_id)
