@@ -42,8 +42,12 @@ class StepBroadcaster:
     ever unpickles anything.
     """
 
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
     def share(self, batches: list[PackedBatch] | None) -> list[PackedBatch]:
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        if self.world_size == 1:
             return batches
         if is_rank0():
             blobs = [_join(encode(b, run_id="", producer_id="rank0", seq=i, weight_version=0))

@@ -104,28 +104,38 @@ class RolloutHub:
         for peer in list(self.peers.values()):
             await self._send(peer, update)
 
-    async def collect(self, step: int, expected_batches: int, timeout_s: float) -> list[PackedBatch]:
-        """Wait until every grant of `step` has been answered; batches in grant order."""
+    async def arrivals(self, step: int, expected_batches: int, timeout_s: float):
+        """Yield the batches of `step` as they are accepted, until every grant of the step is answered."""
         deadline = time.monotonic() + timeout_s
-        async with self.changed:
-            while len(self.batches[step]) < expected_batches:
-                self._raise_if_failed()
-                self._expire_silent_peers()
-                await self._dispatch()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(
-                        f"step {step}: {len(self.batches[step])}/{expected_batches} batches after {timeout_s:.0f} s; "
-                        f"{len(self.peers)} rollout(s) connected, {len(self.pending)} grant(s) unassigned")
-                try:
-                    await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
-                except TimeoutError:
-                    pass
+        yielded = 0
+        while yielded < expected_batches:
+            async with self.changed:
+                while len(self.batches[step]) <= yielded:
+                    self._raise_if_failed()
+                    self._expire_silent_peers()
+                    await self._dispatch()
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(
+                            f"step {step}: {len(self.batches[step])}/{expected_batches} batches after {timeout_s:.1f} s; "
+                            f"{len(self.peers)} rollout(s) connected, {len(self.pending)} grant(s) unassigned")
+                    try:
+                        await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
+                    except TimeoutError:
+                        pass
+                arrived = self.batches[step][yielded:]
+            for batch in arrived:
+                yielded += 1
+                yield batch
         self._check_acks()
         batches = sorted(self.batches.pop(step), key=lambda b: b.grant_id)
         if self.recorder is not None:
             self.consumed[step] = [self.record_of_grant.pop(b.grant_id) for b in batches]
-        return batches
+
+    async def collect(self, step: int, expected_batches: int, timeout_s: float) -> list[PackedBatch]:
+        """Wait until every grant of `step` has been answered; batches in grant order."""
+        batches = [b async for b in self.arrivals(step, expected_batches, timeout_s)]
+        return sorted(batches, key=lambda b: b.grant_id)
 
     def end_step(self, step: int, fingerprint: dict[str, str], metrics: dict[str, float]) -> None:
         """Record which messages `step` consumed and what it produced (when recording)."""

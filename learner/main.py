@@ -24,7 +24,7 @@ import torch
 
 from protocol.codec import DecodeLimits
 from protocol.config import RunConfig, add_config_arguments, config_from_args, config_from_dict, config_to_dict
-from protocol.messages import SCHEMA_VERSION
+from protocol.messages import SCHEMA_VERSION, PackedBatch
 from protocol.keys import server_keys_from_dir
 from protocol.transport import LearnerEndpoint, check_transport_security
 
@@ -52,8 +52,10 @@ async def train(cfg: RunConfig) -> dict[str, float]:
         await hub.publish(learner.weights(version=learner.start_step))
         hub.offer(planner.release(published_version=learner.start_step))
         for step in range(learner.start_step, learner.num_steps):
-            started = time.perf_counter()
-            batches = await hub.collect(step, planner.grants_per_step, cfg.transport.batch_timeout_s)
+            started, batches = time.perf_counter(), []
+            async for batch in hub.arrivals(step, planner.grants_per_step, cfg.transport.batch_timeout_s):
+                batches.append(batch)
+                await asyncio.to_thread(learner.score, batch)  # while the rest of the step is on its way
             waited = time.perf_counter() - started
             metrics = await asyncio.to_thread(learner.train_step, step, batches)
             update = learner.weights(version=step + 1)
@@ -85,6 +87,7 @@ class Learner:
                                          bucket_bytes=cfg.transport.weight_bucket_mb << 20,
                                          zero_stage=cfg.train.zero_stage)
         self.broadcaster = StepBroadcaster()
+        self.scored: dict[int, list] = {}  # grant id -> scored micro-batches of a batch that arrived
         self.run_dir = Path(cfg.output.dir)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.start_step, self.resume_state, self.reusable = 0, None, {}
@@ -176,6 +179,14 @@ class Learner:
     def weights(self, version: int):
         return self.publisher.build(version)
 
+    def score(self, batch: PackedBatch) -> None:
+        """Score a batch as soon as it arrives (reward, policy, reference, critic passes). With
+        several ranks this waits for train_step, where each rank scores its share of the step."""
+        if self.broadcaster.world_size == 1:
+            started = time.perf_counter()
+            self.scored[batch.grant_id] = self.trainer.score(StepSamples.from_batches([batch]), order=batch.grant_id)
+            self.busy_s += time.perf_counter() - started
+
     def train_step(self, step: int, batches) -> dict[str, float]:
         started = time.perf_counter()
         batches = self.broadcaster.share(batches)
@@ -184,8 +195,11 @@ class Learner:
             self.logger.log_step_samples(step, samples.prompt_ids[:: self.cfg.rollout.n_samples_per_prompt].tolist(),
                                          sorted(set(samples.weight_versions.tolist())))
         staleness = (step - samples.weight_versions).float()
-        local = shard_groups(samples, self.cfg.rollout.n_samples_per_prompt)
-        metrics = reduce_metrics(self.trainer.train_step(local))
+        if self.broadcaster.world_size == 1:
+            parts = [part for b in batches for part in self.scored.pop(b.grant_id)]
+        else:
+            parts = self.trainer.score(shard_groups(samples, self.cfg.rollout.n_samples_per_prompt), order=0)
+        metrics = reduce_metrics(self.trainer.train_step(parts))
         seconds = time.perf_counter() - started
         self.busy_s += seconds
         return {**metrics, "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),
@@ -212,14 +226,15 @@ class Learner:
 class FollowerHub:
     """The hub seen by ranks > 0: they talk to no rollout and get each step's batches from rank 0."""
 
+    async def arrivals(self, step, expected, timeout):
+        return
+        yield
+
     def offer(self, grants):
         pass
 
     async def publish(self, update):
         pass
-
-    async def collect(self, step, expected, timeout):
-        return None
 
     def end_step(self, step, fingerprint, metrics):
         pass

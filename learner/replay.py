@@ -47,6 +47,11 @@ class ReplayHub:
     def offer(self, grants) -> None:
         """Nothing to hand out: the samples come from the recording."""
 
+    async def arrivals(self, step: int, expected_batches: int, timeout_s: float):
+        """The recorded batches of `step`, in the recorded order."""
+        for batch in await self.collect(step, expected_batches, timeout_s):
+            yield batch
+
     async def collect(self, step: int, expected_batches: int, timeout_s: float) -> list[PackedBatch]:
         info = self.steps.get(step)
         if info is None:

@@ -1,12 +1,13 @@
 """The PPO learner on one DeepSpeed rank: models, experience making and the optimizer step.
 
-`train_step(samples)` does, for one step's packed samples:
-  1. score: the reward function on decoded texts -> scores [B]
-  2. one no-grad pass per model over the same packed micro-batches: the current policy's
-     log-probs and entropy, the reference log-probs (if KL is used), the critic's values (GAE)
-  3. advantages over the whole step (groups of n samples stay together)
-  4. the clipped PPO policy loss (+ KL loss, - entropy bonus) with truncated importance sampling
-     between the behaviour (vLLM) and learner log-probs, then the clipped value loss.
+For one step's packed samples:
+  1. `score` (as each batch arrives): one no-grad pass per model over its packed micro-batches:
+     the reward function on the decoded texts, the current policy's log-probs and entropy, the
+     reference log-probs (if KL is used), the critic's values (GAE), the reward model's scores
+  2. `make_experience`: rewards, KL and advantages over the whole step (groups of n samples stay
+     together), truncated importance weights between behaviour (vLLM) and learner log-probs
+  3. `train_step`: the clipped PPO policy loss (+ KL loss, - entropy bonus) and the clipped value
+     loss over the same micro-batches, one optimizer step per PPO epoch.
 """
 
 from __future__ import annotations
@@ -43,6 +44,23 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+@dataclass
+class ScoredPart:
+    """One packed micro-batch and what the no-grad passes computed for it; per-token tensors are
+    padded [b, A_part] (A_part = its longest response), sequence scores are [b]."""
+
+    samples: StepSamples
+    order: tuple[int, int]
+    mask: torch.Tensor
+    behaviour: torch.Tensor
+    old: torch.Tensor
+    entropy: torch.Tensor
+    ref: torch.Tensor | None
+    values: torch.Tensor | None
+    function_scores: torch.Tensor
+    model_scores: torch.Tensor | None
 
 
 @dataclass
@@ -134,34 +152,54 @@ class PPOTrainer:
         return torch.tensor(clip_rewards(combine_rewards(components, weights), r.clip or None), dtype=torch.float32)
 
     @torch.no_grad()
-    def make_experience(self, samples: StepSamples) -> Experience:
-        cfg, algo = self.cfg, self.cfg.algo
-        function_scores = self.function_scores(samples)
-        bounds = samples.micro_batch_bounds(cfg.train.micro_batch_tokens)
-        width = int((samples.cu_seqlens[1:] - samples.cu_seqlens[:-1] - samples.prompt_lens).max())
-        columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("mask", "behaviour", "old", "entropy", "ref", "values")}
-        model_scores: list[torch.Tensor] = []
+    def score(self, samples: StepSamples, order: int) -> list[ScoredPart]:
+        """One no-grad pass per model over each packed micro-batch of `samples` (reward function,
+        policy, reference, critic, reward model). `order` places the parts in the step's experience,
+        so the result does not depend on the order in which batches arrived."""
+        cfg = self.cfg
+        parts = []
         self.actor.eval()
-        for start, stop in bounds:
+        for index, (start, stop) in enumerate(samples.micro_batch_bounds(cfg.train.micro_batch_tokens)):
             part = samples.rows(start, stop)
+            width = int((part.cu_seqlens[1:] - part.cu_seqlens[:-1] - part.prompt_lens).max())
             out = self.actor(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature,
                              return_entropy=True)
-            columns["mask"].append(_padded(part.loss_mask, part, width))
-            columns["behaviour"].append(_padded(part.behaviour_log_probs, part, width))
-            columns["old"].append(_padded(out["log_probs"], part, width))
-            columns["entropy"].append(_padded(out["entropy"], part, width))
+            ref = values = model_scores = None
             if self.ref is not None:
                 ref = self.ref(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature)
-                columns["ref"].append(_padded(ref["log_probs"], part, width))
+                ref = _padded(ref["log_probs"], part, width)
             if self.critic is not None:
-                columns["values"].append(_padded(self.critic(part.tokens, cu_seqlens=part.cu_seqlens), part, width))
+                values = _padded(self.critic(part.tokens, cu_seqlens=part.cu_seqlens), part, width)
             if self.reward_model is not None:
-                model_scores.append(self.reward_model(part.tokens, cu_seqlens=part.cu_seqlens))
+                model_scores = self.reward_model(part.tokens, cu_seqlens=part.cu_seqlens)
+            parts.append(ScoredPart(
+                samples=part, order=(order, index), mask=_padded(part.loss_mask, part, width),
+                behaviour=_padded(part.behaviour_log_probs, part, width), old=_padded(out["log_probs"], part, width),
+                entropy=_padded(out["entropy"], part, width), ref=ref, values=values,
+                function_scores=self.function_scores(part), model_scores=model_scores))
         self.actor.train()
-        scores = self.total_reward(function_scores, torch.cat(model_scores) if model_scores else None)
-        t = {k: torch.cat(v) for k, v in columns.items() if v}
-        mask, old, behaviour = t["mask"], t["old"], t["behaviour"]
-        ref, values = t.get("ref"), t.get("values")
+        return parts
+
+    @torch.no_grad()
+    def make_experience(self, parts: list[ScoredPart]) -> Experience:
+        """Rewards, KL, advantages and importance weights over the whole step (groups stay together)."""
+        cfg, algo = self.cfg, self.cfg.algo
+        parts = sorted(parts, key=lambda p: p.order)
+        samples = StepSamples.concat([p.samples for p in parts])
+        width = max(p.mask.shape[1] for p in parts)
+
+        def cat(field: str) -> torch.Tensor | None:
+            if getattr(parts[0], field) is None:
+                return None
+            return torch.cat([F.pad(getattr(p, field), (0, width - getattr(p, field).shape[1])) for p in parts])
+
+        mask, old, behaviour, ref, values = cat("mask"), cat("old"), cat("behaviour"), cat("ref"), cat("values")
+        entropy = cat("entropy")
+        function_scores = torch.cat([p.function_scores for p in parts])
+        model_scores = torch.cat([p.model_scores for p in parts]) if parts[0].model_scores is not None else None
+        scores = self.total_reward(function_scores, model_scores)
+        rows = [p.samples.num_sequences for p in parts]
+        bounds = [(sum(rows[:i]), sum(rows[: i + 1])) for i in range(len(rows))]
 
         kl = approx_kl(old, ref, algo.kl_estimator, action_mask=mask) if ref is not None else torch.zeros_like(old)
         kl_coef = self.kl_controller.value
@@ -180,8 +218,8 @@ class PPOTrainer:
         metrics = {
             "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
             **({"reward_function_mean": float(function_scores.mean())} if self.reward_fn is not None else {}),
-            **({"reward_model_mean": float(torch.cat(model_scores).mean())} if model_scores else {}),
-            "response_len": float(mask.sum(1).float().mean()), "entropy": float(masked_mean(t["entropy"], mask)),
+            **({"reward_model_mean": float(model_scores.mean())} if model_scores is not None else {}),
+            "response_len": float(mask.sum(1).float().mean()), "entropy": float(masked_mean(entropy, mask)),
             "kl_ref": float(masked_mean(kl, mask)), "kl_coef": kl_coef,
             "kl_behaviour": float(masked_mean(behaviour_kl, mask)),
             "truncated_fraction": sum(r == "length" for r in samples.finish_reasons) / samples.num_sequences,
@@ -202,8 +240,9 @@ class PPOTrainer:
             dist.all_reduce(count)
         return float(count) / self.world_size
 
-    def train_step(self, samples: StepSamples) -> dict[str, float]:
-        exp = self.make_experience(samples)
+    def train_step(self, parts: list[ScoredPart]) -> dict[str, float]:
+        exp = self.make_experience(parts)
+        samples = exp.samples
         cfg, algo = self.cfg, self.cfg.algo
         normalizer = self._normalizer(exp)
         agg = dict(aggregation=algo.loss_aggregation, normalizer=normalizer, max_len=cfg.rollout.max_new_tokens)
