@@ -74,29 +74,10 @@ def plot_run(metrics_jsonl_path: str | Path, out_png: str | Path, window: int | 
     _finish(ax_reward, "reward", reward is not None)
 
     # The two KLs differ by orders of magnitude: kl_behaviour (vLLM vs learner, near 0) gets its own axis.
-    kl_ref, kl_behaviour = series("kl_ref"), series("kl_behaviour")
-    handles = []
-    if kl_ref is not None:
-        handles += ax_kl.plot(steps, kl_ref, color="tab:red", linewidth=1.5, label="kl_ref")
-        ax_kl.set_ylabel("kl_ref")
-    if kl_behaviour is not None:
-        ax_b = ax_kl.twinx() if kl_ref is not None else ax_kl
-        handles += ax_b.plot(steps, kl_behaviour, color="tab:purple", linewidth=1.5, linestyle="--",
-                             label="kl_behaviour")
-        ax_b.set_ylabel("kl_behaviour")
-    _legend(ax_kl, handles)
-
-    tokens, sequences = series("tokens_per_s"), series("sequences")
-    handles = []
-    if tokens is not None:
-        handles += ax_speed.plot(steps, tokens, color="tab:green", linewidth=1.5, label="tokens_per_s")
-        ax_speed.set_ylabel("tokens / s")
-    if sequences is not None:
-        ax_count = ax_speed.twinx() if tokens is not None else ax_speed
-        handles += ax_count.plot(steps, sequences, color="tab:orange", linewidth=1.5, linestyle="--",
-                                 label="completions per step")
-        ax_count.set_ylabel("completions per step")
-    _legend(ax_speed, handles)
+    _two_axes(ax_kl, steps, (series("kl_ref"), "kl_ref", "kl_ref", "tab:red"),
+              (series("kl_behaviour"), "kl_behaviour", "kl_behaviour", "tab:purple"))
+    _two_axes(ax_speed, steps, (series("tokens_per_s"), "tokens_per_s", "tokens / s", "tab:green"),
+              (series("sequences"), "completions per step", "completions per step", "tab:orange"))
     ax_speed.set_xlabel("step")
 
     out = Path(out_png)
@@ -114,7 +95,19 @@ def _finish(ax, ylabel: str, drawn: bool) -> None:
         _empty(ax)
 
 
-def _legend(ax, handles: list) -> None:
+def _two_axes(ax, steps: list[int], left: tuple, right: tuple) -> None:
+    """Plot `left` on `ax` and `right` (dashed) on a twin y-axis; each is (values or None, label,
+    y-label, colour). A missing left series leaves `ax` to the right one."""
+    handles = []
+    values, label, ylabel, colour = left
+    if values is not None:
+        handles += ax.plot(steps, values, color=colour, linewidth=1.5, label=label)
+        ax.set_ylabel(ylabel)
+    values, label, ylabel, colour = right
+    if values is not None:
+        other = ax.twinx() if handles else ax
+        handles += other.plot(steps, values, color=colour, linewidth=1.5, linestyle="--", label=label)
+        other.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if handles:
         ax.legend(handles=handles, loc="best", fontsize="small")

@@ -35,6 +35,7 @@ from protocol.messages import (Heartbeat, Hello, PackedBatch, PromptSpec, Rollou
                                WeightUpdate, WorkGrant, pack_weight_buckets)
 from protocol.transport import LearnerEndpoint, PeerBackloggedError, PeerUnreachableError, RolloutClient
 from protocol.weights import weight_fingerprint
+from tests.unit.batches import answer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,27 +73,6 @@ def make_grant(grant_id: int, step: int = 0, n: int = 2) -> WorkGrant:
                for k, pid in enumerate(ids)]
     return WorkGrant(grant_id=grant_id, step=step, min_weight_version=0, n_samples=n, sampling=SAMPLING,
                      prompts=prompts)
-
-
-def answer(grant: WorkGrant, version: int) -> PackedBatch:
-    """A valid PackedBatch for `grant` (every token id < VOCAB)."""
-    tokens, cu, plens, mask, lps, pids, sidx, labels = [], [0], [], [], [], [], [], []
-    for spec in grant.prompts:
-        for s in range(grant.n_samples):
-            prompt, response = spec.token_ids.tolist(), [10 + s, 2]
-            tokens += prompt + response
-            cu.append(len(tokens))
-            plens.append(len(prompt))
-            mask += [0] * len(prompt) + [1] * len(response)
-            lps += [0.0] * len(prompt) + [-0.5] * len(response)
-            pids.append(spec.prompt_id)
-            sidx.append(s)
-            labels.append(spec.label)
-    b = len(pids)
-    return PackedBatch(grant_id=grant.grant_id, step=grant.step, tokens=np.array(tokens), cu_seqlens=np.array(cu),
-                       prompt_lens=np.array(plens), loss_mask=np.array(mask), behaviour_logprobs=np.array(lps),
-                       prompt_ids=np.array(pids), sample_indices=np.array(sidx), weight_versions=np.full(b, version),
-                       finish_reasons=["stop"] * b, labels=labels, gen_seconds=0.01)
 
 
 class LegitRollout:

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from learner.hub import MAX_GRANTS_PER_PEER, RolloutFailure, RolloutHub
-from protocol.messages import (Heartbeat, Hello, PackedBatch, PromptSpec, RolloutError, SamplingSpec, Shutdown,
+from protocol.messages import (Heartbeat, Hello, PromptSpec, RolloutError, SamplingSpec, Shutdown,
                                WeightAck, WeightUpdate, WorkGrant, pack_weight_buckets)
 from protocol.transport import LearnerEndpoint, PeerUnreachableError, RolloutClient
 from protocol.weights import weight_fingerprint
+from tests.unit.batches import answer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -44,34 +45,6 @@ def make_grant(grant_id: int, step: int = 0, *, min_version: int = 0, n: int = 2
                for k, pid in enumerate(ids)]
     return WorkGrant(grant_id=grant_id, step=step, min_weight_version=min_version, n_samples=n,
                      sampling=SAMPLING, prompts=prompts)
-
-
-def answer(grant: WorkGrant, version: int, *, grant_id: int | None = None, prompt_ids=None,
-           sample_indices=None, first_token: int | None = None) -> PackedBatch:
-    """A valid PackedBatch for `grant`: each prompt n times, sample indices 0..n-1, prompt tokens first.
-    Keyword arguments break one property on purpose."""
-    tokens, cu, plens, mask, lps, pids, sidx, labels = [], [0], [], [], [], [], [], []
-    for spec in grant.prompts:
-        for s in range(grant.n_samples):
-            prompt = spec.token_ids.tolist()
-            if first_token is not None:
-                prompt[0] = first_token
-            response = [10 + s, 2]
-            tokens += prompt + response
-            cu.append(len(tokens))
-            plens.append(len(prompt))
-            mask += [0] * len(prompt) + [1] * len(response)
-            lps += [0.0] * len(prompt) + [-0.5] * len(response)
-            pids.append(spec.prompt_id)
-            sidx.append(s)
-            labels.append(spec.label)
-    b = len(pids)
-    return PackedBatch(
-        grant_id=grant.grant_id if grant_id is None else grant_id, step=grant.step, tokens=np.array(tokens),
-        cu_seqlens=np.array(cu), prompt_lens=np.array(plens), loss_mask=np.array(mask),
-        behaviour_logprobs=np.array(lps), prompt_ids=np.array(pids if prompt_ids is None else prompt_ids),
-        sample_indices=np.array(sidx if sample_indices is None else sample_indices, np.int32),
-        weight_versions=np.full(b, version), finish_reasons=["stop"] * b, labels=labels, gen_seconds=0.25)
 
 
 class ScriptedPeer:

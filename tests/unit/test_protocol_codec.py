@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import (
-    DEFAULT_LIMITS,
     REASON_CODES,
     SCHEMA_VERSION,
     DecodeLimits,
@@ -30,7 +29,6 @@ from protocol import (
     RolloutError,
     SamplingSpec,
     Shutdown,
-    TensorMeta,
     WeightAck,
     WeightUpdate,
     WorkGrant,
