@@ -42,6 +42,7 @@ from learner.trainer import PPOTrainer
 from learner.weight_sync import WeightPublisher
 
 log = logging.getLogger("learner")
+SHUTDOWN_FLUSH_S = 5.0
 
 
 async def train(cfg: RunConfig) -> dict[str, float]:
@@ -172,6 +173,9 @@ class Learner:
                 if recorder is not None:
                     recorder.close()
                 self.hub_stats = hub.stats() | {"applied_versions": hub.applied_versions()}
+                # linger so that a Shutdown just sent reaches the rollouts (over CURVE on a slow link it
+                # may still be queued); otherwise they would wait transport.peer_timeout_s to give up
+                endpoint.close(linger_s=SHUTDOWN_FLUSH_S)
 
     def vocab_size(self) -> int:
         return int(self.trainer.actor_module.config.vocab_size)
@@ -189,7 +193,8 @@ class Learner:
 
     def train_step(self, step: int, batches) -> dict[str, float]:
         started = time.perf_counter()
-        batches = self.broadcaster.share(batches)
+        # planned (grant) order, not arrival order: the step log lists prompts as the dataset dealt them
+        batches = sorted(self.broadcaster.share(batches), key=lambda b: b.grant_id)
         samples = StepSamples.from_batches(batches)
         if self.logger:
             self.logger.log_step_samples(step, samples.prompt_ids[:: self.cfg.rollout.n_samples_per_prompt].tolist(),

@@ -236,8 +236,12 @@ class _Owned:
     def closed(self) -> bool:
         return self._closed
 
-    def close(self) -> None:
-        """Close the socket (linger 0) and terminate the owned context. Idempotent."""
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close the socket and terminate the owned context. Idempotent.
+
+        Unsent messages are dropped at once by default; with ``linger_s`` > 0 close waits up to that
+        long for them to reach the network (a learner's last Shutdown, for one).
+        """
         if self._closed:
             return
         self._closed = True
@@ -249,11 +253,11 @@ class _Owned:
                     self._monitor.close(linger=0)
                     self._monitor = None
         finally:
-            self._close_rest()
+            self._close_rest(linger_s)
 
-    def _close_rest(self) -> None:
+    def _close_rest(self, linger_s: float) -> None:
         try:
-            self._sock.close(linger=0)
+            self._sock.close(linger=int(linger_s * 1000))
         finally:
             try:
                 if self._auth is not None:

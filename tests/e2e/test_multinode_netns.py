@@ -143,9 +143,12 @@ def test_learner_and_rollout_in_two_network_namespaces(netns_pair, tmp_path):
                                    stderr=subprocess.STDOUT, start_new_session=True)
         rollouts = subprocess.Popen([*rollout_cmd, *rollout_flags, *curve], cwd=ROOT, stdout=rout,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+        learner_rc = rollouts_rc = "still running"
         try:
             learner_rc = learner.wait(timeout=600)
-            rollouts_rc = rollouts.wait(timeout=120)
+            rollouts_rc = rollouts.wait(timeout=60)  # the learner's Shutdown ends them at once
+        except subprocess.TimeoutExpired:
+            pass
         finally:
             stop(learner)
             stop(rollouts)
@@ -154,7 +157,7 @@ def test_learner_and_rollout_in_two_network_namespaces(netns_pair, tmp_path):
     if learner_rc or rollouts_rc:
         print(output, logs, file=sys.stderr)
 
-    assert learner_rc == 0, output
+    assert learner_rc == 0, output + logs
     assert rollouts_rc == 0, output + logs
     assert "CURVE on" in learner_log.read_text() and "CURVE on" in rollout_log.read_text()
     assert "all 1 rollout(s) finished" in rollout_log.read_text()

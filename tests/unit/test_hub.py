@@ -296,6 +296,8 @@ async def test_weight_ack_with_wrong_fingerprint_fails_collect(env):
     await hub.publish(update)
     good, bad = await connect("good-0"), await connect("bad-1")
     await good.receive_and_ack()
+    # two peers' messages are not ordered with respect to each other: wait until the good ack is in
+    await eventually(lambda: hub.applied_versions()["good-0"] == [0])
     got = await bad.recv_kind(WeightUpdate)
     wrong = dict(got.fingerprint)
     wrong[next(iter(wrong))] = "0" * 32
