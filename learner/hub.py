@@ -60,7 +60,8 @@ class RolloutHub:
         self.recorder = recorder
         self.last_record: int | None = None
         self.record_of_grant: dict[int, int] = {}
-        self.consumed: dict[int, list[int]] = {}
+        self.seed_of_grant: dict[int, int | None] = {}  # the sampling seed that generated each answer
+        self.consumed: dict[int, dict[str, list]] = {}
         if recorder is not None:
             endpoint.on_accept = self._record
         self.ack_timeout_s = ack_timeout_s
@@ -87,6 +88,7 @@ class RolloutHub:
             if batch is not None and batch.num_sequences == len(grant.prompts) * grant.n_samples:
                 self.batches[grant.step].append(dataclasses.replace(batch, grant_id=grant.grant_id))
                 self.record_of_grant[grant.grant_id] = number
+                self.seed_of_grant[grant.grant_id] = grant.sampling.request_seed(batch.grant_id)  # its first grant
                 self.reused += 1
             else:
                 self.pending.append(grant)
@@ -130,7 +132,8 @@ class RolloutHub:
         self._check_acks()
         batches = sorted(self.batches.pop(step), key=lambda b: b.grant_id)
         if self.recorder is not None:
-            self.consumed[step] = [self.record_of_grant.pop(b.grant_id) for b in batches]
+            self.consumed[step] = {"consumed": [self.record_of_grant.pop(b.grant_id) for b in batches],
+                                   "seeds": {"sampling": [self.seed_of_grant.pop(b.grant_id) for b in batches]}}
 
     async def collect(self, step: int, expected_batches: int, timeout_s: float) -> list[PackedBatch]:
         """Wait until every grant of `step` has been answered; batches in grant order."""
@@ -140,7 +143,7 @@ class RolloutHub:
     def end_step(self, step: int, fingerprint: dict[str, str], metrics: dict[str, float]) -> None:
         """Record which messages `step` consumed and what it produced (when recording)."""
         if self.recorder is not None:
-            self.recorder.append_step(step, {"consumed": self.consumed.pop(step), "weight_version": step + 1,
+            self.recorder.append_step(step, {**self.consumed.pop(step), "weight_version": step + 1,
                                              "fingerprint": fingerprint, "metrics": metrics})
 
     def _record(self, peer: bytes, frames) -> None:
@@ -232,6 +235,7 @@ class RolloutHub:
         del peer.grants[batch.grant_id]
         if self.recorder is not None:
             self.record_of_grant[batch.grant_id] = self.last_record
+            self.seed_of_grant[batch.grant_id] = grant.sampling.request_seed(grant.grant_id)
         self.batches[grant.step].append(batch)
 
     def _on_ack(self, peer: Peer, ack: WeightAck) -> None:

@@ -302,9 +302,12 @@ def _accumulate(sums: dict[str, float], values: dict[str, torch.Tensor], weight:
 
 
 def gathered_state_dict(actor: Actor, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The full (LoRA-merged) actor state dict; under ZeRO-3 the shards are gathered first."""
+    """The full (LoRA-merged) actor state dict; under ZeRO-3 gathered (and copied) module by module."""
     if zero_stage == 3:
-        params = list(actor.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().clone() for k, v in actor.merged_state_dict().items()}
-    return {k: v.detach() for k, v in actor.merged_state_dict().items()}
+        return {k: v.clone() for k, v in actor.merged_weights(zero3_gather)}
+    return actor.merged_state_dict()
+
+
+def zero3_gather(params: list[torch.nn.Parameter]):
+    """Make ZeRO-3 partitioned parameters whole on every rank for the duration of a `with` (collective)."""
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from protocol.messages import WeightUpdate, pack_weight_buckets
 from protocol.weights import fingerprint_names, weight_fingerprint
 
 from learner.models.actor import Actor
-from learner.trainer import gathered_state_dict
+from learner.trainer import zero3_gather
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,20 +23,26 @@ def raw_bytes(t: torch.Tensor) -> memoryview:
 class WeightPublisher:
     """Builds the update that rollout engines load: full (LoRA-merged) weights in the engine's dtype.
 
-    Under ZeRO-3 every rank must call `build` (the gather is collective); only rank 0 sends.
+    The weights are read module by module and copied straight into the buckets, so besides the
+    buckets only one module is held whole at a time (under ZeRO-3 every rank must call `build`:
+    each module's gather is collective; only rank 0 sends).
     """
 
     def __init__(self, actor: Actor, *, engine_dtype: str, bucket_bytes: int, zero_stage: int):
         self.actor = actor
         self.dtype = _DTYPES[engine_dtype]
         self.bucket_bytes = bucket_bytes
-        self.zero_stage = zero_stage
+        self.gather = zero3_gather if zero_stage == 3 else None
 
     @torch.no_grad()
     def build(self, version: int) -> WeightUpdate:
-        state = {name: t.to(self.dtype) if t.is_floating_point() else t
-                 for name, t in gathered_state_dict(self.actor, self.zero_stage).items()}
-        named = [(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), raw_bytes(t)) for name, t in state.items()]
-        metas, buckets = pack_weight_buckets(named, self.bucket_bytes)
-        fingerprint = weight_fingerprint({n: raw_bytes(state[n]) for n in fingerprint_names(list(state))})
-        return WeightUpdate(version=version, tensors=metas, buckets=buckets, fingerprint=fingerprint)
+        def engine_tensors():
+            for name, t in self.actor.merged_weights(self.gather):
+                t = t.to(self.dtype) if t.is_floating_point() else t
+                yield name, str(t.dtype).removeprefix("torch."), tuple(t.shape), raw_bytes(t)
+
+        metas, buckets = pack_weight_buckets(engine_tensors(), self.bucket_bytes)
+        update = WeightUpdate(version=version, tensors=metas, buckets=buckets, fingerprint={})
+        chosen = set(fingerprint_names([m.name for m in metas]))
+        fingerprint = weight_fingerprint({m.name: update.tensor_bytes(m) for m in metas if m.name in chosen})
+        return dataclasses.replace(update, fingerprint=fingerprint)

@@ -105,6 +105,11 @@ class RolloutConfig:
     seed: int = opt(0, "Base sampling seed; each process and request derives its own.")
     max_restarts: int = opt(3, "Times launch scripts restart a rollout process that died, per process, before "
                                "failing the run. The learner re-issues a dead rollout's unanswered work.")
+    on_learner_lost: str = opt("exit", "What a rollout does when the learner has been silent for "
+                                       "transport.peer_timeout_s: exit (with an error), or wait for a learner to "
+                                       "come back on the same address (a --train.resume restart), keeping its "
+                                       "engine loaded and saying hello again every peer_timeout_s.",
+                               ("exit", "wait"))
 
 
 @dataclass

@@ -189,6 +189,10 @@ class SamplingSpec(_Message):
     stop_token_ids: list[int]
     seed: int | None
 
+    def request_seed(self, grant_id: int) -> int | None:
+        """The vLLM seed of grant `grant_id`'s requests (None: unseeded), so each grant draws differently."""
+        return None if self.seed is None else self.seed + grant_id
+
 
 @dataclass(frozen=True, eq=False)
 class PromptSpec(_Message):
@@ -391,15 +395,16 @@ def pack_weight_buckets(
     Tensors are laid out greedily in order, each at an ``align``-byte aligned
     offset; a new bucket starts when the next tensor would overflow
     ``bucket_bytes`` (a tensor larger than ``bucket_bytes`` gets a bucket of
-    its own).  Data is copied once into the buckets.
+    its own).  Each tensor's data is copied into its bucket as soon as it is
+    yielded, so ``named_arrays`` may be a generator that releases a tensor
+    once the next one is asked for (a model gathered one layer at a time).
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     if align <= 0:
         raise ValueError(f"align must be > 0, got {align}")
     metas: list[TensorMeta] = []
-    views: list[memoryview] = []
-    sizes: list[int] = []
+    buckets: list[bytearray] = []
     seen: set[str] = set()
     cur = -1
     end = 0
@@ -425,16 +430,13 @@ def pack_weight_buckets(
             )
         offset = -(-end // align) * align if nbytes else end  # empty tensors need no alignment / space
         if cur < 0 or (end > 0 and offset + nbytes > bucket_bytes):
-            sizes.append(0)
+            buckets.append(bytearray())
             cur += 1
             offset = 0
         metas.append(TensorMeta(name, dtype, shape, cur, offset, nbytes))
-        views.append(view)
+        buckets[cur] += bytes(offset - len(buckets[cur]))  # alignment padding
+        buckets[cur] += view
         end = offset + nbytes
-        sizes[cur] = end
-    buckets = [bytearray(size) for size in sizes]
-    for meta, view in zip(metas, views):
-        buckets[meta.bucket][meta.offset : meta.offset + meta.nbytes] = view
     return metas, [memoryview(b) for b in buckets]
 
 

@@ -80,7 +80,7 @@ class VLLMGenerator:
         params = SamplingParams(
             n=grant.n_samples, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             max_tokens=s.max_new_tokens, stop_token_ids=list(s.stop_token_ids) or None,
-            seed=None if s.seed is None else s.seed + grant.grant_id, logprobs=0,
+            seed=s.request_seed(grant.grant_id), logprobs=0,
         )
         prompts = [{"prompt_token_ids": p.token_ids.tolist()} for p in grant.prompts]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

@@ -52,7 +52,7 @@ class RolloutWorker:
         async with RolloutClient(self.address, producer_id=self.producer_id, run_id=self.cfg.run_id,
                                  curve=curve) as client:
             self.client = client
-            await self.send(Hello(engine_info={"index": self.index, "model": self.model_path, "pid": os.getpid()}))
+            await self.send(self.hello())
             self.last_heard = time.monotonic()  # the learner's silence counts from here, not from engine start
             beating = asyncio.create_task(self.heartbeats())
             try:
@@ -94,8 +94,7 @@ class RolloutWorker:
             except TimeoutError:
                 silent = time.monotonic() - self.last_heard
                 if silent > self.cfg.transport.peer_timeout_s:
-                    raise TimeoutError(f"no message from the learner at {self.address} for {silent:.0f} s "
-                                       "(transport.peer_timeout_s); giving up") from None
+                    await self.learner_lost(silent)
                 return
             self.last_heard = time.monotonic()
             message = envelope.body
@@ -114,6 +113,22 @@ class RolloutWorker:
             else:
                 log.warning("%s: ignoring unexpected %s message", self.producer_id, envelope.kind)
             timeout = 0.0
+
+    async def learner_lost(self, silent: float) -> None:
+        """The learner has been silent too long: give up, or wait for a resumed one (rollout.on_learner_lost)."""
+        lost = f"no message from the learner at {self.address} for {silent:.0f} s (transport.peer_timeout_s)"
+        if self.cfg.rollout.on_learner_lost == "exit":
+            raise TimeoutError(f"{lost}; giving up")
+        # A resumed learner plans its own work (recorded batches answer what it already had) and
+        # sends its weights on hello: the old grants are void, the engine stays loaded.
+        log.warning("%s; dropping %d grant(s) and saying hello again (rollout.on_learner_lost=wait)",
+                    lost, len(self.grants))
+        self.grants.clear()
+        self.last_heard = time.monotonic()
+        await self.send(self.hello())
+
+    def hello(self) -> Hello:
+        return Hello(engine_info={"index": self.index, "model": self.model_path, "pid": os.getpid()})
 
     async def send(self, message) -> None:
         async with self.send_lock:

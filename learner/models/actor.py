@@ -7,10 +7,13 @@ for the sequence containing token ``i``, computed from temperature-scaled logits
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import ContextManager
 
 import torch
 import torch.nn as nn
@@ -273,37 +276,56 @@ class Actor(nn.Module):
         Does not modify the live model (no merge/unmerge round trip, so no rounding drift in
         bf16). Only the merged weights are new tensors; the rest are references.
         """
-        if not self.is_lora:
-            return dict(self.model.state_dict())
-        from peft.tuners.lora import LoraLayer
+        return dict(self.merged_weights())
 
-        base = self.model.get_base_model()
-        merged: dict[str, torch.Tensor] = {}
-        for name, tensor in base.state_dict().items():
-            parts = name.split(".")
-            if any(p.startswith("lora_") for p in parts):
+    def merged_weights(self, gather: Callable[[list[nn.Parameter]], ContextManager] | None = None,
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of :meth:`merged_state_dict`, one module at a time, in state-dict order.
+
+        ``gather(params)`` is entered around each module's parameters while its tensors are read:
+        ZeRO-3's ``GatheredParameters``, so that only one module is whole at a time instead of the
+        whole model. A tensor yielded inside a gather may be released once the generator resumes:
+        copy what you keep before asking for the next one.
+        """
+        model = self.model.get_base_model() if self.is_lora else self.model
+        lora_types: tuple[type, ...] = ()
+        if self.is_lora:
+            from peft.tuners.lora import LoraLayer
+
+            lora_types = (LoraLayer,)
+        merged_into_parent: list[str] = []  # the inside of a LoRA layer is read with the layer itself
+        for mod_name, module in model.named_modules():
+            prefix = f"{mod_name}." if mod_name else ""
+            if any(prefix.startswith(inner) for inner in merged_into_parent):
                 continue
-            merged[".".join(p for p in parts if p != "base_layer")] = tensor
-        for mod_name, module in base.named_modules():
-            if not isinstance(module, LoraLayer):
+            if isinstance(module, lora_types):
+                merged_into_parent.append(prefix)
+                with _gathered(gather, list(module.parameters())):
+                    yield from self._merged_lora_layer(prefix, module)
                 continue
-            base_layer = module.get_base_layer()
-            if getattr(base_layer.weight, "quant_state", None) is not None or base_layer.weight.dtype in (
-                torch.uint8,
-                torch.int8,
-            ):
-                raise NotImplementedError(
-                    "merge_lora on a quantised (4-bit) base model is not supported; save the adapter "
-                    "(merge_lora=False) and merge into the full-precision base offline"
-                )
-            key = f"{mod_name}.weight"
-            w = merged[key]
-            with torch.no_grad():
+            own = _own_tensors(module)
+            with _gathered(gather, [t for _, t in own if isinstance(t, nn.Parameter)]):
+                for name, tensor in own:
+                    yield prefix + name, tensor.detach()
+
+    @staticmethod
+    def _merged_lora_layer(prefix: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        base_layer = module.get_base_layer()
+        if getattr(base_layer.weight, "quant_state", None) is not None or base_layer.weight.dtype in (
+            torch.uint8,
+            torch.int8,
+        ):
+            raise NotImplementedError(
+                "merge_lora on a quantised (4-bit) base model is not supported; save the adapter "
+                "(merge_lora=False) and merge into the full-precision base offline"
+            )
+        for name, tensor in _own_tensors(base_layer):
+            tensor = tensor.detach()
+            if name == "weight":
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
-                        w = w + module.get_delta_weight(adapter).to(w.dtype)
-            merged[key] = w.detach()
-        return merged
+                        tensor = tensor + module.get_delta_weight(adapter).to(tensor.dtype).detach()
+            yield prefix + name, tensor
 
     def save_pretrained(self, save_dir: str | os.PathLike, merge_lora: bool = False, **kwargs) -> None:
         """Save in Hugging Face format (safetensors).
@@ -318,3 +340,16 @@ class Actor(nn.Module):
             base.save_pretrained(save_dir, state_dict=self.merged_state_dict(), **kwargs)
         else:
             self.model.save_pretrained(save_dir, **kwargs)
+
+
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A module's own entries of its state dict: parameters, then persistent buffers."""
+    params = [(n, p) for n, p in module._parameters.items() if p is not None]
+    buffers = [(n, b) for n, b in module._buffers.items()
+               if b is not None and n not in module._non_persistent_buffers_set]
+    return params + buffers
+
+
+def _gathered(gather: Callable[[list[nn.Parameter]], ContextManager] | None,
+              params: list[nn.Parameter]) -> ContextManager:
+    return gather(params) if gather is not None and params else contextlib.nullcontext()

@@ -8,6 +8,8 @@ import subprocess
 import pytest
 from safetensors.torch import load_file
 
+from learner.recording import RecordingReader
+from protocol import decode
 from tests.e2e.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -21,6 +23,14 @@ def test_replay_reproduces_losses_and_weights(run_local, tmp_path):
     check = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "learner.inspect_recording", str(recording),
                             "--validate", "--steps"], cwd=ROOT, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+    # each step record names the messages it trained on and the sampling seed of each
+    reader = RecordingReader(recording)
+    base_seed = reader.header["run_config"]["rollout"]["seed"]
+    step_records = list(reader.steps())
+    assert [r.step for r in step_records] == list(range(6))
+    for rec in step_records:
+        grants = [decode(reader.record(n).frames).body.grant_id for n in rec.info["consumed"]]
+        assert rec.info["seeds"]["sampling"] == [base_seed + g for g in grants]
 
     replay_dir = tmp_path / "replay"
     replay = subprocess.run(["bash", str(ROOT / "launch/replay.sh"), str(recording), "--output.dir", str(replay_dir),

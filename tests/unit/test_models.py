@@ -1,5 +1,6 @@
 """Actor / Critic / Reward on a tiny Llama built from a config (CPU, fp32, sdpa)."""
 
+import contextlib
 import json
 import os
 
@@ -183,6 +184,50 @@ def test_actor_lora_trainable_and_merged_save(seqs, tmp_path):
     assert torch.equal(again, before)  # saving did not modify the live adapter model
     a.save_pretrained(tmp_path / "adapter")  # adapter only
     assert os.path.exists(tmp_path / "adapter" / "adapter_config.json")
+
+
+def test_merged_weights_stream_the_state_dict_one_gathered_module_at_a_time():
+    a = Actor(tiny_lm())
+    reference = a.model.state_dict()
+    open_gathers: list[set[str]] = []
+    names_of = {id(p): n for n, p in a.model.named_parameters()}
+
+    class RecordingGather:
+        def __init__(self, params):
+            self.names = {names_of[id(p)] for p in params}
+
+        def __enter__(self):
+            open_gathers.append(self.names)
+
+        def __exit__(self, *exc):
+            open_gathers.remove(self.names)
+
+    streamed = []
+    for name, tensor in a.merged_weights(RecordingGather):
+        assert len(open_gathers) <= 1, "only one module is gathered at a time"
+        if name in names_of.values():
+            assert open_gathers == [{n for n in names_of.values() if n.rsplit(".", 1)[0] == name.rsplit(".", 1)[0]}]
+        streamed.append((name, tensor))
+    assert [n for n, _ in streamed] == list(reference), "same names, in state-dict order"
+    assert all(torch.equal(t, reference[n]) for n, t in streamed)
+    assert not open_gathers
+
+
+def test_merged_weights_of_a_lora_actor_equal_peft_merge_and_unload():
+    a = Actor(tiny_lm(), lora=LoraSpec(rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    for n, p in a.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    gathered_modules = []
+    merged = dict(a.merged_weights(lambda params: gathered_modules.append(len(params)) or contextlib.nullcontext()))
+    import copy
+
+    reference = copy.deepcopy(a.model).merge_and_unload().state_dict()
+    assert list(merged) == list(reference)
+    for name in reference:
+        close(merged[name], reference[name])
+    # a LoRA layer (base weight + A + B) is gathered as one unit
+    assert 3 in gathered_modules
 
 
 def test_actor_lora_gradient_checkpointing_backward(seqs):
