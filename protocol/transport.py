@@ -419,6 +419,7 @@ class LearnerEndpoint(_Owned):
                     raise ProtocolError(
                         "producer_id", f"header.producer_id {env.producer_id!r} does not match the peer routing id {peer!r}"
                     )
+                self._check_key_binding(env.producer_id, frames[1])
                 last = self._last_seq.get(peer)
                 if self._check_seq and last is not None and env.seq <= last and not isinstance(env.body, Hello):
                     raise ProtocolError("seq", f"header.seq: expected > {last} for producer {env.producer_id!r}, got {env.seq}")
@@ -429,6 +430,16 @@ class LearnerEndpoint(_Owned):
             if self.on_accept is not None:
                 self.on_accept(peer, frames[1:])
             return peer, env
+
+    def _check_key_binding(self, producer_id: str, frame: zmq.Frame) -> None:
+        """With a CURVE allow-list, the client key NAME.key may only speak as producer NAME or NAME@...:
+        one rollout's key cannot be used to pass as another rollout."""
+        if self.curve is None or self.curve.allowed_clients is None:
+            return
+        key_name = frame.get("User-Id")  # set by the ZAP handler: the name of the client's key file
+        if producer_id.split("@", 1)[0] != key_name:
+            raise ProtocolError("producer_id", f"header.producer_id {producer_id!r} was sent with the CURVE key "
+                                               f"{key_name!r}, which may only send as {key_name!r} or {key_name}@...")
 
     async def send(self, peer: bytes, msg: Any, weight_version: int) -> None:
         """Send ``msg`` to the rollout whose routing id is ``peer``.

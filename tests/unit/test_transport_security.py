@@ -156,6 +156,21 @@ async def test_authorised_clients_round_trip_over_curve_and_everything_is_closed
     assert len(os.listdir("/proc/self/fd")) == fds_before, "file descriptors leaked"
 
 
+async def test_a_client_key_cannot_speak_for_another_producer(keydir):
+    async with LearnerEndpoint(RUN, curve=server_keys_from_dir(keydir)) as ep:
+        # rollout-1's key, claiming to be rollout-0: every message rejected as a producer_id mismatch
+        async with RolloutClient(ep.address, RUN, "rollout-0@elsewhere:1",
+                                 curve=client_keys_from_dir(keydir, "rollout-1")) as impostor:
+            for _ in range(3):
+                await impostor.send(Hello(engine_info={}), weight_version=-1)
+            with pytest.raises(TimeoutError):
+                await ep.recv(timeout=0.5)
+            assert ep.rejections == {"producer_id": 3}
+        async with RolloutClient(ep.address, RUN, "rollout-1@host:7",
+                                 curve=client_keys_from_dir(keydir, "rollout-1")) as honest:
+            await round_trips(ep, honest)
+
+
 async def test_curve_without_allow_list_encrypts_but_admits_any_client_key(keydir, tmp_path):
     public, secret = load_key_pair(keydir / "learner.key_secret")
     async with LearnerEndpoint(RUN, curve=CurveServerKeys(public, secret, None)) as ep:
