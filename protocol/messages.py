@@ -404,7 +404,8 @@ def pack_weight_buckets(
     if align <= 0:
         raise ValueError(f"align must be > 0, got {align}")
     metas: list[TensorMeta] = []
-    buckets: list[bytearray] = []
+    buckets: list[np.ndarray] = []
+    sizes: list[int] = []
     seen: set[str] = set()
     cur = -1
     end = 0
@@ -430,14 +431,16 @@ def pack_weight_buckets(
             )
         offset = -(-end // align) * align if nbytes else end  # empty tensors need no alignment / space
         if cur < 0 or (end > 0 and offset + nbytes > bucket_bytes):
-            buckets.append(bytearray())
+            # zeros come from calloc: pages not written (the unused tail of the last bucket) cost
+            # no memory, and a bucket never moves while it fills
+            buckets.append(np.zeros(max(bucket_bytes, nbytes), np.uint8))
+            sizes.append(0)
             cur += 1
             offset = 0
         metas.append(TensorMeta(name, dtype, shape, cur, offset, nbytes))
-        buckets[cur] += bytes(offset - len(buckets[cur]))  # alignment padding
-        buckets[cur] += view
-        end = offset + nbytes
-    return metas, [memoryview(b) for b in buckets]
+        buckets[cur][offset : offset + nbytes] = np.frombuffer(view, np.uint8)
+        end = sizes[cur] = offset + nbytes
+    return metas, [memoryview(b[:size]) for b, size in zip(buckets, sizes)]
 
 
 # --------------------------------------------------------------------------- envelope
