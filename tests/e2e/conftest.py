@@ -31,6 +31,13 @@ class RunResult:
         return json.loads((self.run_dir / "summary.json").read_text())
 
 
+def assert_reward_rose(metrics: list[dict], window: int = 15, by: float = 0.08) -> None:
+    """The mean reward of the last `window` steps beats that of the first `window` steps by `by`."""
+    first = sum(m["reward_mean"] for m in metrics[:window]) / window
+    last = sum(m["reward_mean"] for m in metrics[-window:]) / window
+    assert last > first + by, f"reward did not rise: first {window} steps {first:.3f}, last {window} steps {last:.3f}"
+
+
 def processes_mentioning(text: str) -> list[str]:
     """Command lines of live processes that contain `text` (e.g. a run id)."""
     found = []
