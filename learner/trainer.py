@@ -39,7 +39,8 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         # accumulation boundary: backward() accumulates, step() reduces and updates.
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.train.grad_clip,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_optimization": {"stage": cfg.train.zero_stage,
+                              "stage3_param_persistence_threshold": cfg.train.zero3_persistence_threshold},
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -159,7 +160,9 @@ class PPOTrainer:
         cfg = self.cfg
         parts = []
         self.actor.eval()
-        for index, (start, stop) in enumerate(samples.micro_batch_bounds(cfg.train.micro_batch_tokens)):
+        bounds = samples.micro_batch_bounds(cfg.train.micro_batch_tokens)
+        idle_passes = self._lockstep_extra_passes(len(bounds))  # agreed before any pass starts
+        for index, (start, stop) in enumerate(bounds):
             part = samples.rows(start, stop)
             width = int((part.cu_seqlens[1:] - part.cu_seqlens[:-1] - part.prompt_lens).max())
             out = self.actor(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature,
@@ -177,6 +180,8 @@ class PPOTrainer:
                 behaviour=_padded(part.behaviour_log_probs, part, width), old=_padded(out["log_probs"], part, width),
                 entropy=_padded(out["entropy"], part, width), ref=ref, values=values,
                 function_scores=self.function_scores(part), model_scores=model_scores))
+        for _ in range(idle_passes):
+            self._idle_pass(samples, backward=False)
         self.actor.train()
         return parts
 
@@ -249,7 +254,10 @@ class PPOTrainer:
         sums: dict[str, float] = {}
         # Each micro-batch loss is already divided by the global count: their sum is the step's loss.
         losses: dict[str, float] = {}
+        idle_passes = self._lockstep_extra_passes(len(exp.bounds))
         for _ in range(cfg.train.ppo_epochs):
+            for _ in range(idle_passes):
+                self._idle_pass(samples, backward=True)
             for start, stop in exp.bounds:
                 part = samples.rows(start, stop)
                 rows = slice(start, stop)
@@ -285,6 +293,30 @@ class PPOTrainer:
         metrics.update({k: v / cfg.train.ppo_epochs for k, v in losses.items()})
         return {**exp.metrics, **metrics, "grad_norm": float(self.actor.get_global_grad_norm() or 0.0),
                 "tokens": float(samples.num_tokens), "sequences": float(samples.num_sequences)}
+
+    def _lockstep_extra_passes(self, local_passes: int) -> int:
+        """Idle micro-batch passes this rank adds so that every rank runs as many as the busiest one.
+
+        Under ZeRO-3 every forward and backward gathers the partitioned parameters collectively:
+        a rank with fewer micro-batches than another would leave that one waiting forever.
+        """
+        if self.world_size == 1 or self.cfg.train.zero_stage != 3:
+            return 0
+        most = torch.tensor([local_passes], dtype=torch.long)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most) - local_passes
+
+    def _idle_pass(self, samples: StepSamples, *, backward: bool) -> None:
+        """Forward (and a zero-loss backward) of the partitioned models on one sequence: it joins the
+        other ranks' parameter gathers and changes nothing."""
+        one = samples.rows(0, 1)
+        out = self.actor(one.tokens, cu_seqlens=one.cu_seqlens, temperature=self.cfg.rollout.temperature)
+        if backward:
+            self.actor.backward(out["log_probs"].sum() * 0.0, scale_wrt_gas=False)
+        if self.critic is not None:
+            values = self.critic(one.tokens, cu_seqlens=one.cu_seqlens)
+            if backward:
+                self.critic.backward(values.sum() * 0.0, scale_wrt_gas=False)
 
     def save(self, out_dir: str) -> None:
         """The actor as a Hugging Face directory (LoRA merged) with its tokenizer, on rank 0."""

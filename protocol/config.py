@@ -145,6 +145,9 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     grad_clip: float = opt(1.0, "Gradient norm clip.")
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage.", (0, 1, 2, 3))
+    zero3_persistence_threshold: int = opt(100000, "ZeRO-3: parameters with fewer elements stay whole on every "
+                                                   "rank instead of being partitioned and gathered for each "
+                                                   "use (DeepSpeed stage3_param_persistence_threshold).")
     learner_ranks: int = opt(1, "Data-parallel learner ranks the launch scripts start (torchrun); each step's "
                                 "prompt groups are split across them by token count.")
     max_staleness: int = opt(1, "Most weight versions between the policy that sampled a batch and the "

@@ -37,3 +37,16 @@ def test_two_rank_learner(run_local, zero_stage, max_staleness):
     assert shapes["model.embed_tokens.weight"] == (128, 128)
     assert shapes["lm_head.weight"] == (128, 128)
     assert not leftover_processes(result.run_id)
+
+
+def test_zero3_ranks_with_unequal_micro_batch_counts_stay_in_lockstep(run_local):
+    """9 prompt groups over 2 ranks, one sequence per micro-batch, every parameter partitioned: the
+    ranks hold different numbers of micro-batches, yet each forward and backward gathers parameters
+    collectively. The rank with fewer runs idle passes instead of leaving the other waiting forever."""
+    result = run_local("--train.learner_ranks", "2", "--train.zero_stage", "3", "--train.num_steps", "3",
+                       "--train.zero3_persistence_threshold", "0", "--train.micro_batch_tokens", "16",
+                       "--train.prompts_per_step", "9", "--rollout.prompts_per_grant", "3",
+                       "--transport.batch_timeout_s", "120", "--output.save_final", "false", timeout=400)
+    assert result.returncode == 0, result.output[-3000:]
+    assert [m["sequences"] for m in result.metrics] == [9 * SAMPLES] * 3
+    assert not leftover_processes(result.run_id)
