@@ -90,26 +90,39 @@ def _split(blob: bytes) -> list[bytes]:
     return frames
 
 
-def shard_groups(samples: StepSamples, group_size: int) -> StepSamples:
-    """This rank's share of whole prompt groups, balanced by token count (greedy, largest first).
+class GroupDealer:
+    """Deals the prompt groups of each arriving batch to the learner ranks, balancing tokens over a step.
 
-    Group-based advantages only look inside a group, so a rank never needs another rank's samples.
+    Every rank sees the same batches in the same order and computes the same deal (greedy: a
+    batch's groups largest first, each to the rank with the fewest tokens so far in the step), so
+    each rank can score its groups of a batch as soon as it arrives. Group-based advantages only
+    look inside a group, so a rank never needs another rank's samples. The first `world` groups of
+    a step go to different ranks: with at least that many groups per step every rank trains.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return samples
-    world, rank = dist.get_world_size(), dist.get_rank()
-    groups = samples.num_sequences // group_size
-    if groups < world:
-        raise ValueError(f"{groups} prompt group(s) per step cannot be split across {world} learner ranks")
-    cu = samples.cu_seqlens
-    tokens = [int(cu[(g + 1) * group_size] - cu[g * group_size]) for g in range(groups)]
-    load, owner = [0] * world, [0] * groups
-    for g in sorted(range(groups), key=lambda g: -tokens[g]):
-        r = min(range(world), key=lambda r: load[r])
-        owner[g], load[r] = r, load[r] + tokens[g]
-    mine = [g for g in range(groups) if owner[g] == rank]
-    parts = [samples.rows(g * group_size, (g + 1) * group_size) for g in mine]
-    return StepSamples.concat(parts)
+
+    def __init__(self, world: int, rank: int, group_size: int):
+        self.world, self.rank, self.group_size = world, rank, group_size
+        self.load = [0] * world
+
+    def new_step(self) -> None:
+        self.load = [0] * self.world
+
+    def deal(self, samples: StepSamples) -> StepSamples:
+        """This rank's whole groups of `samples` (contiguous, in batch order; possibly none)."""
+        if self.world == 1:
+            return samples
+        groups = samples.num_sequences // self.group_size
+        cu = samples.cu_seqlens
+        tokens = [int(cu[(g + 1) * self.group_size] - cu[g * self.group_size]) for g in range(groups)]
+        mine = []
+        for g in sorted(range(groups), key=lambda g: -tokens[g]):
+            owner = min(range(self.world), key=lambda r: self.load[r])
+            self.load[owner] += tokens[g]
+            if owner == self.rank:
+                mine.append(g)
+        if not mine:
+            return samples.rows(0, 0)
+        return StepSamples.concat([samples.rows(g * self.group_size, (g + 1) * self.group_size) for g in sorted(mine)])
 
 
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:

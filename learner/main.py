@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from protocol.codec import DecodeLimits
 from protocol.config import RunConfig, add_config_arguments, config_from_args, config_from_dict, config_to_dict
@@ -30,7 +31,7 @@ from protocol.transport import LearnerEndpoint, check_transport_security
 
 from learner.data import PromptDataset, load_prompt_rows
 from learner.checkpoint import CheckpointManager
-from learner.distributed import StepBroadcaster, init_distributed, is_rank0, reduce_metrics, shard_groups
+from learner.distributed import GroupDealer, StepBroadcaster, init_distributed, is_rank0, reduce_metrics
 from learner.grants import GrantPlanner
 from learner.hub import RolloutHub
 from learner.metrics import MetricsLogger
@@ -54,9 +55,9 @@ async def train(cfg: RunConfig) -> dict[str, float]:
         hub.offer(planner.release(published_version=learner.start_step))
         for step in range(learner.start_step, learner.num_steps):
             started, batches = time.perf_counter(), []
-            async for batch in hub.arrivals(step, planner.grants_per_step, cfg.transport.batch_timeout_s):
-                batches.append(batch)
-                await asyncio.to_thread(learner.score, batch)  # while the rest of the step is on its way
+            async for arrived in hub.arrivals(step, planner.grants_per_step, cfg.transport.batch_timeout_s):
+                # shared with the other learner ranks and scored while the rest of the step is on its way
+                batches.append(await asyncio.to_thread(learner.share_and_score, arrived))
             waited = time.perf_counter() - started
             metrics = await asyncio.to_thread(learner.train_step, step, batches)
             update = learner.weights(version=step + 1)
@@ -88,6 +89,11 @@ class Learner:
                                          bucket_bytes=cfg.transport.weight_bucket_mb << 20,
                                          zero_stage=cfg.train.zero_stage)
         self.broadcaster = StepBroadcaster()
+        world = self.broadcaster.world_size
+        if world > 1 and cfg.train.prompts_per_step < world:
+            raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} prompt groups per step cannot "
+                             f"give each of the {world} learner ranks at least one")
+        self.dealer = GroupDealer(world, dist.get_rank() if world > 1 else 0, cfg.rollout.n_samples_per_prompt)
         self.scored: dict[int, list] = {}  # grant id -> scored micro-batches of a batch that arrived
         self.run_dir = Path(cfg.output.dir)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -183,27 +189,30 @@ class Learner:
     def weights(self, version: int):
         return self.publisher.build(version)
 
-    def score(self, batch: PackedBatch) -> None:
-        """Score a batch as soon as it arrives (reward, policy, reference, critic passes). With
-        several ranks this waits for train_step, where each rank scores its share of the step."""
-        if self.broadcaster.world_size == 1:
-            started = time.perf_counter()
-            self.scored[batch.grant_id] = self.trainer.score(StepSamples.from_batches([batch]), order=batch.grant_id)
-            self.busy_s += time.perf_counter() - started
+    def share_and_score(self, batch: PackedBatch | None) -> PackedBatch:
+        """Take a batch as soon as it arrives: share it with the other learner ranks (rank 0 sends
+        it; they pass None and receive it) and score this rank's groups of it (reward, policy,
+        reference, critic passes). Returns the batch."""
+        started = time.perf_counter()
+        if self.broadcaster.world_size > 1:
+            batch = self.broadcaster.share([batch] if is_rank0() else None)[0]
+        samples = StepSamples.from_batches([batch])
+        self.scored[batch.grant_id] = self.trainer.score(self.dealer.deal(samples), order=batch.grant_id,
+                                                         idle_row=samples.rows(0, 1))
+        self.busy_s += time.perf_counter() - started
+        return batch
 
     def train_step(self, step: int, batches) -> dict[str, float]:
         started = time.perf_counter()
         # planned (grant) order, not arrival order: the step log lists prompts as the dataset dealt them
-        batches = sorted(self.broadcaster.share(batches), key=lambda b: b.grant_id)
+        batches = sorted(batches, key=lambda b: b.grant_id)
         samples = StepSamples.from_batches(batches)
         if self.logger:
             self.logger.log_step_samples(step, samples.prompt_ids[:: self.cfg.rollout.n_samples_per_prompt].tolist(),
                                          sorted(set(samples.weight_versions.tolist())))
         staleness = (step - samples.weight_versions).float()
-        if self.broadcaster.world_size == 1:
-            parts = [part for b in batches for part in self.scored.pop(b.grant_id)]
-        else:
-            parts = self.trainer.score(shard_groups(samples, self.cfg.rollout.n_samples_per_prompt), order=0)
+        parts = [part for b in batches for part in self.scored.pop(b.grant_id)]
+        self.dealer.new_step()
         metrics = reduce_metrics(self.trainer.train_step(parts))
         seconds = time.perf_counter() - started
         self.busy_s += seconds
@@ -232,8 +241,9 @@ class FollowerHub:
     """The hub seen by ranks > 0: they talk to no rollout and get each step's batches from rank 0."""
 
     async def arrivals(self, step, expected, timeout):
-        return
-        yield
+        """One placeholder per batch of the step: `Learner.share_and_score` receives the batch itself."""
+        for _ in range(expected):
+            yield None
 
     def offer(self, grants):
         pass

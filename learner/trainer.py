@@ -153,14 +153,15 @@ class PPOTrainer:
         return torch.tensor(clip_rewards(combine_rewards(components, weights), r.clip or None), dtype=torch.float32)
 
     @torch.no_grad()
-    def score(self, samples: StepSamples, order: int) -> list[ScoredPart]:
+    def score(self, samples: StepSamples, order: int, idle_row: StepSamples | None = None) -> list[ScoredPart]:
         """One no-grad pass per model over each packed micro-batch of `samples` (reward function,
         policy, reference, critic, reward model). `order` places the parts in the step's experience,
-        so the result does not depend on the order in which batches arrived."""
+        so the result does not depend on the order in which batches arrived. `samples` may be empty
+        (a rank dealt none of a batch's groups); `idle_row` (one sequence) then feeds its idle passes."""
         cfg = self.cfg
         parts = []
         self.actor.eval()
-        bounds = samples.micro_batch_bounds(cfg.train.micro_batch_tokens)
+        bounds = samples.micro_batch_bounds(cfg.train.micro_batch_tokens) if samples.num_sequences else []
         idle_passes = self._lockstep_extra_passes(len(bounds))  # agreed before any pass starts
         for index, (start, stop) in enumerate(bounds):
             part = samples.rows(start, stop)
@@ -181,7 +182,7 @@ class PPOTrainer:
                 entropy=_padded(out["entropy"], part, width), ref=ref, values=values,
                 function_scores=self.function_scores(part), model_scores=model_scores))
         for _ in range(idle_passes):
-            self._idle_pass(samples, backward=False)
+            self._idle_pass(idle_row if idle_row is not None else samples, backward=False)
         self.actor.train()
         return parts
 

@@ -1,17 +1,15 @@
 """GrantPlanner (which prompts go out, under which staleness bound), StepSamples (a step's packed
-samples as tensors), shard_groups and the StepBroadcaster wire helpers."""
+samples as tensors), GroupDealer and the StepBroadcaster wire helpers."""
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
 import torch
 
-import learner.distributed as distributed
 from learner.data import PromptDataset, PromptRow
-from learner.distributed import _join, _split, shard_groups
+from learner.distributed import GroupDealer, _join, _split
 from learner.grants import GrantPlanner
 from learner.rollouts import StepSamples
 from learner.tiny import build_tokenizer
@@ -261,53 +259,47 @@ def test_response_texts_with_tiny_tokenizer(tokenizer):
 # --------------------------------------------------------------------------- shard_groups / broadcast helpers
 
 
-def test_shard_groups_identity_when_not_distributed(two_batches):
+def test_one_rank_is_dealt_every_batch_whole(two_batches):
     s = StepSamples.from_batches(list(two_batches))
-    assert not torch.distributed.is_initialized()
-    assert shard_groups(s, 1) is s
+    assert GroupDealer(world=1, rank=0, group_size=1).deal(s) is s
 
 
-def _fake_dist(world: int, rank: int):
-    return types.SimpleNamespace(is_initialized=lambda: True, get_world_size=lambda: world, get_rank=lambda: rank)
-
-
-def test_shard_groups_balanced_partition(monkeypatch):
-    # 5 groups of 2 samples; group token counts 14, 6, 10, 10, 8
-    sizes = [(4, 1), (1, 0), (3, 0), (2, 1), (1, 1)]  # (prompt extra, response extra) per group
+def _grouped_batch(grant_id: int, sizes, first_group: int = 0) -> StepSamples:
+    """Groups of 2 samples; `sizes` = (prompt extra, response extra) tokens per group."""
     seqs, ids = [], []
-    for g, (pe, re_) in enumerate(sizes):
+    for g, (pe, re_) in enumerate(sizes, start=first_group):
         for _ in range(2):
             seqs.append(([1] + [g + 10] * pe, [5] * (re_ + 1)))
             ids.append(g)
-    s = StepSamples.from_batches([make_packed(0, seqs, ids)])
-    group_tokens = [int(s.cu_seqlens[2 * g + 2] - s.cu_seqlens[2 * g]) for g in range(5)]
+    return StepSamples.from_batches([make_packed(grant_id, seqs, ids)])
+
+
+def test_dealer_partitions_whole_groups_balanced_by_tokens_over_a_step():
+    first = _grouped_batch(0, [(4, 1), (1, 0), (3, 0), (2, 1), (1, 1)])
+    group_tokens = [int(first.cu_seqlens[2 * g + 2] - first.cu_seqlens[2 * g]) for g in range(5)]
     assert group_tokens == [14, 6, 10, 10, 8]
-    shares = []
-    for rank in range(2):
-        monkeypatch.setattr(distributed, "dist", _fake_dist(2, rank))
-        shares.append(shard_groups(s, 2))
-    owned = [sorted(set(sh.prompt_ids.tolist())) for sh in shares]
-    assert sorted(owned[0] + owned[1]) == list(range(5))  # a partition of whole groups
-    for sh in shares:
-        ids = sh.prompt_ids.tolist()
-        assert all(ids[i] == ids[i + 1] for i in range(0, len(ids), 2))  # groups kept together, contiguous
-        assert int(sh.cu_seqlens[0]) == 0 and int(sh.cu_seqlens[-1]) == sh.num_tokens
-        for g in set(ids):
-            seq_rows = [i for i, x in enumerate(ids) if x == g]
-            mine = torch.cat([sh.tokens[sh.cu_seqlens[i]: sh.cu_seqlens[i + 1]] for i in seq_rows])
-            orig = s.tokens[s.cu_seqlens[2 * g]: s.cu_seqlens[2 * g + 2]]
-            assert torch.equal(mine, orig)
-    loads = [sh.num_tokens for sh in shares]
-    assert sum(loads) == s.num_tokens
-    assert abs(loads[0] - loads[1]) <= max(group_tokens)  # greedy largest-first balance
-    assert sorted(loads) == [22, 26]  # 14+8 | 10+10+6
-
-
-def test_shard_groups_too_few_groups(monkeypatch, two_batches):
-    s = StepSamples.from_batches(list(two_batches))
-    monkeypatch.setattr(distributed, "dist", _fake_dist(3, 0))
-    with pytest.raises(ValueError, match="cannot be split across 3"):
-        shard_groups(s, 5)
+    second = _grouped_batch(1, [(0, 0)], first_group=5)  # one small group: only one rank gets it
+    dealers = [GroupDealer(world=2, rank=r, group_size=2) for r in range(2)]
+    shares = [[d.deal(first), d.deal(second)] for d in dealers]
+    assert [d.load for d in dealers] == [[26, 26], [26, 26]]  # every rank computed the same deal
+    owned = [sorted(set(torch.cat([sh.prompt_ids for sh in mine]).tolist())) for mine in shares]
+    assert sorted(owned[0] + owned[1]) == list(range(6))  # a partition of whole groups
+    # greedy, largest first: 14 | 10 + 10 | 8 -> rank 0 (14 < 20) | 6 -> rank 1 (20 < 22) | 4 -> rank 0
+    assert owned == [[0, 4, 5], [1, 2, 3]]
+    for mine in shares:
+        for sh in mine:
+            ids = sh.prompt_ids.tolist()
+            assert all(ids[i] == ids[i + 1] for i in range(0, len(ids), 2))  # groups kept together
+            assert int(sh.cu_seqlens[0]) == 0 and int(sh.cu_seqlens[-1]) == sh.num_tokens
+    rank1_second = shares[1][1]
+    assert rank1_second.num_sequences == 0 and rank1_second.num_tokens == 0  # dealt nothing of batch 1
+    g = 2  # a dealt group's tokens are the original ones
+    rows = [i for i, x in enumerate(shares[1][0].prompt_ids.tolist()) if x == g]
+    mine = torch.cat([shares[1][0].tokens[shares[1][0].cu_seqlens[i]: shares[1][0].cu_seqlens[i + 1]] for i in rows])
+    assert torch.equal(mine, first.tokens[first.cu_seqlens[2 * g]: first.cu_seqlens[2 * g + 2]])
+    for d in dealers:
+        d.new_step()
+        assert d.load == [0, 0]
 
 
 @pytest.mark.parametrize(
