@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +37,17 @@ def assert_reward_rose(metrics: list[dict], window: int = 15, by: float = 0.08) 
     first = sum(m["reward_mean"] for m in metrics[:window]) / window
     last = sum(m["reward_mean"] for m in metrics[-window:]) / window
     assert last > first + by, f"reward did not rise: first {window} steps {first:.3f}, last {window} steps {last:.3f}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a launch script's session (its trap stops the process groups it started)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def processes_mentioning(text: str) -> list[str]:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import ROOT, leftover_processes, processes_mentioning
+from tests.e2e.conftest import ROOT, leftover_processes, processes_mentioning, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -34,16 +34,6 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_rollouts_wait_for_a_resumed_learner(tmp_path):

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import ROOT, leftover_processes
+from tests.e2e.conftest import ROOT, leftover_processes, stop
 
 pytestmark = [
     pytest.mark.e2e,
@@ -101,17 +101,6 @@ def netns_pair(request):
         pytest.skip(f"cannot create network namespaces here: {exc.stderr.strip()}")
     created.append(pair)
     return pair
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a launch script's session (its trap stops the process groups it started)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_learner_and_rollout_in_two_network_namespaces(netns_pair, tmp_path):
