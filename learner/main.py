@@ -107,6 +107,7 @@ class Learner:
                                     plot=o.plot) if is_rank0() else None
         self.last_metrics: dict[str, float] = {}
         self.hub_stats: dict = {}
+        self.recorder: RecordingWriter | None = None  # rank 0 with output.record
         self.busy_s = 0.0
         self.wall_start = time.perf_counter()
 
@@ -118,6 +119,11 @@ class Learner:
         self.start_step = self.resume_state["step"] + 1
         recording = self.run_dir / "recording"
         if self.cfg.output.record and recording.exists():
+            position = self.resume_state.get("recording_position")
+            intact = len(RecordingReader(recording, on_damage="stop"))
+            if position is not None and intact < position:
+                raise ValueError(f"--train.resume: {recording} holds {intact} intact record(s), but checkpoint {path} "
+                                 f"was taken after record {position - 1}: the recording does not go with it")
             self.reusable = reusable_batches(recording, after_step=self.resume_state["step"])
             log.info("%d recorded batch(es) of the interrupted run will be reused", len(self.reusable))
         self.trainer.kl_controller.value = self.resume_state["kl_coef"]
@@ -134,7 +140,9 @@ class Learner:
         if every <= 0 or self.cfg.replay.path or ((step + 1) % every and step + 1 != self.num_steps):
             return
         state = {"weight_version": step + 1, "planner": planner.state_after(step),
-                 "kl_coef": self.trainer.kl_controller.value, "run_id": self.cfg.run_id}
+                 "kl_coef": self.trainer.kl_controller.value, "run_id": self.cfg.run_id,
+                 # the recording's records before this one (every message the saved steps consumed)
+                 "recording_position": self.recorder.next_number if self.recorder is not None else None}
         self.checkpoints.save(step, self.trainer.engines, self.trainer.save, state)
 
     @property
@@ -161,6 +169,7 @@ class Learner:
             recording = self.run_dir / "recording"
             recorder = RecordingWriter.open_existing(recording) if self.cfg.train.resume and recording.exists() \
                 else RecordingWriter(recording, run_config=config_to_dict(self.cfg), protocol_version=SCHEMA_VERSION)
+            self.recorder = recorder
         curve = server_keys_from_dir(t.curve_dir) if t.curve_dir else None
         with LearnerEndpoint(self.cfg.run_id, host=t.bind_host, port=t.port, limits=limits, curve=curve,
                              rcvhwm=t.receive_queue) as endpoint:

@@ -42,8 +42,10 @@ def test_learner_killed_and_resumed(run_local, tmp_path):
     assert killed, "the learner was never killed"
     assert first.returncode != 0
     assert not leftover_processes(first.run_id), "a dead learner must take its rollouts down with it"
-    saved = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-                        / "learner_state.json").read_text())["step"]
+    state = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+                        / "learner_state.json").read_text())
+    saved = state["step"]
+    assert state["recording_position"] > 0, "the checkpoint says how far into the recording its steps reached"
 
     second = run_local(*flags, "--train.resume", "true")
     assert second.returncode == 0, second.output[-3000:]
