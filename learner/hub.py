@@ -319,7 +319,7 @@ def _mismatch(grant: WorkGrant, batch: PackedBatch, peer: Peer) -> str | None:
         prompt = batch.tokens[batch.cu_seqlens[b]: batch.cu_seqlens[b] + batch.prompt_lens[b]]
         if not np.array_equal(prompt, grant.prompts[spec].token_ids):
             return f"sequence {b} does not start with the granted prompt"
-    versions = set(batch.weight_versions.tolist())
+    versions = set(batch.weight_versions.tolist()) | set(batch.last_weight_versions.tolist())
     if min(versions) < grant.min_weight_version:
         return f"generated with weight version {min(versions)} < required {grant.min_weight_version}"
     unacked = versions - set(peer.acked_versions)

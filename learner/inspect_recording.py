@@ -26,11 +26,14 @@ import argparse
 import datetime as _dt
 import sys
 from collections import Counter
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import msgpack
 
 from learner.recording import RecordingError, RecordingReader
+
+if TYPE_CHECKING:
+    from protocol import PackedBatch
 
 _METRIC_WORDS = ("loss", "reward", "kl")
 
@@ -178,9 +181,15 @@ def steps(path: str, out=None) -> RecordingError | None:
 # --------------------------------------------------------------------------- samples
 
 
+def _versions(batch: PackedBatch, b: int) -> str:
+    """`weight_version v`, or `weight_versions v..w` for a sample generated across an update."""
+    first, last = int(batch.weight_versions[b]), int(batch.last_weight_versions[b])
+    return f"weight_version {first}" if first == last else f"weight_versions {first}..{last}"
+
+
 def samples(path: str, n: int, tokenizer_dir: str | None, out=None) -> RecordingError | None:
     out = out or sys.stdout
-    from protocol import PackedBatch, ProtocolError, decode
+    from protocol import ProtocolError, decode
 
     tok = None
     if tokenizer_dir:
@@ -207,7 +216,7 @@ def samples(path: str, n: int, tokenizer_dir: str | None, out=None) -> Recording
                 break
             start, end, plen = int(cu[b]), int(cu[b + 1]), int(batch.prompt_lens[b])
             parts = [f"record {rec.number}", f"producer {env.producer_id}", f"step {batch.step}",
-                     f"weight_version {int(batch.weight_versions[b])}", f"prompt_id {int(batch.prompt_ids[b])}",
+                     _versions(batch, b), f"prompt_id {int(batch.prompt_ids[b])}",
                      f"sample {int(batch.sample_indices[b])}", f"response_len {end - start - plen}",
                      f"finish {batch.finish_reasons[b]}"]
             if tok is not None:

@@ -219,13 +219,16 @@ class Learner:
         if self.logger:
             self.logger.log_step_samples(step, samples.prompt_ids[:: self.cfg.rollout.n_samples_per_prompt].tolist(),
                                          sorted(set(samples.weight_versions.tolist())))
+        # counted from the version a sample started with (the oldest that generated any of its tokens)
         staleness = (step - samples.weight_versions).float()
+        spanned = np.concatenate([b.last_weight_versions != b.weight_versions for b in batches])
         parts = [part for b in batches for part in self.scored.pop(b.grant_id)]
         self.dealer.new_step()
         metrics = reduce_metrics(self.trainer.train_step(parts))
         seconds = time.perf_counter() - started
         self.busy_s += seconds
         return {**metrics, "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),
+                "update_in_flight_fraction": float(spanned.mean()),
                 "tokens_per_s": samples.num_tokens / seconds, "train_s": seconds,
                 "gen_s": float(sum(b.gen_seconds for b in batches))}
 

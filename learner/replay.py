@@ -87,6 +87,7 @@ class ReplayHub:
                 start, stop = int(batch.cu_seqlens[b]), int(batch.cu_seqlens[b + 1])
                 sequences.append({"grant_id": batch.grant_id, "prompt_id": int(batch.prompt_ids[b]),
                                   "weight_version": int(batch.weight_versions[b]),
+                                  "last_weight_version": int(batch.last_weight_versions[b]),
                                   "prompt_len": int(batch.prompt_lens[b]), "tokens": batch.tokens[start:stop].tolist(),
                                   "behaviour_logprobs": batch.behaviour_logprobs[start:stop].tolist(),
                                   "finish_reason": batch.finish_reasons[b], "label": batch.labels[b]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import torch
 
@@ -36,13 +37,23 @@ class WeightPublisher:
 
     @torch.no_grad()
     def build(self, version: int) -> WeightUpdate:
-        def engine_tensors():
-            for name, t in self.actor.merged_weights(self.gather):
-                t = t.to(self.dtype) if t.is_floating_point() else t
-                yield name, str(t.dtype).removeprefix("torch."), tuple(t.shape), raw_bytes(t)
+        return build_weight_update(version, self.actor.merged_weights(self.gather),
+                                   dtype=self.dtype, bucket_bytes=self.bucket_bytes)
 
-        metas, buckets = pack_weight_buckets(engine_tensors(), self.bucket_bytes)
-        update = WeightUpdate(version=version, tensors=metas, buckets=buckets, fingerprint={})
-        chosen = set(fingerprint_names([m.name for m in metas]))
-        fingerprint = weight_fingerprint({m.name: update.tensor_bytes(m) for m in metas if m.name in chosen})
-        return dataclasses.replace(update, fingerprint=fingerprint)
+
+def build_weight_update(version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
+                        dtype: torch.dtype, bucket_bytes: int) -> WeightUpdate:
+    """Copy (name, tensor) pairs, floating ones cast to `dtype`, into buckets as one fingerprinted update.
+
+    `named_tensors` is consumed lazily: each tensor may be released once it has been copied.
+    """
+    def engine_tensors():
+        for name, t in named_tensors:
+            t = t.to(dtype) if t.is_floating_point() else t
+            yield name, str(t.dtype).removeprefix("torch."), tuple(t.shape), raw_bytes(t)
+
+    metas, buckets = pack_weight_buckets(engine_tensors(), bucket_bytes)
+    update = WeightUpdate(version=version, tensors=metas, buckets=buckets, fingerprint={})
+    chosen = set(fingerprint_names([m.name for m in metas]))
+    fingerprint = weight_fingerprint({m.name: update.tensor_bytes(m) for m in metas if m.name in chosen})
+    return dataclasses.replace(update, fingerprint=fingerprint)

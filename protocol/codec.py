@@ -291,7 +291,7 @@ def _validate_packed_batch(msg: PackedBatch, limits: DecodeLimits) -> None:
         raise ProtocolError("bad_shape", f"{p}.cu_seqlens: expected B+1 >= 2 entries, got {cu.size}")
     if n_seq > limits.max_sequences:
         raise ProtocolError("too_large", f"{p}: {n_seq} sequences > max_sequences {limits.max_sequences}")
-    for name in ("prompt_lens", "prompt_ids", "sample_indices", "weight_versions"):
+    for name in ("prompt_lens", "prompt_ids", "sample_indices", "weight_versions", "last_weight_versions"):
         if arrays[name].size != n_seq:
             raise ProtocolError(
                 "length_mismatch", f"{p}.{name}: expected B={n_seq} entries (from cu_seqlens), got {arrays[name].size}"
@@ -343,6 +343,11 @@ def _validate_packed_batch(msg: PackedBatch, limits: DecodeLimits) -> None:
         if np.any(arrays[name] < 0):
             b = _first(arrays[name] < 0)
             raise ProtocolError("bad_value", f"{p}.{name}[{b}]: expected >= 0, got {int(arrays[name][b])}")
+    backwards = arrays["last_weight_versions"] < arrays["weight_versions"]
+    if np.any(backwards):
+        b = _first(backwards)
+        raise ProtocolError("bad_value", f"{p}.last_weight_versions[{b}]: {int(arrays['last_weight_versions'][b])} "
+                                         f"< weight_versions[{b}] {int(arrays['weight_versions'][b])}")
 
     # prompt-token mask without per-token index arithmetic: +1 at each sequence start,
     # -1 at each prompt end (all positions distinct since 1 <= prompt_len < seq_len).

@@ -45,7 +45,7 @@ __all__ = [
     "pack_weight_buckets",
 ]
 
-SCHEMA_VERSION: int = 1
+SCHEMA_VERSION: int = 2
 
 #: Allowed values of ``PackedBatch.finish_reasons``.
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
@@ -232,6 +232,13 @@ class PackedBatch(_Message):
     sequence) under the behaviour policy for response tokens and exactly 0 on
     prompt tokens.  ``loss_mask`` is 1 exactly on trained response tokens (0 on
     every prompt token).
+
+    A weight update can reach the engine while a sequence is being generated
+    (it is then recomputed with the new weights and goes on): its tokens came
+    from the versions ``weight_versions[b]`` (the version it started with, which
+    staleness counts from) to ``last_weight_versions[b]`` (the newest one; equal
+    when no update arrived meanwhile).  The behaviour log-probs are those of the
+    weights that sampled each token.
     """
 
     KIND: ClassVar[str] = "packed_batch"
@@ -245,9 +252,10 @@ class PackedBatch(_Message):
     prompt_ids: np.ndarray  # int64 [B]
     sample_indices: np.ndarray  # int32 [B]
     weight_versions: np.ndarray  # int32 [B]
+    last_weight_versions: np.ndarray  # int32 [B], >= weight_versions
     finish_reasons: list[str]  # len B, each in FINISH_REASONS
     labels: list[str | None]  # len B
-    gen_seconds: float
+    gen_seconds: float  # engine time spent generating these sequences (shared steps split evenly)
 
     ARRAY_DTYPES: ClassVar[Mapping[str, str]] = {
         "tokens": "int32",
@@ -258,6 +266,7 @@ class PackedBatch(_Message):
         "prompt_ids": "int64",
         "sample_indices": "int32",
         "weight_versions": "int32",
+        "last_weight_versions": "int32",
     }
 
     def __post_init__(self) -> None:

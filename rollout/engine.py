@@ -1,11 +1,13 @@
-"""The vLLM engine of one rollout process: generation with behaviour log-probs, in-place weight reload."""
+"""The vLLM engine of one rollout process: continuous generation with behaviour log-probs, in-flight weight reload."""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +15,9 @@ from safetensors.torch import save_file
 
 from protocol.config import RolloutConfig
 from protocol.messages import PackedBatch, WeightUpdate, WorkGrant
+
+if TYPE_CHECKING:
+    from vllm.outputs import RequestOutput
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "int64": torch.int64, "int32": torch.int32}
@@ -35,19 +40,22 @@ def configure_cpu_threads(cfg: RolloutConfig, process_index: int) -> None:
 
 
 @dataclass
-class Completion:
-    prompt_id: int
-    sample_index: int
-    prompt_tokens: list[int]
-    response_tokens: list[int]
-    response_logprobs: list[float]
-    finish_reason: str
-    label: str | None
-    weight_version: int
+class _Generation:
+    """A grant inside the engine: one vLLM request (n samples) per prompt, finished ones kept."""
+
+    grant: WorkGrant
+    first_version: int
+    engine_seconds: float = 0.0  # engine time spent on this grant: a step shared by k grants counts 1/k
+    finished: dict[int, tuple[RequestOutput, int]] = field(default_factory=dict)  # prompt index -> (output, last version)
 
 
 class VLLMGenerator:
-    """One vLLM `LLM` engine. Not thread-safe: generation and weight reloads must alternate."""
+    """One vLLM `LLM` engine, stepped by its owner. Not thread-safe: call it from one thread at a time.
+
+    Grants are submitted as requests and generated together (continuous batching); `step` runs
+    the engine and returns the grants that finished. A weight update is applied between two
+    steps, in flight: requests already running are recomputed with the new weights and go on.
+    """
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, seed: int, trust_remote_code: bool = False):
         from vllm import LLM  # imported here: vLLM start-up is heavy and spawns workers
@@ -72,77 +80,133 @@ class VLLMGenerator:
         # Nothing is generated before the learner's first update: the engine loaded weights from
         # a path, and only a fingerprinted update proves they are the learner's.
         self.weight_version = -1
+        self.generations: dict[int, _Generation] = {}  # grant id -> generation
+        self.requests: dict[str, tuple[int, int]] = {}  # request id -> (grant id, prompt index)
 
-    def generate(self, grant: WorkGrant) -> list[Completion]:
+    @property
+    def busy(self) -> bool:
+        return bool(self.generations)
+
+    def submit(self, grant: WorkGrant) -> None:
+        """Start generating `grant`'s prompts (n samples each) with the current weights."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         s = grant.sampling
         params = SamplingParams(
             n=grant.n_samples, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
             max_tokens=s.max_new_tokens, stop_token_ids=list(s.stop_token_ids) or None,
-            seed=s.request_seed(grant.grant_id), logprobs=0,
+            seed=s.request_seed(grant.grant_id), logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        prompts = [{"prompt_token_ids": p.token_ids.tolist()} for p in grant.prompts]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        completions = []
-        for spec, out in zip(grant.prompts, outputs):
-            for index, sample in enumerate(out.outputs):
-                tokens = list(sample.token_ids)
-                logprobs = [step[tok].logprob for step, tok in zip(sample.logprobs, tokens)]
-                completions.append(Completion(
-                    prompt_id=spec.prompt_id, sample_index=index, prompt_tokens=spec.token_ids.tolist(),
-                    response_tokens=tokens, response_logprobs=logprobs,
-                    finish_reason=sample.finish_reason if sample.finish_reason in ("stop", "length") else "abort",
-                    label=spec.label, weight_version=self.weight_version))
-        return completions
+        self.generations[grant.grant_id] = _Generation(grant, self.weight_version)
+        for index, prompt in enumerate(grant.prompts):
+            request_id = f"grant-{grant.grant_id}/{index}"
+            self.requests[request_id] = (grant.grant_id, index)
+            self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt.token_ids.tolist()}, params)
+
+    def step(self) -> list[PackedBatch]:
+        """One engine step; returns the packed answers of the grants whose last request finished."""
+        if not self.generations:
+            return []
+        done = []
+        started = time.perf_counter()
+        outputs = self.llm.llm_engine.step()
+        share = (time.perf_counter() - started) / len(self.generations)
+        for generation in self.generations.values():
+            generation.engine_seconds += share
+        for output in outputs:
+            if not output.finished:
+                continue
+            grant_id, index = self.requests.pop(output.request_id)
+            generation = self.generations[grant_id]
+            # Outputs can trail the engine by a step, so the current version bounds the last one used.
+            generation.finished[index] = (output, self.weight_version)
+            if len(generation.finished) == len(generation.grant.prompts):
+                del self.generations[grant_id]
+                done.append(pack_generation(generation))
+        return done
+
+    def cancel_all(self) -> int:
+        """Abort every request in the engine (their grants are void); returns how many grants."""
+        if self.requests:
+            self.llm.llm_engine.abort_request(list(self.requests))
+        cancelled = len(self.generations)
+        self.requests.clear()
+        self.generations.clear()
+        return cancelled
+
+    def close(self) -> None:
+        """Stop the engine's processes now (otherwise they stop at interpreter exit)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def apply_weights(self, update: WeightUpdate, staging_dir: str, timeout_s: float) -> dict[str, str]:
         """Load a WeightUpdate into the running engine; returns the fingerprint the workers saw.
 
-        A worker that does not finish within `timeout_s` raises TimeoutError instead of hanging.
+        Scheduling pauses (running requests are kept), the workers reload their weights, and the
+        KV cache is dropped, the running requests' included: they are recomputed with the new
+        weights when scheduling resumes, so no token is sampled from a mix of two versions, and
+        no prompt reuses a prefix cached under the old ones. A worker that does not finish
+        within `timeout_s` raises TimeoutError instead of hanging.
         """
-        tensors = {m.name: torch.frombuffer(bytearray(update.tensor_bytes(m)), dtype=_TORCH_DTYPES[m.dtype])
-                   .view(m.shape) for m in update.tensors}
+        with warnings.catch_warnings():
+            # Read-only views of the received frames: save_file only reads them (no copy of the update).
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            tensors = {m.name: torch.frombuffer(update.tensor_bytes(m), dtype=_TORCH_DTYPES[m.dtype]).view(m.shape)
+                       for m in update.tensors}
         path = Path(staging_dir) / f"streamrlhf-{os.getpid()}-v{update.version}.safetensors"
         save_file(tensors, str(path))
+        del tensors
+        self.llm.sleep(level=0, mode="keep")
         try:
             prints = self.llm.collective_rpc("apply_weights_file", args=(str(path), sorted(update.fingerprint)),
                                              timeout=timeout_s)
+            if not self.llm.reset_prefix_cache(reset_running_requests=True):
+                raise RuntimeError(f"vLLM could not drop its KV cache after loading weight version {update.version}")
         finally:
             path.unlink(missing_ok=True)
-        # KV blocks cached for shared prompt prefixes were computed with the old weights.
-        self.llm.reset_prefix_cache()
+            self.llm.wake_up(tags=["scheduling"])
         if any(p != prints[0] for p in prints):
             raise RuntimeError(f"workers of one engine loaded different weights for version {update.version}")
         self.weight_version = update.version
         return prints[0]
 
 
-def pack_completions(completions: list[Completion], grant: WorkGrant, gen_seconds: float) -> PackedBatch:
-    """Concatenate prompt + response of every completion into one PackedBatch (see protocol)."""
-    seqs = [c.prompt_tokens + c.response_tokens for c in completions]
+def pack_generation(generation: _Generation) -> PackedBatch:
+    """Concatenate prompt + response of every sample of a finished grant into one PackedBatch.
+
+    Samples are ordered by prompt, then sample index, as the grant listed them (see protocol).
+    """
+    grant = generation.grant
+    samples = [(spec, index, sample, last_version)
+               for i, spec in enumerate(grant.prompts)
+               for (output, last_version) in [generation.finished[i]]
+               for index, sample in enumerate(output.outputs)]
+    seqs = [np.concatenate([spec.token_ids, np.asarray(sample.token_ids, dtype=np.int32)])
+            for spec, _, sample, _ in samples]
     lens = np.array([len(s) for s in seqs], dtype=np.int32)
-    prompt_lens = np.array([len(c.prompt_tokens) for c in completions], dtype=np.int32)
+    prompt_lens = np.array([len(spec.token_ids) for spec, *_ in samples], dtype=np.int32)
     cu = np.zeros(len(seqs) + 1, dtype=np.int32)
     np.cumsum(lens, out=cu[1:])
     loss_mask = np.zeros(int(cu[-1]), dtype=np.uint8)
     logprobs = np.zeros(int(cu[-1]), dtype=np.float32)
-    for b, c in enumerate(completions):
+    for b, (_, _, sample, _) in enumerate(samples):
         start = cu[b] + prompt_lens[b]
         loss_mask[start: cu[b + 1]] = 1
-        logprobs[start: cu[b + 1]] = c.response_logprobs
+        logprobs[start: cu[b + 1]] = [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)]
     return PackedBatch(
         grant_id=grant.grant_id, step=grant.step,
-        tokens=np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs]),
+        tokens=np.concatenate(seqs),
         cu_seqlens=cu, prompt_lens=prompt_lens, loss_mask=loss_mask,
         # vLLM can report -0.0 or tiny positive rounding for certain tokens; log-probs are <= 0.
         behaviour_logprobs=np.minimum(logprobs, 0.0),
-        prompt_ids=np.array([c.prompt_id for c in completions], dtype=np.int64),
-        sample_indices=np.array([c.sample_index for c in completions], dtype=np.int32),
-        weight_versions=np.array([c.weight_version for c in completions], dtype=np.int32),
-        finish_reasons=[c.finish_reason for c in completions],
-        labels=[c.label for c in completions],
-        gen_seconds=gen_seconds,
+        prompt_ids=np.array([spec.prompt_id for spec, *_ in samples], dtype=np.int64),
+        sample_indices=np.array([index for _, index, _, _ in samples], dtype=np.int32),
+        weight_versions=np.full(len(samples), generation.first_version, dtype=np.int32),
+        last_weight_versions=np.array([last for *_, last in samples], dtype=np.int32),
+        finish_reasons=[sample.finish_reason if sample.finish_reason in ("stop", "length") else "abort"
+                        for _, _, sample, _ in samples],
+        labels=[spec.label for spec, *_ in samples],
+        gen_seconds=generation.engine_seconds,
     )
 
 

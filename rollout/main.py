@@ -2,9 +2,10 @@
 
     python -m rollout --config run.yaml --index 0 [--section.key value ...]
 
-It connects to the learner, says hello, then alternates between two things until told to stop:
-applying every weight update that has arrived (so later samples are tagged with the new
-version), and generating the oldest grant whose minimum weight version it has reached.
+It connects to the learner, says hello, then steps its engine until told to stop. Between two
+engine steps it applies every weight update that has arrived (in flight: running requests go on
+with the new weights and are tagged with both versions), submits every grant whose minimum
+weight version it has reached (grants are generated together), and sends each finished grant.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from protocol.messages import (Heartbeat, Hello, RolloutError, Shutdown, WeightA
                                WorkGrant)
 from protocol.keys import client_keys_from_dir
 from protocol.transport import RolloutClient, check_transport_security
-from rollout.engine import VLLMGenerator, configure_cpu_threads, pack_completions, timed
+from rollout.engine import VLLMGenerator, configure_cpu_threads, timed
 
 log = logging.getLogger("rollout")
 
@@ -37,7 +38,6 @@ class RolloutWorker:
         self.address = f"tcp://{cfg.transport.learner_host}:{cfg.transport.port}"
         self.grants: collections.deque[WorkGrant] = collections.deque()
         self.stopped = False
-        self.generating = False
         self.last_heard = time.monotonic()
         # One sender at a time: sequence numbers must reach the learner in order.
         self.send_lock = asyncio.Lock()
@@ -47,6 +47,12 @@ class RolloutWorker:
         self.engine = await asyncio.to_thread(
             VLLMGenerator, self.model_path, self.cfg.rollout,
             seed=self.cfg.rollout.seed + 1000 * self.index, trust_remote_code=self.cfg.model.trust_remote_code)
+        try:
+            await self.serve()
+        finally:
+            self.engine.close()
+
+    async def serve(self) -> None:
         t = self.cfg.transport
         curve = client_keys_from_dir(t.curve_dir, f"rollout-{self.index}") if t.curve_dir else None
         async with RolloutClient(self.address, producer_id=self.producer_id, run_id=self.cfg.run_id,
@@ -65,21 +71,20 @@ class RolloutWorker:
 
     async def continuous_rollouts(self) -> None:
         while not self.stopped:
-            await self.handle_messages(block=self.runnable_grant() is None)
-            grant = self.runnable_grant()
-            if grant is None or self.stopped:
-                continue
-            self.grants.remove(grant)
-            self.generating = True
-            completions, seconds = await asyncio.to_thread(timed, self.engine.generate, grant)
-            self.generating = False
-            await self.send(pack_completions(completions, grant, seconds))
+            # Weight updates are applied inside handle_messages, between two engine steps.
+            await self.handle_messages(block=not self.engine.busy and self.runnable_grant() is None)
+            while not self.stopped and (grant := self.runnable_grant()) is not None:
+                self.grants.remove(grant)
+                self.engine.submit(grant)
+            if self.engine.busy and not self.stopped:
+                for batch in await asyncio.to_thread(self.engine.step):
+                    await self.send(batch)
 
     async def heartbeats(self) -> None:
         """Keep the learner informed that this process is alive, also during long generations."""
         while True:
             await asyncio.sleep(self.cfg.transport.heartbeat_s)
-            await self.send(Heartbeat(state="generating" if self.generating else "idle"))
+            await self.send(Heartbeat(state="generating" if self.engine.busy else "idle"))
 
     def runnable_grant(self) -> WorkGrant | None:
         """The oldest grant this engine's weights are recent enough for."""
@@ -121,8 +126,9 @@ class RolloutWorker:
             raise TimeoutError(f"{lost}; giving up")
         # A resumed learner plans its own work (recorded batches answer what it already had) and
         # sends its weights on hello: the old grants are void, the engine stays loaded.
-        log.warning("%s; dropping %d grant(s) and saying hello again (rollout.on_learner_lost=wait)",
-                    lost, len(self.grants))
+        cancelled = await asyncio.to_thread(self.engine.cancel_all)
+        log.warning("%s; dropping %d grant(s) (%d generating) and saying hello again (rollout.on_learner_lost=wait)",
+                    lost, len(self.grants) + cancelled, cancelled)
         self.grants.clear()
         self.last_heard = time.monotonic()
         await self.send(self.hello())

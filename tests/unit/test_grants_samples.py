@@ -149,6 +149,7 @@ def make_packed(grant_id: int, seqs: list[tuple[list[int], list[int]]], prompt_i
         grant_id=grant_id, step=0, tokens=np.array(tokens), cu_seqlens=np.array(cu), prompt_lens=np.array(plens),
         loss_mask=np.array(mask), behaviour_logprobs=np.array(lps), prompt_ids=np.array(prompt_ids),
         sample_indices=np.zeros(b, np.int32), weight_versions=np.array(versions or [0] * b),
+        last_weight_versions=np.array(versions or [0] * b),
         finish_reasons=["stop"] * (b - 1) + ["length"], labels=labels or [None] * b, gen_seconds=0.5)
     encode(batch, run_id="r", producer_id="p", seq=0, weight_version=0)  # valid on the wire
     return batch

@@ -31,8 +31,8 @@ from zmq.utils.monitor import parse_monitor_message
 from learner.hub import RolloutHub
 from protocol.codec import DecodeLimits, decode, encode
 from protocol.errors import REASON_CODES, ProtocolError
-from protocol.messages import (Heartbeat, Hello, PackedBatch, PromptSpec, RolloutError, SamplingSpec, WeightAck,
-                               WeightUpdate, WorkGrant, pack_weight_buckets)
+from protocol.messages import (SCHEMA_VERSION, Heartbeat, Hello, PackedBatch, PromptSpec, RolloutError,
+                               SamplingSpec, WeightAck, WeightUpdate, WorkGrant, pack_weight_buckets)
 from protocol.transport import LearnerEndpoint, PeerBackloggedError, PeerUnreachableError, RolloutClient
 from protocol.weights import weight_fingerprint
 from tests.unit.batches import answer
@@ -213,7 +213,7 @@ class AttackFactory:
     def schema_version(self):
         frames = frames_of(self.valid())
         h = self.header(frames)
-        h["schema_version"] = self.rng.choice([0, 2, 3, 99, -1, 2**40, "1", 1.0, None, True, [1]])
+        h["schema_version"] = self.rng.choice([0, SCHEMA_VERSION - 1, SCHEMA_VERSION + 1, 99, -1, 2**40, "1", 1.0, None, True, [1]])
         return self.rehead(frames, h), "schema_version"
 
     def forged_length(self):

@@ -308,7 +308,7 @@ async def test_weight_ack_with_wrong_fingerprint_fails_collect(env):
     assert hub.applied_versions() == {"good-0": [0], "bad-1": []}
 
 
-@pytest.mark.parametrize("case", ["never_acked", "below_min_version"])
+@pytest.mark.parametrize("case", ["never_acked", "below_min_version", "finished_on_unacked"])
 async def test_batch_with_unacceptable_weight_version_fails_collect(env, case):
     endpoint, hub, connect = env
     v0, v1 = make_update(0), make_update(1)
@@ -316,14 +316,17 @@ async def test_batch_with_unacceptable_weight_version_fails_collect(env, case):
     await hub.publish(v1)
     peer = await connect("r0")
     await peer.receive_and_ack()  # v1, the latest
+    last = None
     if case == "never_acked":
         grant, version, needle = make_grant(0, min_version=0), 0, "never acknowledged"
-    else:
+    elif case == "below_min_version":
         grant, version, needle = make_grant(0, min_version=2), 1, "< required 2"
+    else:  # started on the acknowledged v1, claims to have finished on v2 that it never acknowledged
+        grant, version, last, needle = make_grant(0, min_version=1), 1, 2, "version(s) [2] the rollout never acknowledged"
     hub.offer([grant])
     collecting = start_collect(hub, 0, 1)
     held = await peer.recv_kind(WorkGrant)
-    await peer.send(answer(held, version))
+    await peer.send(answer(held, version, last_version=last))
     await expect_failure(collecting, "r0", "grant 0", needle)
     assert hub.batches[0] == []
 

@@ -119,7 +119,7 @@ def answer(grant: WorkGrant, version: int) -> PackedBatch:
         loss_mask=mask.ravel(), behaviour_logprobs=logprobs.ravel(),
         prompt_ids=np.repeat([p.prompt_id for p in grant.prompts], grant.n_samples).astype(np.int64),
         sample_indices=np.tile(np.arange(grant.n_samples, dtype=np.int32), len(grant.prompts)),
-        weight_versions=np.full(b, version, np.int32), finish_reasons=["length"] * b,
+        weight_versions=np.full(b, version, np.int32), last_weight_versions=np.full(b, version, np.int32), finish_reasons=["length"] * b,
         labels=[p.label for p in grant.prompts for _ in range(grant.n_samples)], gen_seconds=0.5)
 
 

@@ -61,6 +61,7 @@ def make_batch(**overrides) -> PackedBatch:
         prompt_ids=np.array([100, 101, 2**40], dtype=np.int64),
         sample_indices=np.array([0, 1, 0], dtype=np.int32),
         weight_versions=np.array([2, 3, 3], dtype=np.int32),
+        last_weight_versions=np.array([2, 4, 3], dtype=np.int32),
         finish_reasons=["stop", "length", "abort"],
         labels=["answer-a", None, "é label"],
         gen_seconds=0.75,
@@ -278,7 +279,7 @@ def test_reject_truncated_and_extra_frames():
 
 def test_reject_header_problems():
     frames = bad_batch_frames()
-    reject(with_header(frames, lambda h: h.update(schema_version=2)), "schema_version")
+    reject(with_header(frames, lambda h: h.update(schema_version=SCHEMA_VERSION + 1)), "schema_version")
     reject(with_header(frames, lambda h: h.update(schema_version=True)), "schema_version")
     reject(with_header(frames, lambda h: h.update(kind="packed_batch_v9")), "unknown_kind")
     reject(with_header(frames, lambda h: h.pop("seq")), "missing_field")
@@ -350,11 +351,14 @@ def test_reject_batch_invariants():
         yield "length_mismatch", dict(loss_mask=np.zeros(11, np.uint8))
         yield "length_mismatch", dict(finish_reasons=["stop", "stop"])
         yield "bad_value", dict(weight_versions=np.array([1, -1, 1], np.int32))
+        yield "bad_value", dict(last_weight_versions=np.array([2, 2, 3], np.int32))  # older than the first version
+        yield "length_mismatch", dict(last_weight_versions=np.array([2, 4], np.int32))
         yield "out_of_bounds", dict(tokens=np.array([11, 12, 13, 14, 15, 21, -22, 31, 32, 33, 34, 35], np.int32))
         yield "bad_shape", dict(
             tokens=np.zeros(0, np.int32), cu_seqlens=np.zeros(1, np.int32), prompt_lens=np.zeros(0, np.int32),
             loss_mask=np.zeros(0, np.uint8), behaviour_logprobs=np.zeros(0, np.float32), prompt_ids=np.zeros(0, np.int64),
-            sample_indices=np.zeros(0, np.int32), weight_versions=np.zeros(0, np.int32), finish_reasons=[], labels=[],
+            sample_indices=np.zeros(0, np.int32), weight_versions=np.zeros(0, np.int32),
+            last_weight_versions=np.zeros(0, np.int32), finish_reasons=[], labels=[],
         )
 
     for code, overrides in cases():

@@ -48,6 +48,7 @@ def make_batch() -> PackedBatch:
         prompt_ids=np.array([10, 11], np.int64),
         sample_indices=np.array([0, 0], np.int32),
         weight_versions=np.array([0, 0], np.int32),
+        last_weight_versions=np.array([0, 0], np.int32),
         finish_reasons=["stop", "length"],
         labels=[None, "x"],
         gen_seconds=0.1,

@@ -371,6 +371,7 @@ def _batch(step: int = 1, prompt_ids=(5, 6), tokens=None, prompt_lens=(2, 1), cu
                        behaviour_logprobs=lp, prompt_ids=np.array(prompt_ids, dtype=np.int64),
                        sample_indices=np.arange(len(plens), dtype=np.int32),
                        weight_versions=np.full(len(plens), 2, dtype=np.int32),
+                       last_weight_versions=np.full(len(plens), 2, dtype=np.int32),
                        finish_reasons=["stop", "length"][: len(plens)], labels=[None] * len(plens), gen_seconds=0.1)
 
 
@@ -441,6 +442,7 @@ def test_cli_summary_steps_and_samples(tmp_path, capsys):
     prompt, answer = [tok.bos_token_id, *ids(list("3+4="))], [*ids(list("7")), tok.eos_token_id]
     toks = prompt + answer + [tok.bos_token_id, *ids(list("1+1=")), *ids(list("2"))]
     batch = _batch(step=4, prompt_ids=(34, 11), tokens=toks, prompt_lens=(5, 5), cu=(0, 7, 13))
+    batch.last_weight_versions[1] = 3  # the second sample was generated across an update
 
     rec_dir = tmp_path / "rec"
     _cli_recording(rec_dir)
@@ -462,6 +464,7 @@ def test_cli_summary_steps_and_samples(tmp_path, capsys):
     assert "prompt_id 34" in last and "response_len 2" in last and "finish stop" in last
     assert "prompt '<s>3+4='" in last and "response '7</s>'" in last
     assert "response '2'" in sample_lines[-1] and "finish length" in sample_lines[-1]
+    assert "weight_versions 2..3" in sample_lines[-1]
 
     assert main([str(rec_dir), "--samples", "1"]) == 0
     out = capsys.readouterr().out

@@ -1,0 +1,92 @@
+"""A weight update that reaches a running vLLM engine mid-generation (real engine, no learner).
+
+Version 0 is the tiny model with a sharpened output layer; version 1 zeroes the output layer, so
+every token it samples has log-prob exactly -log(vocab). Sequences running when version 1 lands
+must go on (no draining, no restart), switch to the new weights for good (no token after the
+first uniform one comes from the old weights), and be tagged with both versions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from learner.tiny import TinyModelSpec, build_tiny_model, build_tokenizer
+from learner.weight_sync import build_weight_update
+from protocol.codec import decode, encode
+from protocol.config import RolloutConfig
+from protocol.messages import PromptSpec, SamplingSpec, WorkGrant
+from rollout.engine import VLLMGenerator, configure_cpu_threads
+
+pytestmark = pytest.mark.e2e
+
+MAX_NEW_TOKENS = 1000  # far longer than an update takes to land: version 0 never stops on its own
+
+
+def make_grant(grant_id: int, min_version: int) -> WorkGrant:
+    sampling = SamplingSpec(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=MAX_NEW_TOKENS,
+                            stop_token_ids=[], seed=7)
+    prompts = [PromptSpec(prompt_id=10 * grant_id + i, token_ids=np.array([1, 5 + i, 6, 7]), label=None)
+               for i in range(2)]
+    return WorkGrant(grant_id=grant_id, step=0, min_weight_version=min_version, n_samples=2,
+                     sampling=sampling, prompts=prompts)
+
+
+def test_update_lands_between_engine_steps_and_running_requests_go_on(tmp_path):
+    model_dir = build_tiny_model(tmp_path / "tiny", TinyModelSpec(max_position_embeddings=1024))
+    state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    vocab = state["lm_head.weight"].shape[0]
+    # Version 0 is peaked (sampled log-probs far from uniform) and never ends a response: the EOS
+    # logit stays 0 while the largest of the others is about +17.
+    sharp_head = state["lm_head.weight"] * 30
+    sharp_head[build_tokenizer().eos_token_id] = 0
+    sharp = {**state, "lm_head.weight": sharp_head}
+    flat = {**state, "lm_head.weight": torch.zeros_like(state["lm_head.weight"])}
+    updates = [build_weight_update(v, weights.items(), dtype=torch.float32, bucket_bytes=1 << 20)
+               for v, weights in enumerate([sharp, flat])]
+
+    cfg = RolloutConfig(max_model_len=1024)
+    configure_cpu_threads(cfg, 0)
+    engine = VLLMGenerator(str(model_dir), cfg, seed=0)
+    try:
+        check_update_in_flight(engine, updates, vocab, tmp_path)
+    finally:
+        engine.close()
+
+
+def check_update_in_flight(engine: VLLMGenerator, updates, vocab: int, staging) -> None:
+    assert engine.apply_weights(updates[0], str(staging), 60) == updates[0].fingerprint
+
+    engine.submit(make_grant(0, min_version=0))
+    batches = engine.step()  # the first engine outputs: the requests are running
+    assert batches == [] and engine.busy
+    started = time.perf_counter()
+    assert engine.apply_weights(updates[1], str(staging), 60) == updates[1].fingerprint
+    apply_s = time.perf_counter() - started
+    engine.submit(make_grant(1, min_version=1))  # a grant admitted after the update: version 1 only
+    while engine.busy:
+        batches += engine.step()
+
+    assert sorted(b.grant_id for b in batches) == [0, 1]
+    for batch in batches:  # valid on the wire
+        assert decode(encode(batch, run_id="r", producer_id="p", seq=1, weight_version=1)).body.grant_id == batch.grant_id
+    spanning, admitted_after = sorted(batches, key=lambda b: b.grant_id)
+    uniform = -math.log(vocab)
+
+    assert spanning.weight_versions.tolist() == [0] * 4
+    assert spanning.last_weight_versions.tolist() == [1] * 4, f"update took {apply_s:.3f} s"
+    for b in range(spanning.num_sequences):
+        start, stop = spanning.cu_seqlens[b] + spanning.prompt_lens[b], spanning.cu_seqlens[b + 1]
+        is_uniform = np.abs(spanning.behaviour_logprobs[start:stop] - uniform) < 1e-4
+        switch = int(np.argmax(is_uniform)) if is_uniform.any() else len(is_uniform)
+        assert 0 < switch < len(is_uniform), f"sequence {b}: no tokens from both versions ({switch} of {len(is_uniform)})"
+        assert is_uniform[switch:].all(), f"sequence {b}: a token after the switch came from the old weights"
+
+    assert admitted_after.weight_versions.tolist() == admitted_after.last_weight_versions.tolist() == [1] * 4
+    response = admitted_after.loss_mask.astype(bool)
+    assert np.allclose(admitted_after.behaviour_logprobs[response], uniform, atol=1e-4)
