@@ -1,18 +1,21 @@
 """End-to-end pipeline benchmark: the default job, synchronous vs one-step asynchronous, in one run.
 
-    python bench/bench_pipeline.py [--steps 40] [--rollouts 2] [--extra --key value ...]
+    python bench/bench_pipeline.py [--steps 40] [--rollouts 2] [--repeats 2] [--extra --key value ...]
 
 Each mode runs the real pipeline (launch/local.sh: vLLM rollouts, ZeroMQ, DeepSpeed learner) on
 the same config, differing only in train.max_staleness (0 = synchronous on-policy, 1 = one
 version off-policy). Start-up and the first step (engine warm-up) are excluded: rates are measured
-from the end of step 0 to the end of the last step. Prints a markdown table with both modes and
-their ratio side by side (these machines are noisy: compare within one run, not across runs).
+from the end of step 0 to the end of the last step. The modes alternate (sync, async, sync, ...)
+`--repeats` times so that drift in the machine's speed hits both alike; the table gives each
+mode's mean and their ratio, and the spread of the completions/s ratio over the pairs (these
+machines are noisy: compare within one run, not across runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,8 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_mode(max_staleness: int, steps: int, rollouts: int, extra: list[str], workdir: Path) -> dict[str, float]:
-    run_dir = workdir / f"staleness{max_staleness}"
+def run_mode(max_staleness: int, steps: int, rollouts: int, extra: list[str], run_dir: Path) -> dict[str, float]:
     cmd = ["bash", str(ROOT / "launch" / "local.sh"), "--train.num_steps", str(steps),
            "--train.max_staleness", str(max_staleness), "--rollout.num_processes", str(rollouts),
            "--output.dir", str(run_dir), "--output.progress", "false", "--output.save_final", "false", *extra]
@@ -44,6 +46,8 @@ def run_mode(max_staleness: int, steps: int, rollouts: int, extra: list[str], wo
         "weight push latency (s)": summary["weight_push_latency_s"],
         "weight apply in engine (s)": summary["weight_apply_s"],
         "mean staleness": sum(m["staleness_mean"] for m in window) / len(window),
+        "samples generated across an update": sum(m["update_in_flight_fraction"] * m["sequences"] for m in window)
+        / sequences,
         "final reward (last 5 steps)": sum(m["reward_mean"] for m in metrics[-5:]) / 5,
     }
 
@@ -52,17 +56,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="RL steps per mode (default: 40).")
     parser.add_argument("--rollouts", type=int, default=2, help="Rollout processes (default: 2).")
+    parser.add_argument("--repeats", type=int, default=2, help="Runs of each mode, alternating (default: 2).")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More config flags for both runs.")
     args = parser.parse_args()
+    runs: dict[int, list[dict[str, float]]] = {0: [], 1: []}
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
-        sync = run_mode(0, args.steps, args.rollouts, args.extra, Path(tmp))
-        asynchronous = run_mode(1, args.steps, args.rollouts, args.extra, Path(tmp))
-    print(f"\n{args.steps} steps of the default job, {args.rollouts} rollout processes\n")
+        for repeat in range(args.repeats):
+            for staleness in runs:
+                run_dir = Path(tmp) / f"staleness{staleness}-{repeat}"
+                runs[staleness].append(run_mode(staleness, args.steps, args.rollouts, args.extra, run_dir))
+    sync, asynchronous = ({key: statistics.mean(r[key] for r in runs[s]) for key in runs[s][0]} for s in runs)
+    pair_ratios = [a["completions/s"] / s["completions/s"] for s, a in zip(runs[0], runs[1])]
+    print(f"\n{args.steps} steps of the default job, {args.rollouts} rollout processes, "
+          f"mean of {args.repeats} alternating runs per mode\n")
     print("| metric | sync (max_staleness 0) | async (max_staleness 1) | async / sync |")
     print("|---|---:|---:|---:|")
     for key in sync:
-        ratio = asynchronous[key] / sync[key] if sync[key] else float("nan")
-        print(f"| {key} | {sync[key]:.3g} | {asynchronous[key]:.3g} | {ratio:.2f}x |")
+        ratio = f"{asynchronous[key] / sync[key]:.2f}x" if sync[key] else ""
+        print(f"| {key} | {sync[key]:.3g} | {asynchronous[key]:.3g} | {ratio} |")
+    print(f"\ncompletions/s ratio per pair: {', '.join(f'{r:.2f}x' for r in pair_ratios)}")
 
 
 if __name__ == "__main__":

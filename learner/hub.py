@@ -25,7 +25,8 @@ from learner.recording import RecordingWriter
 
 log = logging.getLogger("learner.hub")
 
-# Grants queued per rollout: one generating, one ready, so an engine never waits on a round trip.
+# Grants held per rollout: its engine generates both together, and the next one is already there
+# when one finishes, so an engine never waits on a round trip.
 MAX_GRANTS_PER_PEER = 2
 
 
