@@ -10,11 +10,31 @@ import time
 
 import pytest
 
+from learner.recording import RecordingError, RecordingReader
+from protocol import ProtocolError, decode
 from tests.e2e.conftest import leftover_processes, processes_mentioning
 
 pytestmark = pytest.mark.e2e
 
 STEPS = 30
+
+
+def untrained_batch_recorded(recording) -> bool:
+    """Whether the live recording holds a packed batch received after its last step record:
+    a batch of a step not trained yet, which a crash now leaves for the resumed run to reuse."""
+    after_last_step = False
+    try:
+        for rec in RecordingReader(recording, on_damage="stop"):
+            if rec.kind == "step":
+                after_last_step = False
+            else:
+                try:
+                    after_last_step = after_last_step or decode(rec.frames).kind == "packed_batch"
+                except ProtocolError:
+                    pass
+    except (RecordingError, FileNotFoundError):  # not written yet
+        return False
+    return after_last_step
 
 
 def test_learner_killed_and_resumed(run_local, tmp_path):
@@ -25,7 +45,8 @@ def test_learner_killed_and_resumed(run_local, tmp_path):
         metrics = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 12:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 12 \
+                    and untrained_batch_recorded(run_dir / "recording"):
                 for line in processes_mentioning("-m learner "):
                     pid = int(line.split(":")[0])
                     if str(tmp_path) in line and os.getpgid(pid) == pid:
