@@ -30,6 +30,8 @@ run_id="$(config_value run_id)"
 [[ -z "$run_id" ]] && run_id="local-$(date +%s)-$$"
 args+=(--transport.port "$port" --run_id "$run_id")
 rollouts="$(config_value rollout.num_processes)"
+# the learner hands out work once every rollout started here is up (the first steps are shared)
+[[ "$(config_value transport.min_rollouts)" == 1 ]] && args+=(--transport.min_rollouts "$rollouts")
 check_transport learner $(seq 0 $((rollouts - 1))) >/dev/null  # off loopback only with CURVE keys
 run_dir="$(config_value output.dir)"
 mkdir -p "$run_dir/logs"

@@ -98,6 +98,22 @@ class RolloutHub:
         """Batches a crashed run recorded but never trained on, keyed by (step, prompt ids)."""
         self.reusable = dict(recorded)
 
+    async def wait_for_rollouts(self, count: int, timeout_s: float) -> None:
+        """Wait until `count` rollouts have said hello; TimeoutError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        async with self.changed:
+            while len(self.peers) < count:
+                self._raise_if_failed()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{len(self.peers)} of {count} rollouts connected within {timeout_s:.0f} s "
+                                       f"(transport.min_rollouts, transport.batch_timeout_s)")
+                try:
+                    await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
+                except TimeoutError:
+                    pass
+        log.info("%d rollout(s) connected, handing out work", len(self.peers))
+
     async def publish(self, update: WeightUpdate) -> None:
         """Send a new weight version to every connected rollout (and to any that connects later).
 

@@ -179,6 +179,7 @@ class Learner:
             hub.reuse(self.reusable)
             tasks = [asyncio.create_task(hub.serve()), asyncio.create_task(hub.heartbeats(t.heartbeat_s))]
             try:
+                await hub.wait_for_rollouts(t.min_rollouts, t.batch_timeout_s)
                 yield hub
             finally:
                 for task in tasks:

@@ -168,6 +168,9 @@ class TransportConfig:
     weight_dir: str = opt("/dev/shm", "Where a rollout stages received weights for its engine.")
     weight_ack_timeout_s: float = opt(120.0, "Seconds to wait for every rollout to apply a weight version.")
     batch_timeout_s: float = opt(600.0, "Seconds the learner waits for a step's samples before failing.")
+    min_rollouts: int = opt(1, "Rollouts that must have said hello before the learner hands out work, so that the "
+                               "first steps are shared by all of them (waited for up to batch_timeout_s; "
+                               "launch/local.sh raises the default 1 to rollout.num_processes).")
     heartbeat_s: float = opt(5.0, "Rollout heartbeat interval.")
     peer_timeout_s: float = opt(60.0, "A rollout silent for this long is presumed dead: dropped, and its "
                                       "unanswered work re-issued to the others.")
@@ -244,6 +247,8 @@ class RunConfig:
             raise ConfigError(f"rollout.stop_token_ids must be non-negative integer token ids, got {bad}")
         if not 0 < self.rollout.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
+        if self.transport.min_rollouts < 1:
+            raise ConfigError(f"transport.min_rollouts must be >= 1, got {self.transport.min_rollouts}")
         if self.train.max_staleness < 0:
             raise ConfigError(f"train.max_staleness must be >= 0, got {self.train.max_staleness}")
         if self.train.prompts_per_step % self.rollout.prompts_per_grant:

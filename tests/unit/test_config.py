@@ -279,6 +279,12 @@ def test_top_p_range(value):
         load_config(overrides={"rollout.top_p": value})
 
 
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_min_rollouts_at_least_one(value):
+    with pytest.raises(ConfigError, match="transport.min_rollouts must be >= 1"):
+        load_config(overrides={"transport.min_rollouts": value})
+
+
 @pytest.mark.parametrize("value", ["1", "0.001", "0.5"])
 def test_top_p_accepted(value):
     assert load_config(overrides={"rollout.top_p": value}).rollout.top_p == float(value)

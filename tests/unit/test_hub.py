@@ -155,6 +155,18 @@ async def test_hello_before_any_publish_gets_no_weights_then_gets_published_ones
     assert hub.peers[b"r0"].producer_id == "r0"
 
 
+async def test_wait_for_rollouts_returns_once_enough_said_hello_and_times_out_otherwise(env):
+    endpoint, hub, connect = env
+    waiting = asyncio.create_task(hub.wait_for_rollouts(2, timeout_s=TIMEOUT))
+    await connect("r0")
+    await asyncio.sleep(0.2)
+    assert not waiting.done(), "one of two rollouts is not enough"
+    await connect("r1")
+    await asyncio.wait_for(waiting, TIMEOUT)
+    with pytest.raises(TimeoutError, match="2 of 3 rollouts connected within 0 s"):
+        await hub.wait_for_rollouts(3, timeout_s=0.3)
+
+
 async def test_hello_receives_latest_published_update(env):
     endpoint, hub, connect = env
     await hub.publish(make_update(0))
