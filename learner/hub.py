@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
@@ -108,10 +109,7 @@ class RolloutHub:
                 if remaining <= 0:
                     raise TimeoutError(f"{len(self.peers)} of {count} rollouts connected within {timeout_s:.0f} s "
                                        f"(transport.min_rollouts, transport.batch_timeout_s)")
-                try:
-                    await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
-                except TimeoutError:
-                    pass
+                await self._next_change(remaining)
         log.info("%d rollout(s) connected, handing out work", len(self.peers))
 
     async def publish(self, update: WeightUpdate) -> None:
@@ -138,10 +136,7 @@ class RolloutHub:
                         raise TimeoutError(
                             f"step {step}: {len(self.batches[step])}/{expected_batches} batches after {timeout_s:.1f} s; "
                             f"{len(self.peers)} rollout(s) connected, {len(self.pending)} grant(s) unassigned")
-                    try:
-                        await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
-                    except TimeoutError:
-                        pass
+                    await self._next_change(remaining)
                 arrived = self.batches[step][yielded:]
             for batch in arrived:
                 yielded += 1
@@ -277,6 +272,12 @@ class RolloutHub:
                 grant = self.pending.popleft()
                 peer.grants[grant.grant_id] = grant
                 await self._send(peer, grant)
+
+    async def _next_change(self, remaining: float) -> None:
+        """Wait (holding `changed`) for the next accepted message, at most `remaining` seconds and
+        at most 1 s, so that the caller re-checks failures, silent peers and its deadline often."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 1.0))
 
     async def _send(self, peer: Peer, message) -> None:
         """Send to one rollout; one that has gone away is dropped and its grants go back to the queue."""
