@@ -90,3 +90,13 @@ def check_update_in_flight(engine: VLLMGenerator, updates, vocab: int, staging) 
     assert admitted_after.weight_versions.tolist() == admitted_after.last_weight_versions.tolist() == [1] * 4
     response = admitted_after.loss_mask.astype(bool)
     assert np.allclose(admitted_after.behaviour_logprobs[response], uniform, atol=1e-4)
+
+    # grants voided mid-generation (a lost learner): aborted, and the engine goes on with new work
+    engine.submit(make_grant(2, min_version=1))
+    assert engine.step() == [] and engine.busy
+    assert engine.cancel_all() == 1 and not engine.busy
+    engine.submit(make_grant(3, min_version=1))
+    after_cancel = []
+    while engine.busy:
+        after_cancel += engine.step()
+    assert [b.grant_id for b in after_cancel] == [3]
