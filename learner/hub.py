@@ -90,7 +90,7 @@ class RolloutHub:
             if batch is not None and batch.num_sequences == len(grant.prompts) * grant.n_samples:
                 self.batches[grant.step].append(dataclasses.replace(batch, grant_id=grant.grant_id))
                 self.record_of_grant[grant.grant_id] = number
-                self.seed_of_grant[grant.grant_id] = grant.sampling.request_seed(batch.grant_id)  # its first grant
+                self.seed_of_grant[grant.grant_id] = grant.request_seed(0, batch.grant_id)  # its first grant
                 self.reused += 1
             else:
                 self.pending.append(grant)
@@ -247,7 +247,7 @@ class RolloutHub:
         del peer.grants[batch.grant_id]
         if self.recorder is not None:
             self.record_of_grant[batch.grant_id] = self.last_record
-            self.seed_of_grant[batch.grant_id] = grant.sampling.request_seed(grant.grant_id)
+            self.seed_of_grant[batch.grant_id] = grant.request_seed(0)
         self.batches[grant.step].append(batch)
 
     def _on_ack(self, peer: Peer, ack: WeightAck) -> None:

@@ -102,7 +102,8 @@ class RolloutConfig:
     max_model_len: int = opt(256, "vLLM maximum sequence length (prompt + response).")
     enforce_eager: bool = opt(True, "Disable CUDA graphs / torch.compile in vLLM (faster start-up).")
     omp_threads: int = opt(1, "CPU threads per rollout engine on the CPU backend.")
-    seed: int = opt(0, "Base sampling seed; each process and request derives its own.")
+    seed: int = opt(0, "Sampling seed of the run: every sample of every prompt, grant and rollout draws from "
+                       "its own seed derived from it (reproducible; no two samples share one).")
     max_restarts: int = opt(3, "Times launch scripts restart a rollout process that died, per process, before "
                                "failing the run. The learner re-issues a dead rollout's unanswered work.")
     on_learner_lost: str = opt("exit", "What a rollout does when the learner has been silent for "

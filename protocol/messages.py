@@ -70,6 +70,18 @@ _STORAGE_DTYPES: Mapping[str, np.dtype] = {
 }
 
 
+#: Sampling seeds are taken modulo this (see `SamplingSpec.sample_seed`).
+SEED_SPACE: int = 2**32
+
+
+def _mix64(value: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers that scatters nearby inputs."""
+    z = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
 def numpy_storage_dtype(dtype: str) -> np.dtype:
     """Little-endian numpy dtype holding a weight dtype (``bfloat16`` -> ``uint16`` bit pattern)."""
     try:
@@ -187,11 +199,19 @@ class SamplingSpec(_Message):
     top_k: int
     max_new_tokens: int
     stop_token_ids: list[int]
-    seed: int | None
+    seed: int | None  # the run's sampling seed; every sample derives its own (see `sample_seed`)
 
-    def request_seed(self, grant_id: int) -> int | None:
-        """The vLLM seed of grant `grant_id`'s requests (None: unseeded), so each grant draws differently."""
-        return None if self.seed is None else self.seed + grant_id
+    def sample_seed(self, sample_number: int) -> int | None:
+        """The vLLM seed of the run's `sample_number`-th sample (None: unseeded).
+
+        Samples are numbered across the whole run, so no two samples share a seed: every draw is
+        independent, yet a run is reproducible from its seed. Seeds live in [0, 2**32) because
+        the CPU generator (mt19937) reads only the low 32 bits; the run seed is mixed into an
+        offset, so runs with different seeds use different, not merely shifted, streams.
+        """
+        if self.seed is None:
+            return None
+        return (_mix64(self.seed) + sample_number) % SEED_SPACE
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,6 +240,17 @@ class WorkGrant(_Message):
     n_samples: int
     sampling: SamplingSpec
     prompts: list[PromptSpec]
+
+    def request_seed(self, prompt_index: int, grant_id: int | None = None) -> int | None:
+        """The vLLM seed of the request for prompt `prompt_index` (None: unseeded).
+
+        vLLM gives sample i of a request with n samples the seed `seed + i`, so a request gets a
+        block of `n_samples` consecutive sample numbers. Every grant of a run holds the same number
+        of prompts, so block `grant_id * len(prompts) + prompt_index` is the run's own for that
+        request. `grant_id` overrides this grant's id: the grant that first generated a batch.
+        """
+        grant = self.grant_id if grant_id is None else grant_id
+        return self.sampling.sample_seed((grant * len(self.prompts) + prompt_index) * self.n_samples)
 
 
 @dataclass(frozen=True, eq=False)

@@ -93,13 +93,14 @@ class VLLMGenerator:
         from vllm.sampling_params import RequestOutputKind
 
         s = grant.sampling
-        params = SamplingParams(
-            n=grant.n_samples, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-            max_tokens=s.max_new_tokens, stop_token_ids=list(s.stop_token_ids) or None,
-            seed=s.request_seed(grant.grant_id), logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY,
-        )
         self.generations[grant.grant_id] = _Generation(grant, self.weight_version)
         for index, prompt in enumerate(grant.prompts):
+            # each request its own seed block: no two samples of a run share their randomness
+            params = SamplingParams(
+                n=grant.n_samples, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                max_tokens=s.max_new_tokens, stop_token_ids=list(s.stop_token_ids) or None,
+                seed=grant.request_seed(index), logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY,
+            )
             request_id = f"grant-{grant.grant_id}/{index}"
             self.requests[request_id] = (grant.grant_id, index)
             self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt.token_ids.tolist()}, params)

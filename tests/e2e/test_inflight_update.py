@@ -28,17 +28,31 @@ pytestmark = pytest.mark.e2e
 MAX_NEW_TOKENS = 1000  # far longer than an update takes to land: version 0 never stops on its own
 
 
-def make_grant(grant_id: int, min_version: int) -> WorkGrant:
-    sampling = SamplingSpec(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=MAX_NEW_TOKENS,
+def make_grant(grant_id: int, min_version: int, *, prompts: int = 2, n_samples: int = 2,
+               max_new_tokens: int = MAX_NEW_TOKENS) -> WorkGrant:
+    sampling = SamplingSpec(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=max_new_tokens,
                             stop_token_ids=[], seed=7)
-    prompts = [PromptSpec(prompt_id=10 * grant_id + i, token_ids=np.array([1, 5 + i, 6, 7]), label=None)
-               for i in range(2)]
-    return WorkGrant(grant_id=grant_id, step=0, min_weight_version=min_version, n_samples=2,
-                     sampling=sampling, prompts=prompts)
+    specs = [PromptSpec(prompt_id=10 * grant_id + i, token_ids=np.array([1, 5 + i, 6, 7]), label=None)
+             for i in range(prompts)]
+    return WorkGrant(grant_id=grant_id, step=0, min_weight_version=min_version, n_samples=n_samples,
+                     sampling=sampling, prompts=specs)
 
 
-def test_update_lands_between_engine_steps_and_running_requests_go_on(tmp_path):
-    model_dir = build_tiny_model(tmp_path / "tiny", TinyModelSpec(max_position_embeddings=1024))
+@pytest.fixture(scope="module")
+def engine_and_model(tmp_path_factory):
+    """One real engine for the module (start-up dominates): the tiny model, applied at version -1."""
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny"), TinyModelSpec(max_position_embeddings=1024))
+    cfg = RolloutConfig(max_model_len=1024)
+    configure_cpu_threads(cfg, 0)
+    engine = VLLMGenerator(str(model_dir), cfg, seed=0)
+    try:
+        yield engine, model_dir
+    finally:
+        engine.close()
+
+
+def test_update_lands_between_engine_steps_and_running_requests_go_on(engine_and_model, tmp_path):
+    engine, model_dir = engine_and_model
     state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     vocab = state["lm_head.weight"].shape[0]
     # Version 0 is peaked (sampled log-probs far from uniform) and never ends a response: the EOS
@@ -49,14 +63,7 @@ def test_update_lands_between_engine_steps_and_running_requests_go_on(tmp_path):
     flat = {**state, "lm_head.weight": torch.zeros_like(state["lm_head.weight"])}
     updates = [build_weight_update(v, weights.items(), dtype=torch.float32, bucket_bytes=1 << 20)
                for v, weights in enumerate([sharp, flat])]
-
-    cfg = RolloutConfig(max_model_len=1024)
-    configure_cpu_threads(cfg, 0)
-    engine = VLLMGenerator(str(model_dir), cfg, seed=0)
-    try:
-        check_update_in_flight(engine, updates, vocab, tmp_path)
-    finally:
-        engine.close()
+    check_update_in_flight(engine, updates, vocab, tmp_path)
 
 
 def check_update_in_flight(engine: VLLMGenerator, updates, vocab: int, staging) -> None:
@@ -100,3 +107,24 @@ def check_update_in_flight(engine: VLLMGenerator, updates, vocab: int, staging) 
     while engine.busy:
         after_cancel += engine.step()
     assert [b.grant_id for b in after_cancel] == [3]
+
+
+def test_samples_of_a_near_uniform_policy_draw_independent_randomness(engine_and_model):
+    """Two grants x 4 prompts x 8 samples from the (near-)uniform policy: every response differs,
+    and samples of different prompts do not share their tokens. With seeds shared across prompts
+    and grants (seed + grant id per request, vLLM's seed + i per sample), a uniform policy repeats
+    the same draws: most responses coincide and the first tokens agree across prompts."""
+    engine, _ = engine_and_model
+    for grant_id in (4, 5):
+        engine.submit(make_grant(grant_id, min_version=-1, prompts=4, n_samples=8, max_new_tokens=6))
+    batches = []
+    while engine.busy:
+        batches += engine.step()
+    responses = [tuple(b.tokens[b.cu_seqlens[i] + b.prompt_lens[i]: b.cu_seqlens[i + 1]].tolist())
+                 for b in sorted(batches, key=lambda b: b.grant_id) for i in range(b.num_sequences)]
+    assert len(responses) == 64
+    assert len(set(responses)) == 64, f"only {len(set(responses))} distinct responses of 64"
+    # sample i of prompt p vs sample i of every other prompt (same position in their requests)
+    firsts = np.array([r[0] for r in responses]).reshape(8, 8)  # [request, sample index]
+    shared = np.mean([(firsts[a] == firsts[b]).mean() for a in range(8) for b in range(a + 1, 8)])
+    assert shared < 0.25, f"first tokens agree across prompts {shared:.0%} of the time"

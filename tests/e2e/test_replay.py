@@ -10,9 +10,17 @@ from safetensors.torch import load_file
 
 from learner.recording import RecordingReader
 from protocol import decode
+from protocol.messages import SamplingSpec
 from tests.e2e.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
+
+
+def first_sample_seed(run_config: dict, batch) -> int:
+    """The seed of a batch's first sample: sample number grant id x prompts per grant x n."""
+    r = run_config["rollout"]
+    spec = SamplingSpec(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=1, stop_token_ids=[], seed=r["seed"])
+    return spec.sample_seed(batch.grant_id * r["prompts_per_grant"] * r["n_samples_per_prompt"])
 
 
 def test_replay_reproduces_losses_and_weights(run_local, tmp_path):
@@ -23,14 +31,13 @@ def test_replay_reproduces_losses_and_weights(run_local, tmp_path):
     check = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "learner.inspect_recording", str(recording),
                             "--validate", "--steps"], cwd=ROOT, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    # each step record names the messages it trained on and the sampling seed of each
+    # each step record names the messages it trained on and the sampling seed of each (its first sample's)
     reader = RecordingReader(recording)
-    base_seed = reader.header["run_config"]["rollout"]["seed"]
     step_records = list(reader.steps())
     assert [r.step for r in step_records] == list(range(6))
     for rec in step_records:
-        grants = [decode(reader.record(n).frames).body.grant_id for n in rec.info["consumed"]]
-        assert rec.info["seeds"]["sampling"] == [base_seed + g for g in grants]
+        batches = [decode(reader.record(n).frames).body for n in rec.info["consumed"]]
+        assert rec.info["seeds"]["sampling"] == [first_sample_seed(reader.header["run_config"], b) for b in batches]
 
     replay_dir = tmp_path / "replay"
     replay = subprocess.run(["bash", str(ROOT / "launch/replay.sh"), str(recording), "--output.dir", str(replay_dir),

@@ -324,3 +324,36 @@ def test_join_split_packed_batch_round_trip(two_batches):
         frames = encode(batch, run_id="", producer_id="rank0", seq=i, weight_version=0)
         env = decode(_split(_join(frames)))
         assert env.body == batch and env.seq == i and env.producer_id == "rank0"
+
+
+# --------------------------------------------------------------------------- sampling seeds
+
+
+def run_sample_seeds(planner: GrantPlanner, num_steps: int) -> list[int]:
+    """The vLLM seed of every sample the planner hands out over `num_steps` versions (sample i of
+    a request gets the request's seed + i, as vLLM does for n > 1)."""
+    grants = [g for v in range(num_steps) for g in planner.release(published_version=v)]
+    return [g.request_seed(p) + i for g in grants for p in range(len(g.prompts)) for i in range(g.n_samples)]
+
+
+def test_no_two_samples_of_a_run_share_a_seed(tokenizer):
+    cfg = make_cfg(**{"train.num_steps": 40, "train.max_staleness": 1})
+    seeds = run_sample_seeds(GrantPlanner(cfg, make_dataset(tokenizer), [2]), 40)
+    assert len(seeds) == 40 * 4 * 3
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**32 for s in seeds)  # the CPU generator reads only 32 bits
+
+
+def test_run_seeds_are_reproducible_and_differ_between_run_seeds(tokenizer):
+    def seeds(seed):
+        cfg = make_cfg(**{"train.num_steps": 10, "rollout.seed": seed})
+        return run_sample_seeds(GrantPlanner(cfg, make_dataset(tokenizer), [2]), 10)
+
+    assert seeds(0) == seeds(0)
+    assert not set(seeds(0)) & set(seeds(1))  # another run seed: other streams, not a shift by one grant
+
+
+def test_request_seed_of_a_reused_batch_is_its_first_grants(tokenizer):
+    grant = GrantPlanner(make_cfg(), make_dataset(tokenizer), [2]).release(published_version=0)[1]
+    assert grant.request_seed(0) == grant.sampling.sample_seed(grant.grant_id * 2 * 3)
+    assert grant.request_seed(1, grant_id=5) == grant.sampling.sample_seed((5 * 2 + 1) * 3)
