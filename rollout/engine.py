@@ -30,13 +30,25 @@ def configure_cpu_threads(cfg: RolloutConfig, process_index: int) -> None:
     cores; with several rollout processes and a learner on one machine they would fight over
     them. Process i gets `omp_threads` consecutive cores starting at i * omp_threads (wrapping).
     """
-    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        return
-    cores = sorted(os.sched_getaffinity(0))
-    first = (process_index * cfg.omp_threads) % len(cores)
-    chosen = [cores[(first + k) % len(cores)] for k in range(min(cfg.omp_threads, len(cores)))]
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, chosen))
+    # Without it vLLM reserves 92 % of the machine's memory for the KV cache, whoever chose the cores.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_space_gib))
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cores = sorted(os.sched_getaffinity(0))
+        first = (process_index * cfg.omp_threads) % len(cores)
+        chosen = [cores[(first + k) % len(cores)] for k in range(min(cfg.omp_threads, len(cores)))]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, chosen))
+    bound = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    if bound not in ("", "auto", "nobind"):
+        # An engine in this process binds its OpenMP threads to these cores; torch's pool must
+        # have as many threads, set before the binding (vLLM refuses it after): with more, they
+        # share the bound cores and each matmul of a small model takes several times longer.
+        torch.set_num_threads(sum(len(_core_range(part)) for part in bound.split("|")[0].split(",")))
+
+
+def _core_range(part: str) -> range:
+    """Cores of one item of a core list such as "0-3,6": "0-3" -> 0..3, "6" -> 6."""
+    first, _, last = part.partition("-")
+    return range(int(first), int(last or first) + 1)
 
 
 @dataclass
@@ -63,6 +75,14 @@ class VLLMGenerator:
         kwargs = {}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        # One worker: run it and the engine core in this process. As separate processes they talk
+        # through a shared-memory queue that spins for 1 s after every message, so an engine that
+        # generates a third of the time would hold a whole core; here it uses the CPU only while
+        # it works, and updates reach it as tensors, not files.
+        self.in_process = cfg.tensor_parallel_size == 1
+        if self.in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            kwargs["distributed_executor_backend"] = "uni"
         self.llm = LLM(
             model=model_path,
             dtype=cfg.engine_dtype,
@@ -146,25 +166,32 @@ class VLLMGenerator:
         Scheduling pauses (running requests are kept), the workers reload their weights, and the
         KV cache is dropped, the running requests' included: they are recomputed with the new
         weights when scheduling resumes, so no token is sampled from a mix of two versions, and
-        no prompt reuses a prefix cached under the old ones. A worker that does not finish
-        within `timeout_s` raises TimeoutError instead of hanging.
+        no prompt reuses a prefix cached under the old ones. A worker in this process reads the
+        received frames in place; workers in other processes read a file staged in `staging_dir`
+        and raise TimeoutError if they do not finish within `timeout_s`.
         """
         with warnings.catch_warnings():
-            # Read-only views of the received frames: save_file only reads them (no copy of the update).
+            # Read-only views of the received frames: the model copies them into its own parameters.
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             tensors = {m.name: torch.frombuffer(update.tensor_bytes(m), dtype=_TORCH_DTYPES[m.dtype]).view(m.shape)
                        for m in update.tensors}
-        path = Path(staging_dir) / f"streamrlhf-{os.getpid()}-v{update.version}.safetensors"
-        save_file(tensors, str(path))
+        names = sorted(update.fingerprint)
+        path = None
+        if self.in_process:
+            call = ("apply_weights", (tensors.items(), names))
+        else:
+            path = Path(staging_dir) / f"streamrlhf-{os.getpid()}-v{update.version}.safetensors"
+            save_file(tensors, str(path))
+            call = ("apply_weights_file", (str(path), names))
         del tensors
         self.llm.sleep(level=0, mode="keep")
         try:
-            prints = self.llm.collective_rpc("apply_weights_file", args=(str(path), sorted(update.fingerprint)),
-                                             timeout=timeout_s)
+            prints = self.llm.collective_rpc(call[0], args=call[1], timeout=timeout_s)
             if not self.llm.reset_prefix_cache(reset_running_requests=True):
                 raise RuntimeError(f"vLLM could not drop its KV cache after loading weight version {update.version}")
         finally:
-            path.unlink(missing_ok=True)
+            if path is not None:
+                path.unlink(missing_ok=True)
             self.llm.wake_up(tags=["scheduling"])
         if any(p != prints[0] for p in prints):
             raise RuntimeError(f"workers of one engine loaded different weights for version {update.version}")
