@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import concurrent.futures
+import functools
 import logging
 import os
 import socket
@@ -41,16 +43,24 @@ class RolloutWorker:
         self.last_heard = time.monotonic()
         # One sender at a time: sequence numbers must reach the learner in order.
         self.send_lock = asyncio.Lock()
+        # Every engine call runs on this one thread: OpenMP's thread count and core binding are
+        # per thread, and vLLM's CPU kernels fail when called from a thread other than the one
+        # that set them up.
+        self.engine_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    async def in_engine_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.engine_thread, fn, *args)
 
     async def run(self) -> None:
-        configure_cpu_threads(self.cfg.rollout, self.index)
-        self.engine = await asyncio.to_thread(
+        await self.in_engine_thread(configure_cpu_threads, self.cfg.rollout, self.index)
+        self.engine = await self.in_engine_thread(functools.partial(
             VLLMGenerator, self.model_path, self.cfg.rollout,
-            seed=self.cfg.rollout.seed + 1000 * self.index, trust_remote_code=self.cfg.model.trust_remote_code)
+            seed=self.cfg.rollout.seed + 1000 * self.index, trust_remote_code=self.cfg.model.trust_remote_code))
         try:
             await self.serve()
         finally:
-            self.engine.close()
+            await self.in_engine_thread(self.engine.close)
+            self.engine_thread.shutdown()
 
     async def serve(self) -> None:
         t = self.cfg.transport
@@ -77,7 +87,7 @@ class RolloutWorker:
                 self.grants.remove(grant)
                 self.engine.submit(grant)
             if self.engine.busy and not self.stopped:
-                for batch in await asyncio.to_thread(self.engine.step):
+                for batch in await self.in_engine_thread(self.engine.step):
                     await self.send(batch)
 
     async def heartbeats(self) -> None:
@@ -106,7 +116,7 @@ class RolloutWorker:
             if isinstance(message, WorkGrant):
                 self.grants.append(message)
             elif isinstance(message, WeightUpdate):
-                fingerprint, seconds = await asyncio.to_thread(
+                fingerprint, seconds = await self.in_engine_thread(
                     timed, self.engine.apply_weights, message, self.cfg.transport.weight_dir,
                     self.cfg.transport.weight_ack_timeout_s)
                 await self.send(WeightAck(version=message.version, fingerprint=fingerprint, apply_seconds=seconds))
@@ -126,7 +136,7 @@ class RolloutWorker:
             raise TimeoutError(f"{lost}; giving up")
         # A resumed learner plans its own work (recorded batches answer what it already had) and
         # sends its weights on hello: the old grants are void, the engine stays loaded.
-        cancelled = await asyncio.to_thread(self.engine.cancel_all)
+        cancelled = await self.in_engine_thread(self.engine.cancel_all)
         log.warning("%s; dropping %d grant(s) (%d generating) and saying hello again (rollout.on_learner_lost=wait)",
                     lost, len(self.grants) + cancelled, cancelled)
         self.grants.clear()
