@@ -2,12 +2,14 @@
 
 For one step's packed samples:
   1. `score` (as each batch arrives): one no-grad pass per model over its packed micro-batches:
-     the reward function on the decoded texts, the current policy's log-probs and entropy, the
-     reference log-probs (if KL is used), the critic's values (GAE), the reward model's scores
+     the reward function on the decoded texts, the reference log-probs (if KL is used), the
+     critic's values (GAE), the reward model's scores, and the current policy's log-probs when
+     something before training needs them (see `PPOTrainer.policy_pass_in_score`)
   2. `make_experience`: rewards, KL and advantages over the whole step (groups of n samples stay
-     together), truncated importance weights between behaviour (vLLM) and learner log-probs
-  3. `train_step`: the clipped PPO policy loss (+ KL loss, - entropy bonus) and the clipped value
-     loss over the same micro-batches, one optimizer step per PPO epoch.
+     together)
+  3. `train_step`: per micro-batch, truncated importance weights between behaviour (vLLM) and
+     learner log-probs, the clipped PPO policy loss (+ KL loss, - entropy bonus) and the clipped
+     value loss, one optimizer step per PPO epoch.
 """
 
 from __future__ import annotations
@@ -56,8 +58,7 @@ class ScoredPart:
     order: tuple[int, int]
     mask: torch.Tensor
     behaviour: torch.Tensor
-    old: torch.Tensor
-    entropy: torch.Tensor
+    old: torch.Tensor | None  # None: taken from the first training forward (see policy_pass_in_score)
     ref: torch.Tensor | None
     values: torch.Tensor | None
     function_scores: torch.Tensor
@@ -70,11 +71,10 @@ class Experience:
 
     samples: StepSamples
     action_mask: torch.Tensor
-    old_log_probs: torch.Tensor
+    old_log_probs: torch.Tensor | None  # None: the first training forward's, detached
     behaviour_log_probs: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
-    importance_weights: torch.Tensor | None
     ref_log_probs: torch.Tensor | None
     old_values: torch.Tensor | None
     bounds: list[tuple[int, int]]
@@ -122,6 +122,11 @@ class PPOTrainer:
             self.critic, *_ = deepspeed.initialize(
                 model=critic, config=deepspeed_config(cfg),
                 optimizer=torch.optim.AdamW(critic.parameters(), lr=cfg.critic.lr, weight_decay=cfg.train.weight_decay))
+        # With one PPO epoch the first training forward of a micro-batch computes exactly the old
+        # policy's log-probs (no optimizer step comes in between), so the no-grad policy pass in
+        # `score` is needed only when something before training uses them: more epochs, or the
+        # KL to the reference (advantages in kl_mode reward, the adaptive controller, kl_ref).
+        self.policy_pass_in_score = cfg.train.ppo_epochs > 1 or self.ref is not None
         a = cfg.algo
         self.kl_controller = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.kl_target > 0
                               else FixedKLController(a.kl_coef))
@@ -166,9 +171,10 @@ class PPOTrainer:
         for index, (start, stop) in enumerate(bounds):
             part = samples.rows(start, stop)
             width = int((part.cu_seqlens[1:] - part.cu_seqlens[:-1] - part.prompt_lens).max())
-            out = self.actor(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature,
-                             return_entropy=True)
-            ref = values = model_scores = None
+            old = ref = values = model_scores = None
+            if self.policy_pass_in_score:
+                old = self.actor(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature)
+                old = _padded(old["log_probs"], part, width)
             if self.ref is not None:
                 ref = self.ref(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature)
                 ref = _padded(ref["log_probs"], part, width)
@@ -178,11 +184,11 @@ class PPOTrainer:
                 model_scores = self.reward_model(part.tokens, cu_seqlens=part.cu_seqlens)
             parts.append(ScoredPart(
                 samples=part, order=(order, index), mask=_padded(part.loss_mask, part, width),
-                behaviour=_padded(part.behaviour_log_probs, part, width), old=_padded(out["log_probs"], part, width),
-                entropy=_padded(out["entropy"], part, width), ref=ref, values=values,
+                behaviour=_padded(part.behaviour_log_probs, part, width), old=old, ref=ref, values=values,
                 function_scores=self.function_scores(part), model_scores=model_scores))
         for _ in range(idle_passes):
-            self._idle_pass(idle_row if idle_row is not None else samples, backward=False)
+            self._idle_pass(idle_row if idle_row is not None else samples, backward=False,
+                            actor=self.policy_pass_in_score)
         self.actor.train()
         return parts
 
@@ -200,14 +206,14 @@ class PPOTrainer:
             return torch.cat([F.pad(getattr(p, field), (0, width - getattr(p, field).shape[1])) for p in parts])
 
         mask, old, behaviour, ref, values = cat("mask"), cat("old"), cat("behaviour"), cat("ref"), cat("values")
-        entropy = cat("entropy")
         function_scores = torch.cat([p.function_scores for p in parts])
         model_scores = torch.cat([p.model_scores for p in parts]) if parts[0].model_scores is not None else None
         scores = self.total_reward(function_scores, model_scores)
         rows = [p.samples.num_sequences for p in parts]
         bounds = [(sum(rows[:i]), sum(rows[: i + 1])) for i in range(len(rows))]
 
-        kl = approx_kl(old, ref, algo.kl_estimator, action_mask=mask) if ref is not None else torch.zeros_like(old)
+        # (with a reference, `score` computed the old log-probs: policy_pass_in_score)
+        kl = approx_kl(old, ref, algo.kl_estimator, action_mask=mask) if ref is not None else torch.zeros_like(behaviour)
         kl_coef = self.kl_controller.value
         token_rewards = shape_token_rewards(scores, kl, mask, kl_coef if algo.kl_mode == "reward" else 0.0)
         advantages, returns = compute_advantages(
@@ -215,24 +221,16 @@ class PPOTrainer:
             kl=kl, kl_coef=kl_coef if algo.kl_mode == "reward" else 0.0,
             group_size=cfg.rollout.n_samples_per_prompt, gamma=algo.gamma, lam=algo.lam,
             whiten_advantages=algo.advantage_estimator == "gae")
-        weights, is_metrics = None, {}
-        if algo.tis_level != "off":
-            weights, is_metrics = truncated_importance_weights(old, behaviour, mask, level=algo.tis_level,
-                                                               mode=algo.tis_mode, cap=algo.tis_cap)
         self.kl_controller.update(float(masked_mean(kl, mask)), samples.num_sequences)
-        behaviour_kl = approx_kl(old, behaviour, "k3", action_mask=mask)
         metrics = {
             "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
             **({"reward_function_mean": float(function_scores.mean())} if self.reward_fn is not None else {}),
             **({"reward_model_mean": float(model_scores.mean())} if model_scores is not None else {}),
-            "response_len": float(mask.sum(1).float().mean()), "entropy": float(masked_mean(entropy, mask)),
+            "response_len": float(mask.sum(1).float().mean()),
             "kl_ref": float(masked_mean(kl, mask)), "kl_coef": kl_coef,
-            "kl_behaviour": float(masked_mean(behaviour_kl, mask)),
             "truncated_fraction": sum(r == "length" for r in samples.finish_reasons) / samples.num_sequences,
-            **{f"is_{k.removeprefix('is_')}": float(v) for k, v in is_metrics.items()},
         }
-        return Experience(samples, mask, old if algo.tis_level != "off" else behaviour, behaviour, advantages,
-                          returns, weights, ref, values, bounds, metrics)
+        return Experience(samples, mask, old, behaviour, advantages, returns, ref, values, bounds, metrics)
 
     # ------------------------------------------------------------------ optimisation
     def _normalizer(self, exp: Experience) -> float:
@@ -255,22 +253,33 @@ class PPOTrainer:
         sums: dict[str, float] = {}
         # Each micro-batch loss is already divided by the global count: their sum is the step's loss.
         losses: dict[str, float] = {}
+        behaviour_metrics = BehaviourMetrics()
         idle_passes = self._lockstep_extra_passes(len(exp.bounds))
-        for _ in range(cfg.train.ppo_epochs):
+        for epoch in range(cfg.train.ppo_epochs):
             for _ in range(idle_passes):
                 self._idle_pass(samples, backward=True)
             for start, stop in exp.bounds:
                 part = samples.rows(start, stop)
                 rows = slice(start, stop)
                 out = self.actor(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature,
-                                 return_entropy=algo.entropy_coef > 0)
+                                 return_entropy=algo.entropy_coef > 0 or epoch == 0)
                 width = exp.action_mask.shape[1]
                 log_probs = _padded(out["log_probs"], part, width)
                 mask = exp.action_mask[rows]
+                behaviour = exp.behaviour_log_probs[rows]
+                old = log_probs.detach() if exp.old_log_probs is None else exp.old_log_probs[rows]
+                weights = None
+                if algo.tis_level != "off":
+                    weights, is_metrics = truncated_importance_weights(old, behaviour, mask, level=algo.tis_level,
+                                                                       mode=algo.tis_mode, cap=algo.tis_cap)
+                if epoch == 0:
+                    behaviour_metrics.add(old, behaviour, _padded(out["entropy"], part, width).detach(), mask,
+                                          is_metrics if weights is not None else {})
                 loss, m = policy_loss(
-                    log_probs, exp.old_log_probs[rows], exp.advantages[rows], mask,
+                    # without importance sampling the ratio is taken to the behaviour policy itself
+                    log_probs, old if weights is not None else behaviour, exp.advantages[rows], mask,
                     clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip or None,
-                    importance_weights=None if exp.importance_weights is None else exp.importance_weights[rows], **agg)
+                    importance_weights=weights, **agg)
                 if algo.kl_mode == "loss" and exp.ref_log_probs is not None:
                     loss = loss + self.kl_controller.value * kl_loss(log_probs, exp.ref_log_probs[rows], mask,
                                                                      estimator=algo.kl_estimator, **agg)
@@ -292,7 +301,8 @@ class PPOTrainer:
         total = float(exp.action_mask.sum()) * cfg.train.ppo_epochs
         metrics = {k: v / total for k, v in sums.items()}
         metrics.update({k: v / cfg.train.ppo_epochs for k, v in losses.items()})
-        return {**exp.metrics, **metrics, "grad_norm": float(self.actor.get_global_grad_norm() or 0.0),
+        return {**exp.metrics, **behaviour_metrics.result(), **metrics,
+                "grad_norm": float(self.actor.get_global_grad_norm() or 0.0),
                 "tokens": float(samples.num_tokens), "sequences": float(samples.num_sequences)}
 
     def _lockstep_extra_passes(self, local_passes: int) -> int:
@@ -307,13 +317,14 @@ class PPOTrainer:
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
         return int(most) - local_passes
 
-    def _idle_pass(self, samples: StepSamples, *, backward: bool) -> None:
+    def _idle_pass(self, samples: StepSamples, *, backward: bool, actor: bool = True) -> None:
         """Forward (and a zero-loss backward) of the partitioned models on one sequence: it joins the
-        other ranks' parameter gathers and changes nothing."""
+        other ranks' parameter gathers and changes nothing. `actor`: the actor takes part."""
         one = samples.rows(0, 1)
-        out = self.actor(one.tokens, cu_seqlens=one.cu_seqlens, temperature=self.cfg.rollout.temperature)
-        if backward:
-            self.actor.backward(out["log_probs"].sum() * 0.0, scale_wrt_gas=False)
+        if actor:
+            out = self.actor(one.tokens, cu_seqlens=one.cu_seqlens, temperature=self.cfg.rollout.temperature)
+            if backward:
+                self.actor.backward(out["log_probs"].sum() * 0.0, scale_wrt_gas=False)
         if self.critic is not None:
             values = self.critic(one.tokens, cu_seqlens=one.cu_seqlens)
             if backward:
@@ -327,6 +338,39 @@ class PPOTrainer:
             base = self.actor_module.model.get_base_model() if self.actor_module.is_lora else self.actor_module.model
             base.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(out_dir)
+
+
+class BehaviourMetrics:
+    """How the learner's old policy relates to the behaviour (vLLM) policy over a step, gathered
+    micro-batch by micro-batch: token means, and maxima that show single outlier tokens.
+
+    ``entropy`` (of the learner's distribution), ``kl_behaviour`` (k3 of learner vs behaviour,
+    mean and ``_max``), ``behaviour_log_ratio_max`` (largest |learner - behaviour| log-prob of a
+    token) and the importance-sampling metrics (``is_*``; means weighted by valid tokens).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
+        self.tokens = 0.0
+
+    def add(self, old: torch.Tensor, behaviour: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,
+            is_metrics: dict[str, torch.Tensor]) -> None:
+        """One micro-batch; all tensors ``[b, A]``."""
+        valid = mask.bool()
+        tokens = float(valid.sum())
+        kl = approx_kl(old, behaviour, "k3", action_mask=mask)
+        means = {"entropy": masked_mean(entropy, mask), "kl_behaviour": masked_mean(kl, mask),
+                 **{k: v for k, v in is_metrics.items() if not k.endswith("_max")}}
+        maxima = {"kl_behaviour_max": kl.max(), "behaviour_log_ratio_max": (old - behaviour).abs()[valid].max(),
+                  **{k: v for k, v in is_metrics.items() if k.endswith("_max")}}
+        _accumulate(self.sums, means, weight=tokens)
+        for k, v in maxima.items():
+            self.maxima[k] = max(self.maxima.get(k, 0.0), float(v))
+        self.tokens += tokens
+
+    def result(self) -> dict[str, float]:
+        return {**{k: v / max(self.tokens, 1.0) for k, v in self.sums.items()}, **self.maxima}
 
 
 def _accumulate(sums: dict[str, float], values: dict[str, torch.Tensor], weight: float) -> None:

@@ -17,9 +17,12 @@ from typing import ContextManager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .logprobs import entropy_from_logits, log_probs_from_logits
 from .packing import (
+    VARLEN_ATTN_IMPLEMENTATIONS,
+    forward_in_length_buckets,
     packed_model_kwargs,
     padded_action_mask,
     padded_position_ids,
@@ -239,34 +242,53 @@ class Actor(nn.Module):
         if cu_seqlens is not None:
             if attention_mask is not None:
                 raise ValueError("pass either cu_seqlens (packed) or attention_mask (padded), not both")
-            kw = packed_model_kwargs(input_ids, cu_seqlens, self.attn_implementation, self._compute_dtype())
-            logits = self.model(**kw, use_cache=False).logits[0]  # [T, V]
-            tokens = kw["input_ids"][0]
-            starts = sequence_start_mask(cu_seqlens.to(tokens.device), tokens.shape[0])
-            lp = log_probs_from_logits(logits[:-1], tokens[1:], temperature, self.logprobs_chunk_size)
-            zero = lp.new_zeros(1)
-            out = {"log_probs": torch.cat([zero, lp]).masked_fill(starts, 0.0)}
-            if return_entropy:
-                ent = entropy_from_logits(logits[:-1], temperature, self.logprobs_chunk_size)
-                out["entropy"] = torch.cat([zero, ent]).masked_fill(starts, 0.0)
-            return out
+            if self.attn_implementation in VARLEN_ATTN_IMPLEMENTATIONS:
+                return self._varlen_forward(input_ids, cu_seqlens, temperature, return_entropy)
+            return self._bucketed_forward(input_ids, cu_seqlens, temperature, return_entropy)
 
         if input_ids.dim() != 2:
             raise ValueError(f"padded input_ids must be [B, L], got {tuple(input_ids.shape)} (packed needs cu_seqlens)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        return self._padded_forward(input_ids, attention_mask, temperature, return_entropy)
+
+    def _padded_forward(self, input_ids, attention_mask, temperature: float, return_entropy: bool) -> dict:
+        """``[B, L]`` in, ``[B, L]`` out (see `forward`)."""
         position_ids = padded_position_ids(attention_mask)
         logits = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).logits  # [B, L, V]
         valid = padded_action_mask(attention_mask)
-        lp = log_probs_from_logits(logits[:, :-1], input_ids[:, 1:], temperature, self.logprobs_chunk_size)
+        # Scored at every position (the last one's label is a dummy) rather than on logits[:, :-1]:
+        # a strided view would be processed row by row, a contiguous [B*L, V] block in one go.
+        next_ids = F.pad(input_ids[:, 1:], (0, 1))
+        lp = log_probs_from_logits(logits, next_ids, temperature, self.logprobs_chunk_size)[:, :-1]
         zero = lp.new_zeros(lp.shape[0], 1)
         # torch.where (not a product) so a non-finite value at a pad can never leak into the output
         out = {"log_probs": torch.where(valid, torch.cat([zero, lp], 1), 0.0)}
         if return_entropy:
-            ent = entropy_from_logits(logits[:, :-1], temperature, self.logprobs_chunk_size)
+            ent = entropy_from_logits(logits, temperature, self.logprobs_chunk_size)[:, :-1]
             out["entropy"] = torch.where(valid, torch.cat([zero, ent], 1), 0.0)
+        return out
+
+    def _bucketed_forward(self, tokens, cu_seqlens, temperature: float, return_entropy: bool) -> dict:
+        """Packed ``[T]`` in and out, as padded forwards over groups of similar lengths (sdpa/eager:
+        no ``[T, T]`` mask, see `forward_in_length_buckets`)."""
+        return forward_in_length_buckets(
+            tokens, cu_seqlens, lambda ids, mask: self._padded_forward(ids, mask, temperature, return_entropy))
+
+    def _varlen_forward(self, tokens, cu_seqlens, temperature: float, return_entropy: bool) -> dict:
+        """Packed ``[T]`` in and out in one forward (flash-attention's varlen kernels)."""
+        kw = packed_model_kwargs(tokens, cu_seqlens, self.attn_implementation)
+        logits = self.model(**kw, use_cache=False).logits[0]  # [T, V]
+        tokens = kw["input_ids"][0]
+        starts = sequence_start_mask(cu_seqlens.to(tokens.device), tokens.shape[0])
+        lp = log_probs_from_logits(logits[:-1], tokens[1:], temperature, self.logprobs_chunk_size)
+        zero = lp.new_zeros(1)
+        out = {"log_probs": torch.cat([zero, lp]).masked_fill(starts, 0.0)}
+        if return_entropy:
+            ent = entropy_from_logits(logits[:-1], temperature, self.logprobs_chunk_size)
+            out["entropy"] = torch.cat([zero, ent]).masked_fill(starts, 0.0)
         return out
 
     # ------------------------------------------------------------------ saving

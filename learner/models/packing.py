@@ -18,6 +18,8 @@ All functions here are pure and work on any device; none of them loops over toke
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = [
@@ -26,18 +28,17 @@ __all__ = [
     "sequence_ids_from_cu_seqlens",
     "sequence_start_mask",
     "position_ids_from_cu_seqlens",
-    "block_causal_mask",
     "packed_model_kwargs",
+    "length_buckets",
+    "padded_rows",
+    "forward_in_length_buckets",
     "unpack_to_padded",
     "pack_from_padded",
     "padded_position_ids",
     "padded_action_mask",
-    "MASK_ATTN_IMPLEMENTATIONS",
     "VARLEN_ATTN_IMPLEMENTATIONS",
 ]
 
-#: attention implementations that take an explicit 4D mask for packed inputs
-MASK_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 #: attention implementations that find sequence boundaries from restarting position ids
 VARLEN_ATTN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 
@@ -105,99 +106,112 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return pos.unsqueeze(0)
 
 
-def block_causal_mask(cu_seqlens: torch.Tensor, T: int | None = None) -> torch.Tensor:
-    """Block-diagonal causal mask for a packed batch: ``[1, 1, T, T]`` bool, True = may attend.
-
-    Query ``i`` may attend key ``j`` iff both are in the same sequence and ``j <= i``.
-    ``T`` defaults to ``cu_seqlens[-1]``. A larger ``T`` is allowed (a pack padded at the end):
-    each trailing padding position then attends only to itself, so no row is fully masked
-    (fully masked rows give NaN in sdpa).
-
-    Example, ``cu_seqlens=[0, 2, 5]`` (rows = queries)::
-
-        1 0 0 0 0
-        1 1 0 0 0
-        0 0 1 0 0
-        0 0 1 1 0
-        0 0 1 1 1
-
-    Memory is ``T*T`` bytes; fine for learner micro-batches of a few thousand tokens (8k tokens ->
-    64 MiB). Use ``flash_attention_2`` (no mask) for longer packs.
-    """
-    validate_cu_seqlens(cu_seqlens)
-    total = int(cu_seqlens[-1])
-    if T is None:
-        T = total
-    if T < total:
-        raise ValueError(f"T={T} is smaller than the packed length cu_seqlens[-1]={total}")
-    dev = cu_seqlens.device
-    seq = sequence_ids_from_cu_seqlens(cu_seqlens, total)
-    if T > total:
-        # padding positions: each gets its own unique id so it only sees itself
-        pad_ids = torch.arange(T - total, device=dev) + seq.numel() + cu_seqlens.numel()
-        seq = torch.cat([seq, pad_ids])
-    idx = torch.arange(T, device=dev)
-    causal = idx.unsqueeze(1) >= idx.unsqueeze(0)
-    same = seq.unsqueeze(1) == seq.unsqueeze(0)
-    return (causal & same).view(1, 1, T, T)
-
-
-def packed_model_kwargs(
-    tokens: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    attn_implementation: str,
-    dtype: torch.dtype | None = None,
-) -> dict:
-    """Keyword arguments for a Hugging Face model forward on a packed batch.
+def packed_model_kwargs(tokens: torch.Tensor, cu_seqlens: torch.Tensor, attn_implementation: str) -> dict:
+    """Keyword arguments for a Hugging Face model forward on a packed batch with varlen attention.
 
     Args:
         tokens: ``[T]`` or ``[1, T]`` token ids.
         cu_seqlens: ``[B+1]``.
-        attn_implementation: the model's ``config._attn_implementation``.
-        dtype: the model's compute dtype; only used by ``eager`` (see below).
+        attn_implementation: ``flash_attention_2`` or ``flash_attention_3``.
 
-    Returns ``dict(input_ids=[1, T], attention_mask=..., position_ids=[1, T])``:
-
-    * ``sdpa``: ``attention_mask`` is the 4D boolean block-causal mask ``[1, 1, T, T]`` from
-      :func:`block_causal_mask`. Transformers passes 4D masks through unchanged. Restarting
-      position ids alone do NOT isolate the sequences with sdpa/eager (measured on
-      transformers 5.19: up to 0.95 logit error), the explicit mask does (2e-7 in fp32).
-    * ``eager``: same pattern but as an additive float mask (0 where allowed, ``finfo(dtype).min``
-      where not) in ``dtype`` (default float32), because eager attention *adds* the 4D mask to
-      the scores; a boolean mask would be added as 0/1 and mask nothing.
-    * ``flash_attention_2`` / ``flash_attention_3``: ``attention_mask=None`` and only the
-      restarting ``position_ids``. With no mask and a batch of 1, transformers' flash-attention
-      path detects packing from the position ids (a reset to 0 starts a new sequence), derives
-      ``cu_seqlens`` from them and calls the varlen kernel, so nothing attends across sequences.
-
-    Any other implementation raises ``ValueError``.
+    Returns ``dict(input_ids=[1, T], attention_mask=None, position_ids=[1, T])``. With no mask and
+    a batch of 1, transformers' flash-attention path detects packing from the restarting position
+    ids, derives ``cu_seqlens`` from them and calls the varlen kernel, so nothing attends across
+    sequences. sdpa/eager have no such path (restarting position ids alone do NOT isolate the
+    sequences: measured up to 0.95 logit error on transformers 5.19): they run packs through
+    `forward_in_length_buckets`. Any other implementation raises ``ValueError``.
     """
+    if attn_implementation not in VARLEN_ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"packed sequences in one forward need attn_implementation in {VARLEN_ATTN_IMPLEMENTATIONS}, "
+                         f"got {attn_implementation!r} (sdpa/eager: use forward_in_length_buckets)")
     if tokens.dim() == 2:
         if tokens.shape[0] != 1:
             raise ValueError(f"packed tokens must be [T] or [1, T], got shape {tuple(tokens.shape)}")
         tokens = tokens[0]
     elif tokens.dim() != 1:
         raise ValueError(f"packed tokens must be [T] or [1, T], got shape {tuple(tokens.shape)}")
-    total = tokens.shape[0]
-    validate_cu_seqlens(cu_seqlens, total)
-    cu_seqlens = cu_seqlens.to(tokens.device)
-    position_ids = position_ids_from_cu_seqlens(cu_seqlens)
-    impl = attn_implementation
-    if impl == "sdpa":
-        mask = block_causal_mask(cu_seqlens, total)
-    elif impl == "eager":
-        allowed = block_causal_mask(cu_seqlens, total)
-        fdtype = dtype if (dtype is not None and dtype.is_floating_point) else torch.float32
-        mask = torch.zeros(allowed.shape, dtype=fdtype, device=tokens.device)
-        mask.masked_fill_(~allowed, torch.finfo(fdtype).min)
-    elif impl in VARLEN_ATTN_IMPLEMENTATIONS:
-        mask = None
-    else:
-        raise ValueError(
-            f"packed sequences are not supported with attn_implementation={impl!r}; use one of "
-            f"{MASK_ATTN_IMPLEMENTATIONS + VARLEN_ATTN_IMPLEMENTATIONS}"
-        )
-    return {"input_ids": tokens.unsqueeze(0), "attention_mask": mask, "position_ids": position_ids}
+    validate_cu_seqlens(cu_seqlens, tokens.shape[0])
+    position_ids = position_ids_from_cu_seqlens(cu_seqlens.to(tokens.device))
+    return {"input_ids": tokens.unsqueeze(0), "attention_mask": None, "position_ids": position_ids}
+
+
+def length_buckets(seq_lens: torch.Tensor, max_padding: float = 0.25) -> list[torch.Tensor]:
+    """Split sequences into groups for padded forwards whose padding stays small.
+
+    Sequences are sorted by length (longest first) and cut greedily: a group of ``n`` sequences
+    whose longest has length ``L`` holds at most ``(1 + max_padding) * sum(lengths)`` padded
+    positions ``n * L``. Attention then costs ``sum over groups of n * L**2``, close to the sum of
+    the squared sequence lengths, instead of the square of the pack's total length.
+
+    Args:
+        seq_lens: ``[B]`` lengths.
+    Returns:
+        index tensors ``[n_g]`` (long) into the sequences; together a permutation of ``0..B-1``.
+
+    Example: lengths ``[3, 10, 4, 9]`` -> ``[[1, 3], [2, 0]]`` (18 of 20 positions real, then 7 of 8).
+    """
+    order = torch.argsort(seq_lens, descending=True, stable=True)
+    lens = seq_lens[order].tolist()
+    groups, start, tokens = [], 0, 0
+    for i, n in enumerate(lens):
+        if i > start and (i - start + 1) * lens[start] > (1 + max_padding) * (tokens + n):
+            groups.append(order[start:i])
+            start, tokens = i, 0
+        tokens += n
+    groups.append(order[start:])
+    return groups
+
+
+def padded_rows(tokens: torch.Tensor, cu_seqlens: torch.Tensor, rows: torch.Tensor):
+    """Sequences ``rows`` of a packed batch, right-padded.
+
+    Args:
+        tokens: ``[T]``; cu_seqlens: ``[B+1]``; rows: ``[n]`` sequence indices.
+    Returns:
+        ``(input_ids [n, L], attention_mask [n, L] (1 = token), flat_index [n, L])``: ``L`` is the
+        longest of the rows, ``flat_index[r, j] = cu[rows[r]] + j`` is the packed position of
+        ``input_ids[r, j]`` (0 at pads, which the mask excludes). Pads hold token 0.
+    """
+    cu = cu_seqlens.to(tokens.device).long()
+    rows = rows.to(tokens.device)
+    starts, lens = cu[:-1][rows], (cu[1:] - cu[:-1])[rows]
+    cols = torch.arange(int(lens.max()), device=tokens.device)
+    attention_mask = cols.unsqueeze(0) < lens.unsqueeze(1)
+    flat_index = torch.where(attention_mask, starts.unsqueeze(1) + cols.unsqueeze(0), 0)
+    input_ids = torch.where(attention_mask, tokens[flat_index], 0)
+    return input_ids, attention_mask.long(), flat_index
+
+
+def forward_in_length_buckets(
+    tokens: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    padded_forward: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+    max_padding: float = 0.25,
+) -> dict[str, torch.Tensor]:
+    """A packed batch through a padded forward, one group of similar lengths at a time.
+
+    With sdpa/eager attention a pack would need a dense ``[T, T]`` block-diagonal mask, whose
+    cost grows with the square of the pack's length; padded groups (`length_buckets`) cost about
+    the sum of the squares of the sequence lengths.
+
+    Args:
+        tokens: ``[T]`` or ``[1, T]``; cu_seqlens: ``[B+1]``.
+        padded_forward: ``(input_ids [n, L], attention_mask [n, L]) -> {name: [n, L, ...]}``.
+    Returns:
+        ``{name: [T, ...]}``: position ``cu[b] + j`` holds row ``b``'s output at column ``j``.
+        Differentiable (every packed position is written exactly once).
+    """
+    tokens = tokens.reshape(-1)
+    validate_cu_seqlens(cu_seqlens, tokens.shape[0])
+    flat: dict[str, torch.Tensor] = {}
+    for rows in length_buckets(seq_lens_from_cu_seqlens(cu_seqlens.long())):
+        input_ids, mask, index = padded_rows(tokens, cu_seqlens, rows)
+        real = mask.bool()
+        for name, value in padded_forward(input_ids, mask).items():
+            if name not in flat:
+                flat[name] = value.new_zeros((tokens.shape[0],) + tuple(value.shape[2:]))
+            flat[name] = flat[name].index_put((index[real],), value[real])
+    return flat
 
 
 def _action_index(cu_seqlens: torch.Tensor, prompt_lens: torch.Tensor, total: int | None = None):

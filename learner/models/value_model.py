@@ -34,6 +34,8 @@ import torch.nn as nn
 
 from .actor import resolve_dtype
 from .packing import (
+    VARLEN_ATTN_IMPLEMENTATIONS,
+    forward_in_length_buckets,
     packed_model_kwargs,
     padded_action_mask,
     padded_position_ids,
@@ -287,8 +289,12 @@ class ValueModel(nn.Module):
 
     # ------------------------------------------------------------------ forward helpers
     def _hidden_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kw = packed_model_kwargs(input_ids, cu_seqlens, self.attn_implementation, self._compute_dtype())
-        hidden = self.base_model(**kw).last_hidden_state[0]  # [T, H]
+        if self.attn_implementation in VARLEN_ATTN_IMPLEMENTATIONS:
+            kw = packed_model_kwargs(input_ids, cu_seqlens, self.attn_implementation)
+            hidden = self.base_model(**kw).last_hidden_state[0]  # [T, H]
+        else:  # sdpa/eager: padded groups of similar lengths, no [T, T] mask
+            hidden = forward_in_length_buckets(
+                input_ids, cu_seqlens, lambda ids, mask: {"hidden": self._hidden_padded(ids, mask)[0]})["hidden"]
         return hidden, cu_seqlens.to(hidden.device)
 
     def _hidden_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):

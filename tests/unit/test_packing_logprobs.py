@@ -5,7 +5,9 @@ import torch
 
 from learner.models.logprobs import entropy_from_logits, log_probs_from_logits
 from learner.models.packing import (
-    block_causal_mask,
+    forward_in_length_buckets,
+    length_buckets,
+    padded_rows,
     pack_from_padded,
     packed_model_kwargs,
     padded_action_mask,
@@ -27,49 +29,17 @@ def test_positions_and_starts():
     assert sequence_start_mask(cu).tolist() == [True, True, False, False, True, False]
 
 
-def test_block_causal_mask_2_plus_3():
-    expected = torch.tensor(
-        [
-            [1, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0],
-            [0, 0, 1, 0, 0],
-            [0, 0, 1, 1, 0],
-            [0, 0, 1, 1, 1],
-        ],
-        dtype=torch.bool,
-    )
-    m = block_causal_mask(CU)
-    assert m.dtype == torch.bool and m.shape == (1, 1, 5, 5)
-    assert torch.equal(m[0, 0], expected)
-    # trailing padding: each pad position only sees itself (no fully-masked row)
-    mp = block_causal_mask(CU, T=7)[0, 0]
-    assert torch.equal(mp[:5, :5], expected)
-    assert not mp[:5, 5:].any()
-    assert mp[5].tolist() == [False] * 5 + [True, False]
-    assert mp[6].tolist() == [False] * 6 + [True]
-    with pytest.raises(ValueError, match="smaller"):
-        block_causal_mask(CU, T=4)
-
-
 def test_packed_model_kwargs():
     tokens = torch.arange(5)
-    kw = packed_model_kwargs(tokens, CU, "sdpa")
-    assert kw["input_ids"].tolist() == [[0, 1, 2, 3, 4]]
-    assert kw["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
-    assert torch.equal(kw["attention_mask"], block_causal_mask(CU))
     kw = packed_model_kwargs(tokens[None], CU, "flash_attention_2")
+    assert kw["input_ids"].tolist() == [[0, 1, 2, 3, 4]]
     assert kw["attention_mask"] is None and kw["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
-    kw = packed_model_kwargs(tokens, CU, "eager", dtype=torch.bfloat16)
-    am = kw["attention_mask"]
-    assert am.dtype == torch.bfloat16
-    allowed = block_causal_mask(CU)
-    assert (am[allowed] == 0).all() and (am[~allowed] == torch.finfo(torch.bfloat16).min).all()
-    with pytest.raises(ValueError, match="attn_implementation"):
-        packed_model_kwargs(tokens, CU, "flex_attention")
+    with pytest.raises(ValueError, match="forward_in_length_buckets"):
+        packed_model_kwargs(tokens, CU, "sdpa")
     with pytest.raises(ValueError, match="does not match"):
-        packed_model_kwargs(torch.arange(6), CU, "sdpa")
+        packed_model_kwargs(torch.arange(6), CU, "flash_attention_2")
     with pytest.raises(ValueError, match=r"\[T\] or \[1, T\]"):
-        packed_model_kwargs(torch.arange(10).view(2, 5), CU, "sdpa")
+        packed_model_kwargs(torch.arange(10).view(2, 5), CU, "flash_attention_2")
 
 
 @pytest.mark.parametrize(
@@ -146,6 +116,29 @@ def test_padded_helpers():
         [False, False, False, True, True],
         [False, True, True, False, False],
     ]
+
+
+def test_length_buckets_bound_the_padding():
+    # sorted 10, 9, 4, 3: [10, 9] pads 1 of 20; adding 4 would pad 30 > 1.25 * 23; [4, 3] pads 1 of 8
+    groups = length_buckets(torch.tensor([3, 10, 4, 9]))
+    assert [g.tolist() for g in groups] == [[1, 3], [2, 0]]
+    assert [g.tolist() for g in length_buckets(torch.tensor([5] * 7))] == [list(range(7))]  # equal: one group
+    lens = torch.randint(1, 400, (200,), generator=torch.Generator().manual_seed(0))
+    groups = length_buckets(lens)
+    assert sorted(torch.cat(groups).tolist()) == list(range(200))
+    for g in groups:
+        assert len(g) * int(lens[g].max()) <= 1.25 * int(lens[g].sum()) or len(g) == 1
+
+
+def test_padded_rows_and_back():
+    tokens, cu = torch.arange(10, 19), torch.tensor([0, 2, 5, 9])  # lengths 2, 3, 4
+    ids, mask, index = padded_rows(tokens, cu, torch.tensor([2, 0]))
+    assert ids.tolist() == [[15, 16, 17, 18], [10, 11, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert index.tolist() == [[5, 6, 7, 8], [0, 1, 0, 0]]
+    # every sequence comes back to its packed place, whatever the grouping
+    out = forward_in_length_buckets(tokens, cu, lambda ids, mask: {"x": ids * 2, "y": ids[..., None].repeat(1, 1, 3)})
+    assert out["x"].tolist() == (tokens * 2).tolist() and out["y"].shape == (9, 3)
 
 
 # ---------------------------------------------------------------------------------- log-probs

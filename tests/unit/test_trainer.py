@@ -1,0 +1,77 @@
+"""PPOTrainer on one DeepSpeed rank (CPU, gloo): skipping the no-grad policy pass in `score`
+(one PPO epoch, no reference) changes nothing: same metrics, loss, gradient norm and weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from learner.distributed import init_distributed
+from learner.rollouts import StepSamples
+from learner.tiny import build_tiny_model, build_tokenizer
+from learner.trainer import PPOTrainer
+from protocol.config import load_config
+from protocol.messages import PackedBatch
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the learner runs (train.torch_threads); more only contend on a shared machine
+    init_distributed()
+    yield str(path)
+    dist.destroy_process_group()
+    torch.set_num_threads(threads)
+
+
+def batch(grant_id: int, rng: np.random.Generator, n_prompts: int = 4, n: int = 4) -> PackedBatch:
+    """Random sequences of different lengths with behaviour log-probs near the learner's (about -log V)."""
+    tokens, cu, plens, mask, lps = [], [0], [], [], []
+    for _ in range(n_prompts * n):
+        plen, rlen = int(rng.integers(2, 6)), int(rng.integers(1, 9))
+        tokens += rng.integers(4, 60, plen + rlen).tolist()
+        cu.append(len(tokens))
+        plens.append(plen)
+        mask += [0] * plen + [1] * rlen
+        lps += [0.0] * plen + (-np.log(128) + rng.normal(0, 0.3, rlen)).tolist()
+    b = n_prompts * n
+    return PackedBatch(grant_id=grant_id, step=0, tokens=np.array(tokens), cu_seqlens=np.array(cu),
+                       prompt_lens=np.array(plens), loss_mask=np.array(mask), behaviour_logprobs=np.minimum(lps, 0),
+                       prompt_ids=np.repeat(np.arange(n_prompts), n) + 10 * grant_id,
+                       sample_indices=np.tile(np.arange(n), n_prompts).astype(np.int32),
+                       weight_versions=np.zeros(b, np.int32), last_weight_versions=np.zeros(b, np.int32),
+                       finish_reasons=["stop"] * b, labels=[None] * b, gen_seconds=0.1)
+
+
+def random_reward(prompts, completions, labels):
+    return [float(len(c) % 3) for c in completions]
+
+
+def train_once(model_dir: str, policy_pass_in_score: bool, **overrides) -> tuple[dict, dict]:
+    cfg = load_config(overrides={"model.path": model_dir, "rollout.n_samples_per_prompt": "4", "train.lr": "0.01",
+                                 "train.micro_batch_tokens": "64", **overrides})
+    torch.manual_seed(0)
+    trainer = PPOTrainer(cfg, model_dir, build_tokenizer(), random_reward)
+    assert trainer.policy_pass_in_score == (cfg.train.ppo_epochs > 1)  # the default, before the test forces it
+    trainer.policy_pass_in_score = policy_pass_in_score
+    rng = np.random.default_rng(0)
+    parts = [p for g in range(2) for p in trainer.score(StepSamples.from_batches([batch(g, rng)]), order=g)]
+    assert all((p.old is None) != policy_pass_in_score for p in parts)
+    metrics = trainer.train_step(parts)
+    return metrics, {k: v.detach().clone() for k, v in trainer.actor_module.state_dict().items()}
+
+
+@pytest.mark.parametrize("tis_level", ["token", "sequence", "off"])
+def test_old_log_probs_from_the_training_forward_equal_the_scoring_pass(model_dir, tis_level):
+    with_pass, weights_with = train_once(model_dir, True, **{"algo.tis_level": tis_level})
+    without, weights_without = train_once(model_dir, False, **{"algo.tis_level": tis_level})
+    assert with_pass.keys() == without.keys()
+    assert {"entropy", "kl_behaviour", "kl_behaviour_max", "behaviour_log_ratio_max"} <= with_pass.keys()
+    for key in with_pass:
+        assert without[key] == pytest.approx(with_pass[key], rel=1e-5, abs=1e-6), key
+    assert with_pass["grad_norm"] > 0 and with_pass["behaviour_log_ratio_max"] > 0.3
+    for name in weights_with:
+        torch.testing.assert_close(weights_without[name], weights_with[name], rtol=1e-5, atol=1e-6)
