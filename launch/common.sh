@@ -68,8 +68,11 @@ install_cleanup() {
 # $run_dir/logs/rollout-INDEX.log. Set `max_restarts` and `run_dir` before using these.
 rollout_pid=()
 restarts=()
+rollout_cores=()  # set by local.sh's placement: rollout i runs on cores ${rollout_cores[i]} (empty: unpinned)
 start_rollout() {  # each process in its own session, so its vLLM engine processes go with it
-  setsid "$py" -m rollout --index "$1" "${args[@]}" >>"$run_dir/logs/rollout-$1.log" 2>&1 &
+  local pin=()
+  [[ -n "${rollout_cores[$1]:-}" ]] && pin=(env VLLM_CPU_OMP_THREADS_BIND="${rollout_cores[$1]}" taskset -c "${rollout_cores[$1]}")
+  setsid "${pin[@]}" "$py" -m rollout --index "$1" "${args[@]}" >>"$run_dir/logs/rollout-$1.log" 2>&1 &
   rollout_pid[$1]=$!
   pids+=("$!")
 }

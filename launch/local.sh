@@ -38,14 +38,28 @@ mkdir -p "$run_dir/logs"
 
 install_cleanup  # every process group started is stopped on exit, error or Ctrl-C
 
+# CPU machines: the learner and the rollouts on disjoint cores, as separate accelerators would be
+# (protocol/placement.py; train.cpu_cores, rollout.cpu_cores). Unpinned they fight over the cores.
+learner_pin=()
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  while read -r role a b; do
+    if [[ "$role" == learner ]]; then
+      learner_pin=(taskset -c "$a")
+      has --train.torch_threads || args+=(--train.torch_threads "$b")
+    elif [[ -z "${VLLM_CPU_OMP_THREADS_BIND:-}" ]]; then  # a binding the user chose wins
+      rollout_cores[$a]="$b"
+    fi
+  done < <("$py" -m protocol.placement "${args[@]}" || echo fail)
+  [[ ${#learner_pin[@]} -gt 0 ]] || exit 2
+fi
 ranks="$(config_value train.learner_ranks)"
 if [[ "$ranks" -gt 1 ]]; then
-  learner_cmd=("$py" -m torch.distributed.run --nproc_per_node "$ranks" --master_port "$(free_port)" -m learner)
+  learner_cmd=("${learner_pin[@]}" "$py" -m torch.distributed.run --nproc_per_node "$ranks" --master_port "$(free_port)" -m learner)
 else
-  learner_cmd=("$py" -m learner)
+  learner_cmd=("${learner_pin[@]}" "$py" -m learner)
 fi
 max_restarts="$(config_value rollout.max_restarts)"
-echo "learner: ${learner_cmd[*]} (port $port, run $run_id); $rollouts rollout process(es); logs in $run_dir/logs"
+echo "learner: ${learner_cmd[*]} (port $port, run $run_id); $rollouts rollout process(es)${rollout_cores[0]:+ on cores ${rollout_cores[*]}}; logs in $run_dir/logs"
 setsid "${learner_cmd[@]}" "${args[@]}" &
 learner_pid=$!
 pids+=("$learner_pid")

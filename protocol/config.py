@@ -86,7 +86,8 @@ class RewardConfig:
 
 @dataclass
 class RolloutConfig:
-    num_processes: int = opt(2, "Rollout processes that launch scripts start (each runs one vLLM engine).")
+    num_processes: int = opt(1, "Rollout processes that launch scripts start (each runs one vLLM engine; one engine "
+                                "batches any number of grants, so add processes for more cores or accelerators).")
     n_samples_per_prompt: int = opt(8, "Completions sampled per prompt (the group for GRPO-style advantages).")
     prompts_per_grant: int = opt(8, "Prompts in one unit of work handed to a rollout process.")
     temperature: float = opt(1.0, "Sampling temperature; the learner scales its logits by the same value.")
@@ -101,7 +102,10 @@ class RolloutConfig:
     kv_cache_space_gib: int = opt(1, "vLLM KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE).")
     max_model_len: int = opt(256, "vLLM maximum sequence length (prompt + response).")
     enforce_eager: bool = opt(True, "Disable CUDA graphs / torch.compile in vLLM (faster start-up).")
-    omp_threads: int = opt(1, "CPU threads per rollout engine on the CPU backend.")
+    omp_threads: int = opt(1, "CPU threads per rollout engine on the CPU backend when its cores are not chosen for "
+                              "it (launch/rollouts.sh: rollout i takes omp_threads cores from i * omp_threads on).")
+    cpu_cores: str = opt("", "CPU machines, launch/local.sh: the cores the rollout processes share, split evenly among "
+                             "them (a list such as '4-7'); empty: the cores the learner does not use.")
     seed: int = opt(0, "Sampling seed of the run: every sample of every prompt, grant and rollout draws from "
                        "its own seed derived from it (reproducible; no two samples share one).")
     max_restarts: int = opt(3, "Times launch scripts restart a rollout process that died, per process, before "
@@ -157,7 +161,10 @@ class TrainConfig:
     save_every: int = opt(0, "Save a resumable checkpoint every this many steps (and at the end); 0: never.")
     keep_checkpoints: int = opt(2, "Complete checkpoints kept under <output.dir>/checkpoints.")
     resume: bool = opt(False, "Resume from the newest complete checkpoint in <output.dir>/checkpoints.")
-    torch_threads: int = opt(1, "Torch intra-op threads per learner rank on the CPU.")
+    torch_threads: int = opt(1, "Torch intra-op threads per learner rank on the CPU (launch/local.sh sets it to "
+                                "the learner's cores per rank unless given as a flag).")
+    cpu_cores: str = opt("", "CPU machines, launch/local.sh: the cores the learner runs on (a list such as '0-3'); "
+                             "empty: the first half of the cores, at least one per rank (protocol.placement).")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from protocol.config import RolloutConfig
 from protocol.messages import PackedBatch, WeightUpdate, WorkGrant
+from protocol.placement import parse_cores
 
 if TYPE_CHECKING:
     from vllm.outputs import RequestOutput
@@ -42,13 +43,7 @@ def configure_cpu_threads(cfg: RolloutConfig, process_index: int) -> None:
         # An engine in this process binds its OpenMP threads to these cores; torch's pool must
         # have as many threads, set before the binding (vLLM refuses it after): with more, they
         # share the bound cores and each matmul of a small model takes several times longer.
-        torch.set_num_threads(sum(len(_core_range(part)) for part in bound.split("|")[0].split(",")))
-
-
-def _core_range(part: str) -> range:
-    """Cores of one item of a core list such as "0-3,6": "0-3" -> 0..3, "6" -> 6."""
-    first, _, last = part.partition("-")
-    return range(int(first), int(last or first) + 1)
+        torch.set_num_threads(len(parse_cores(bound.split("|")[0], "VLLM_CPU_OMP_THREADS_BIND")))
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""A 2-rank DeepSpeed learner (ZeRO-2 and ZeRO-3) fed by real vLLM rollouts, sync and async: the
-default job's 150 steps, so that the reward must rise as it does with one rank."""
+"""A 2-rank DeepSpeed learner (ZeRO-2 and ZeRO-3) fed by two real vLLM rollouts, sync and async:
+the default job's 150 steps, so that the reward must rise as it does with one rank."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ STEPS, PROMPTS, SAMPLES = 150, 16, 8  # configs/tiny.yaml
 @pytest.mark.parametrize(("zero_stage", "max_staleness"), [(2, 0), (3, 2)])
 def test_two_rank_learner(run_local, zero_stage, max_staleness):
     result = run_local("--train.learner_ranks", "2", "--train.zero_stage", str(zero_stage),
-                       "--train.max_staleness", str(max_staleness))
+                       "--train.max_staleness", str(max_staleness), "--rollout.num_processes", "2")
     assert result.returncode == 0, result.output[-3000:]
     metrics = result.metrics
     assert [m["step"] for m in metrics] == list(range(STEPS))
@@ -28,6 +28,7 @@ def test_two_rank_learner(run_local, zero_stage, max_staleness):
         assert all(m["staleness_max"] == 0 for m in metrics)
     summary = result.summary
     assert summary["discarded_batches"] == 0 and summary["rejected_messages"] == 0
+    assert len(summary["applied_versions"]) == 2
     for producer, versions in summary["applied_versions"].items():
         # every published version reached every rollout with a matching fingerprint
         assert set(range(STEPS)) <= set(versions), f"{producer} applied {versions}"
