@@ -17,6 +17,14 @@ config_value() {  # the effective value of a config key (YAML file + flags), rea
   "$py" -m protocol.config_get "$1" "${args[@]}"
 }
 
+config_values() {  # VAR=KEY ...: set each shell variable VAR to config_value KEY, with one Python start
+  local pairs=("$@") keys=() values=() text i
+  for i in "${!pairs[@]}"; do keys+=("${pairs[$i]#*=}"); done
+  text="$("$py" -m protocol.config_get "$(IFS=,; echo "${keys[*]}")" "${args[@]}")" || exit 2
+  mapfile -t values <<<"$text"
+  for i in "${!pairs[@]}"; do printf -v "${pairs[$i]%%=*}" '%s' "${values[$i]}"; done
+}
+
 free_port() { "$py" -c 'from protocol.transport import free_tcp_port; print(free_tcp_port())'; }
 
 # Refuse unauthenticated plain TCP off the loopback interface (protocol.transport.

@@ -17,23 +17,22 @@ args=("$@")
 if ! has --config && ! has --model.path; then
   args=(--config configs/tiny.yaml "${args[@]}")
 fi
-if [[ -z "$(config_value model.path)" ]]; then
+config_values model_path=model.path data_path=data.path port=transport.port run_id=run_id \
+  rollouts=rollout.num_processes min_rollouts=transport.min_rollouts run_dir=output.dir \
+  ranks=train.learner_ranks max_restarts=rollout.max_restarts
+if [[ -z "$model_path" ]]; then
   task_dir="${TASK_DIR:-runs/arithmetic}"
   prepared="$("$py" -m learner.tasks.arithmetic prepare --out "$task_dir" | tail -n 1)"
   args+=(--model.path "$("$py" -c 'import json,sys; print(json.loads(sys.argv[1])["model"])' "$prepared")")
-  [[ -z "$(config_value data.path)" ]] && \
+  [[ -z "$data_path" ]] && \
     args+=(--data.path "$("$py" -c 'import json,sys; print(json.loads(sys.argv[1])["prompts"])' "$prepared")")
 fi
-port="$(config_value transport.port)"
 [[ "$port" == 0 ]] && port="$(free_port)"
-run_id="$(config_value run_id)"
 [[ -z "$run_id" ]] && run_id="local-$(date +%s)-$$"
 args+=(--transport.port "$port" --run_id "$run_id")
-rollouts="$(config_value rollout.num_processes)"
 # the learner hands out work once every rollout started here is up (the first steps are shared)
-[[ "$(config_value transport.min_rollouts)" == 1 ]] && args+=(--transport.min_rollouts "$rollouts")
+[[ "$min_rollouts" == 1 ]] && args+=(--transport.min_rollouts "$rollouts")
 check_transport learner $(seq 0 $((rollouts - 1))) >/dev/null  # off loopback only with CURVE keys
-run_dir="$(config_value output.dir)"
 mkdir -p "$run_dir/logs"
 
 install_cleanup  # every process group started is stopped on exit, error or Ctrl-C
@@ -52,13 +51,11 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   done < <("$py" -m protocol.placement "${args[@]}" || echo fail)
   [[ ${#learner_pin[@]} -gt 0 ]] || exit 2
 fi
-ranks="$(config_value train.learner_ranks)"
 if [[ "$ranks" -gt 1 ]]; then
   learner_cmd=("${learner_pin[@]}" "$py" -m torch.distributed.run --nproc_per_node "$ranks" --master_port "$(free_port)" -m learner)
 else
   learner_cmd=("${learner_pin[@]}" "$py" -m learner)
 fi
-max_restarts="$(config_value rollout.max_restarts)"
 echo "learner: ${learner_cmd[*]} (port $port, run $run_id); $rollouts rollout process(es)${rollout_cores[0]:+ on cores ${rollout_cores[*]}}; logs in $run_dir/logs"
 setsid "${learner_cmd[@]}" "${args[@]}" &
 learner_pid=$!

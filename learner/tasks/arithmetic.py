@@ -13,9 +13,6 @@ import random
 import re
 from pathlib import Path
 
-from learner.sft import supervised_warmup
-from learner.tiny import TinyModelSpec, build_tiny_model
-
 EXACT_REWARD = 1.0
 WELL_FORMED_REWARD = 0.1
 _INTEGER = re.compile(r"-?\d+")
@@ -55,6 +52,10 @@ def prepare(out_dir: str | Path, *, max_operand: int = 9, sft_steps: int = 100,
     stamp = out / "prepared.json"
     if stamp.exists() and json.loads(stamp.read_text()) == settings and (policy / "config.json").exists():
         return {"model": str(policy), "prompts": str(prompts)}
+    # imported only when something must be built: the launcher calls `prepare` on every start
+    from learner.sft import supervised_warmup
+    from learner.tiny import TinyModelSpec, build_tiny_model
+
     out.mkdir(parents=True, exist_ok=True)
     build_tiny_model(base, TinyModelSpec(seed=seed))
     rows = make_rows(max_operand)
