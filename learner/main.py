@@ -95,6 +95,7 @@ class Learner:
                              f"give each of the {world} learner ranks at least one")
         self.dealer = GroupDealer(world, dist.get_rank() if world > 1 else 0, cfg.rollout.n_samples_per_prompt)
         self.scored: dict[int, list] = {}  # grant id -> scored micro-batches of a batch that arrived
+        self.score_s: dict[int, float] = {}  # grant id -> seconds its scoring took
         self.run_dir = Path(cfg.output.dir)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.start_step, self.resume_state, self.reusable = 0, None, {}
@@ -209,7 +210,8 @@ class Learner:
         samples = StepSamples.from_batches([batch])
         self.scored[batch.grant_id] = self.trainer.score(self.dealer.deal(samples), order=batch.grant_id,
                                                          idle_row=samples.rows(0, 1))
-        self.busy_s += time.perf_counter() - started
+        self.score_s[batch.grant_id] = time.perf_counter() - started
+        self.busy_s += self.score_s[batch.grant_id]
         return batch
 
     def train_step(self, step: int, batches) -> dict[str, float]:
@@ -231,6 +233,7 @@ class Learner:
         return {**metrics, "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),
                 "update_in_flight_fraction": float(spanned.mean()),
                 "tokens_per_s": samples.num_tokens / seconds, "train_s": seconds,
+                "score_s": sum(self.score_s.pop(b.grant_id) for b in batches),
                 "gen_s": float(sum(b.gen_seconds for b in batches))}
 
     def log(self, step: int, metrics: dict[str, float], *, waited: float, total: float) -> None:
