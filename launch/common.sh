@@ -63,10 +63,12 @@ PY
 pids=()
 cleanup() {
   trap - EXIT INT TERM
+  local pid tries
   for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
-  sleep 2
+  for tries in {1..20}; do any_alive || break; sleep 0.1; done  # up to 2 s to exit, then killed
   for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
 }
+any_alive() { local pid; for pid in "${pids[@]}"; do kill -0 -- "-$pid" 2>/dev/null && return 0; done; return 1; }
 install_cleanup() {
   trap cleanup EXIT
   trap 'exit 130' INT TERM
