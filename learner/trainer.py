@@ -99,6 +99,10 @@ class PPOTrainer:
                                       lora=lora, load_in_4bit=m.load_in_4bit,
                                       gradient_checkpointing=m.gradient_checkpointing,
                                       trust_remote_code=m.trust_remote_code)
+        if cfg.train.zero_stage == 3:
+            # every forward gathers the partitioned parameters collectively: one per micro-batch on
+            # every rank, not one per length bucket (the ranks' buckets differ)
+            actor.max_padding = None
         self.actor, *_ = deepspeed.initialize(
             model=actor, config=deepspeed_config(cfg),
             optimizer=torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad],
@@ -119,6 +123,8 @@ class PPOTrainer:
                                        value_head_prefix=cfg.critic.value_head_prefix,
                                        attn_implementation=m.attn_implementation,
                                        trust_remote_code=m.trust_remote_code)
+            if cfg.train.zero_stage == 3:
+                critic.max_padding = None  # as the actor's
             self.critic, *_ = deepspeed.initialize(
                 model=critic, config=deepspeed_config(cfg),
                 optimizer=torch.optim.AdamW(critic.parameters(), lr=cfg.critic.lr, weight_decay=cfg.train.weight_decay))

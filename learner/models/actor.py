@@ -147,6 +147,9 @@ class Actor(nn.Module):
             model = get_peft_model(model, lora.to_peft())
         self.model = model
         self.logprobs_chunk_size = int(logprobs_chunk_size)
+        # Packs under sdpa/eager run as padded forwards over groups of similar lengths with at most
+        # this much padding (see `forward_in_length_buckets`); None: one forward per call (ZeRO-3).
+        self.max_padding: float | None = 0.25
         self.train(model.training)  # mirror the wrapped model (HF loads in eval mode)
 
     # ------------------------------------------------------------------ construction
@@ -275,7 +278,8 @@ class Actor(nn.Module):
         """Packed ``[T]`` in and out, as padded forwards over groups of similar lengths (sdpa/eager:
         no ``[T, T]`` mask, see `forward_in_length_buckets`)."""
         return forward_in_length_buckets(
-            tokens, cu_seqlens, lambda ids, mask: self._padded_forward(ids, mask, temperature, return_entropy))
+            tokens, cu_seqlens, lambda ids, mask: self._padded_forward(ids, mask, temperature, return_entropy),
+            self.max_padding)
 
     def _varlen_forward(self, tokens, cu_seqlens, temperature: float, return_entropy: bool) -> dict:
         """Packed ``[T]`` in and out in one forward (flash-attention's varlen kernels)."""

@@ -186,7 +186,7 @@ def forward_in_length_buckets(
     tokens: torch.Tensor,
     cu_seqlens: torch.Tensor,
     padded_forward: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
-    max_padding: float = 0.25,
+    max_padding: float | None = 0.25,
 ) -> dict[str, torch.Tensor]:
     """A packed batch through a padded forward, one group of similar lengths at a time.
 
@@ -197,6 +197,8 @@ def forward_in_length_buckets(
     Args:
         tokens: ``[T]`` or ``[1, T]``; cu_seqlens: ``[B+1]``.
         padded_forward: ``(input_ids [n, L], attention_mask [n, L]) -> {name: [n, L, ...]}``.
+        max_padding: see `length_buckets`; None: one forward, every sequence padded to the longest
+            (for ZeRO-3, where each forward is a collective that every rank must make equally often).
     Returns:
         ``{name: [T, ...]}``: position ``cu[b] + j`` holds row ``b``'s output at column ``j``.
         Differentiable (every packed position is written exactly once).
@@ -204,7 +206,9 @@ def forward_in_length_buckets(
     tokens = tokens.reshape(-1)
     validate_cu_seqlens(cu_seqlens, tokens.shape[0])
     flat: dict[str, torch.Tensor] = {}
-    for rows in length_buckets(seq_lens_from_cu_seqlens(cu_seqlens.long())):
+    lens = seq_lens_from_cu_seqlens(cu_seqlens.long())
+    groups = [torch.arange(lens.numel())] if max_padding is None else length_buckets(lens, max_padding)
+    for rows in groups:
         input_ids, mask, index = padded_rows(tokens, cu_seqlens, rows)
         real = mask.bool()
         for name, value in padded_forward(input_ids, mask).items():

@@ -136,6 +136,7 @@ class ValueModel(nn.Module):
         setattr(self, value_head_prefix, head)
         self.init_value_head()
         self.normalize_reward = bool(normalize_reward)
+        self.max_padding: float | None = 0.25  # packs under sdpa/eager: as in Actor
         # constants recorded in config.json (not trained, not in the state dict)
         self.register_buffer("mean", torch.tensor([float(mean)]), persistent=False)
         self.register_buffer("std", torch.tensor([float(std)]), persistent=False)
@@ -294,7 +295,8 @@ class ValueModel(nn.Module):
             hidden = self.base_model(**kw).last_hidden_state[0]  # [T, H]
         else:  # sdpa/eager: padded groups of similar lengths, no [T, T] mask
             hidden = forward_in_length_buckets(
-                input_ids, cu_seqlens, lambda ids, mask: {"hidden": self._hidden_padded(ids, mask)[0]})["hidden"]
+                input_ids, cu_seqlens, lambda ids, mask: {"hidden": self._hidden_padded(ids, mask)[0]},
+                self.max_padding)["hidden"]
         return hidden, cu_seqlens.to(hidden.device)
 
     def _hidden_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):

@@ -139,6 +139,9 @@ def test_padded_rows_and_back():
     # every sequence comes back to its packed place, whatever the grouping
     out = forward_in_length_buckets(tokens, cu, lambda ids, mask: {"x": ids * 2, "y": ids[..., None].repeat(1, 1, 3)})
     assert out["x"].tolist() == (tokens * 2).tolist() and out["y"].shape == (9, 3)
+    calls = []
+    one = forward_in_length_buckets(tokens, cu, lambda ids, mask: calls.append(ids.shape) or {"x": ids}, None)
+    assert calls == [(3, 4)] and one["x"].tolist() == tokens.tolist()  # ZeRO-3: one forward, padded to the longest
 
 
 # ---------------------------------------------------------------------------------- log-probs
