@@ -1,9 +1,10 @@
 """TRL's GRPOTrainer on one of this project's tasks: the TRL side of bench/bench_trl.py.
 
 Runs in the TRL environment (bench/trl_venv.py), where this project is not installed: it imports
-only TRL, transformers, datasets and torch, and loads the reward function from its source file
-(`package.module:function` is looked up under --root, `path.py:function` as given), so the reward
-module may import nothing but the standard library. Prints on stdout one JSON line with the
+only TRL, transformers, datasets and torch, and loads the reward function from the repository
+(`package.module:function` imported with --root on sys.path, `path.py:function` from that file), so
+both systems score with the same code; the reward module may import the standard library, what
+transformers brings (e.g. `tokenizers`) and this project's modules that need no more. Prints on stdout one JSON line with the
 versions, then one per optimizer step ({"step", "reward_mean", "sequences", "response_len", ...})
 as soon as the step is logged; TRL's own log lines are not JSON.
 """
@@ -19,26 +20,25 @@ from pathlib import Path
 
 
 def load_reward(spec: str, root: Path):
-    """The reward function `module:function` (a file under root) or `path.py:function`."""
+    """The reward function `module:function` (importable from root) or `path.py:function`."""
     target, _, name = spec.rpartition(":")
     if not target or not name:
         sys.exit(f"trl_runner: reward {spec!r} is not module:function or path.py:function")
-    if target.endswith(".py"):
-        path = Path(target) if Path(target).is_absolute() else root / target
-    else:
-        path = root.joinpath(*target.split(".")).with_suffix(".py")
-        if not path.exists():
-            path = root.joinpath(*target.split("."), "__init__.py")
-    if not path.exists():
-        sys.exit(f"trl_runner: no source file for reward {spec!r} (looked for {path})")
-    module_spec = importlib.util.spec_from_file_location(f"bench_reward_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module
+    sys.path.insert(0, str(root))
     try:
-        module_spec.loader.exec_module(module)
+        if target.endswith(".py"):
+            path = Path(target) if Path(target).is_absolute() else root / target
+            module_spec = importlib.util.spec_from_file_location(f"bench_reward_{path.stem}", path)
+            if module_spec is None or not path.exists():
+                sys.exit(f"trl_runner: no reward file {path}")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
     except ImportError as exc:
-        sys.exit(f"trl_runner: the reward module {path} imports {exc.name or exc}, which the TRL environment "
-                 "does not have: a benchmarked reward module must use only the standard library")
+        sys.exit(f"trl_runner: the reward module of {spec!r} imports {exc.name or exc}, which the TRL environment "
+                 "does not have: a benchmarked reward may use the standard library, transformers' dependencies "
+                 "and this project's light modules only")
     return getattr(module, name)
 
 

@@ -1,20 +1,25 @@
-"""A deterministic tiny Llama-style model and character tokenizer, built from a config.
+"""Deterministic small Llama-style models and their tokenizers, built from a config.
 
 Nothing can be downloaded on the machines this project runs on, so the default job and the tests
 build their own model. The same training code loads any Hugging Face model path; this module only
-makes a small one that vLLM's CPU backend accepts (head_dim 64: hidden 128, 2 heads, 1 KV head).
+makes small ones that vLLM's CPU backend accepts (head_dim 64, e.g. hidden 128, 2 heads, 1 KV head).
+Two tokenizers: one token per character (the default job), or the 512-token byte-level BPE of
+learner.bpe (the tasks learner.tasks.addition and learner.tasks.longtail, whose models come in the
+sizes of MODEL_SIZES).
 """
 
 from __future__ import annotations
 
 import json
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from learner import bpe
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 CHARSET = string.digits + string.ascii_letters + " +-*/=?.,:!()'\"\n"
@@ -22,7 +27,10 @@ CHARSET = string.digits + string.ascii_letters + " +-*/=?.,:!()'\"\n"
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    """Shape of the built-in model. head_dim = hidden_size / num_attention_heads must be 64 on CPU vLLM."""
+    """Shape of a built-in model. head_dim = hidden_size / num_attention_heads must be 64 on CPU vLLM.
+
+    tokenizer: "char" (build_tokenizer) or "bpe" (build_bpe_tokenizer); vocab_size must hold it.
+    """
 
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -32,6 +40,25 @@ class TinyModelSpec:
     vocab_size: int = 128
     max_position_embeddings: int = 256
     seed: int = 0
+    tokenizer: str = "char"
+
+
+_BPE = dict(vocab_size=bpe.VOCAB_SIZE, max_position_embeddings=1024, tokenizer="bpe")
+# The sizes of the built-in tasks' models (parameters include the untied input and output embeddings).
+MODEL_SIZES: dict[str, TinyModelSpec] = {
+    "tiny": TinyModelSpec(**_BPE),  # 0.43M parameters
+    "small": TinyModelSpec(hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, **_BPE),  # 3.0M
+    "medium": TinyModelSpec(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                            num_key_value_heads=4, **_BPE),  # 25.7M
+}
+
+
+def sized_spec(size: str, seed: int = 0) -> TinyModelSpec:
+    """The MODEL_SIZES entry `size`, initialised from `seed`."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+    return replace(MODEL_SIZES[size], seed=seed)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -40,12 +67,25 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     backend.decoder = decoders.Fuse()
+    return _with_bos(backend, unk_token=UNK)
+
+
+def build_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """The built-in byte-level BPE (learner.bpe) with PAD, BOS and EOS; a BOS token starts every text."""
+    return _with_bos(bpe.train_bpe([PAD, BOS, EOS]))
+
+
+def _with_bos(backend: Tokenizer, unk_token: str | None = None) -> PreTrainedTokenizerFast:
+    """Wrap a backend whose vocabulary holds PAD, BOS and EOS; BOS is prepended to every text."""
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, backend.token_to_id(BOS))]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
+        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=unk_token
     )
+
+
+TOKENIZERS = {"char": build_tokenizer, "bpe": build_bpe_tokenizer}
 
 
 def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
@@ -57,7 +97,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec())
     marker = out / "tiny_spec.json"
     if marker.exists() and json.loads(marker.read_text()) == asdict(spec):
         return out
-    tokenizer = build_tokenizer()
+    tokenizer = TOKENIZERS[spec.tokenizer]()
     if len(tokenizer) > spec.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={spec.vocab_size}")
     config = LlamaConfig(

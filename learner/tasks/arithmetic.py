@@ -18,18 +18,16 @@ WELL_FORMED_REWARD = 0.1
 _INTEGER = re.compile(r"-?\d+")
 
 
+def score_answer(answer: str, label: str | None, well_formed_reward: float = WELL_FORMED_REWARD) -> float:
+    """EXACT_REWARD if `answer` is the label, `well_formed_reward` if it is another integer, else 0.0."""
+    if label is not None and answer == label.strip():
+        return EXACT_REWARD
+    return well_formed_reward if _INTEGER.fullmatch(answer) else 0.0
+
+
 def arithmetic_reward(prompts: list[str], completions: list[str], labels: list[str | None]) -> list[float]:
     """1.0 for the exact answer, 0.1 for a well-formed integer that is wrong, 0.0 otherwise."""
-    scores = []
-    for completion, label in zip(completions, labels):
-        answer = completion.strip()
-        if label is not None and answer == label.strip():
-            scores.append(EXACT_REWARD)
-        elif _INTEGER.fullmatch(answer):
-            scores.append(WELL_FORMED_REWARD)
-        else:
-            scores.append(0.0)
-    return scores
+    return [score_answer(completion.strip(), label) for completion, label in zip(completions, labels)]
 
 
 def make_rows(max_operand: int) -> list[dict[str, str]]:
