@@ -70,6 +70,13 @@ class VLLMGenerator:
         kwargs = {}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:
+            # A prefill split over engine steps discards the token sampled at its first part and
+            # rewinds the request's generator, which CPU generators cannot do ("CPU Generator does
+            # not use offset"): seeded requests then crash the engine. Long prefills happen when an
+            # in-flight update makes running requests recompute their tokens so far.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(cfg.max_model_len, 4096)
         # One worker: run it and the engine core in this process. As separate processes they talk
         # through a shared-memory queue that spins for 1 s after every message, so an engine that
         # generates a third of the time would hold a whole core; here it uses the CPU only while
