@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from protocol.codec import decode, encode
 from protocol.messages import PackedBatch
-from protocol.transport import free_tcp_port
 
 from learner.rollouts import StepSamples
 
@@ -19,8 +18,9 @@ from learner.rollouts import StepSamples
 def init_distributed() -> None:
     """Join the process group started by torchrun / the DeepSpeed launcher, or make a 1-rank one."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_tcp_port()))
+        # port 0: the 1-rank store binds a port the OS picks (a port found free beforehand may be
+        # taken by another process before the store binds it)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     if not torch.cuda.is_available():
         # On the CPU DeepSpeed JIT-compiles a shared-memory all-reduce the first time it starts;
         # a start killed during that compile leaves a lock that hangs every later start. Plain
