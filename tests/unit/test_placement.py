@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -40,7 +41,8 @@ def test_explicit_cores():
 
 
 def test_command_line_prints_one_line_per_process():
+    core = min(os.sched_getaffinity(0))
     out = subprocess.run([sys.executable, "-m", "protocol.placement", "--rollout.num_processes", "2",
-                          "--train.cpu_cores", "0", "--rollout.cpu_cores", "0"], capture_output=True, text=True)
+                          "--train.cpu_cores", str(core), "--rollout.cpu_cores", str(core)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["learner 0 1", "rollout 0 0", "rollout 1 0"]
+    assert out.stdout.splitlines() == [f"learner {core} 1", f"rollout 0 {core}", f"rollout 1 {core}"]
