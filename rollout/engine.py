@@ -181,15 +181,15 @@ class VLLMGenerator:
         names = sorted(update.fingerprint)
         path = None
         if self.in_process:
-            call = ("apply_weights", (tensors.items(), names))
+            method, args = "apply_weights", (tensors.items(), names)
         else:
             path = Path(staging_dir) / f"streamrlhf-{os.getpid()}-v{update.version}.safetensors"
             save_file(tensors, str(path))
-            call = ("apply_weights_file", (str(path), names))
+            method, args = "apply_weights_file", (str(path), names)
         del tensors
         self.llm.sleep(level=0, mode="keep")
         try:
-            prints = self.llm.collective_rpc(call[0], args=call[1], timeout=timeout_s)
+            prints = self.llm.collective_rpc(method, args=args, timeout=timeout_s)
             if not self.llm.reset_prefix_cache(reset_running_requests=True):
                 raise RuntimeError(f"vLLM could not drop its KV cache after loading weight version {update.version}")
         finally:
