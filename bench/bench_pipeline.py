@@ -8,9 +8,10 @@ Each mode runs the real pipeline (launch/local.sh: vLLM rollouts, ZeroMQ, DeepSp
 the same config, differing only in train.max_staleness (0 = synchronous on-policy: a rollout
 waits for the weights of the step before it generates, the learner waits for the step's samples;
 k = the rollouts generate up to k versions ahead while the learner trains). `--placement disjoint`
-(launch/local.sh's default on a CPU machine) runs the learner and the rollouts on separate cores,
+(the default here) runs the learner on the first half of the cores and the rollouts on the rest,
 as separate accelerators would be, so that in synchronous mode one side idles while the other
-works; `shared` lets every process use every core (train.cpu_cores and rollout.cpu_cores all).
+works; `local` is launch/local.sh's own placement on a CPU machine (the learner on every core with
+passive waits, the rollouts on the second half); `shared` lets every process use every core.
 
 Start-up and the first step (engine warm-up) are excluded: rates are measured from the end of
 step 0 to the end of the last step. Busy fractions are per side: the learner's scoring and
@@ -67,17 +68,21 @@ def main() -> None:
     parser.add_argument("--rollouts", type=int, default=1, help="Rollout processes (default: 1).")
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1],
                         help="train.max_staleness of each mode; the first is the baseline (default: 0 1).")
-    parser.add_argument("--placement", choices=("disjoint", "shared"), default="disjoint",
-                        help="Learner and rollouts on disjoint cores (local.sh's default) or all on all cores.")
+    parser.add_argument("--placement", choices=("disjoint", "local", "shared"), default="disjoint",
+                        help="Learner and rollouts on disjoint halves of the cores (as separate accelerators), "
+                             "launch/local.sh's default placement, or every process on every core.")
     parser.add_argument("--repeats", type=int, default=2, help="Runs of each mode, alternating (default: 2).")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More config flags for every run.")
     a = parser.parse_args()
     flags = []
     if a.task != "arithmetic":
         flags += task_flags(prepare_task(a.task, a.size, ROOT / "runs" / "bench_pipeline" / "tasks"))
-    if a.placement == "shared":
-        every = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-        flags += ["--train.cpu_cores", every, "--rollout.cpu_cores", every]
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    placements = {"disjoint": (cores[:half], cores[half:] or cores), "shared": (cores, cores), "local": None}
+    if placements[a.placement]:  # else launch/local.sh chooses
+        learner, rollout = placements[a.placement]
+        flags += ["--train.cpu_cores", ",".join(map(str, learner)), "--rollout.cpu_cores", ",".join(map(str, rollout))]
     runs: dict[int, list[dict[str, float]]] = {s: [] for s in a.staleness}
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         for repeat in range(a.repeats):

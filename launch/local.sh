@@ -37,13 +37,16 @@ mkdir -p "$run_dir/logs"
 
 install_cleanup  # every process group started is stopped on exit, error or Ctrl-C
 
-# CPU machines: the learner and the rollouts on disjoint cores, as separate accelerators would be
-# (protocol/placement.py; train.cpu_cores, rollout.cpu_cores). Unpinned they fight over the cores.
+# CPU machines: the learner on every core with passive OpenMP waits, the rollouts pinned to the
+# second half (protocol/placement.py; train.cpu_cores, rollout.cpu_cores): training needs about
+# three times generation's arithmetic, and the learner takes the rollout cores while they idle.
 learner_pin=()
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  while read -r role a b; do
+  while read -r role a b c; do
     if [[ "$role" == learner ]]; then
       learner_pin=(taskset -c "$a")
+      # a learner thread whose core a rollout holds must sleep, not spin, while the others wait for it
+      [[ "$c" == passive && -z "${OMP_WAIT_POLICY:-}" ]] && learner_pin=(env OMP_WAIT_POLICY=PASSIVE "${learner_pin[@]}")
       has --train.torch_threads || args+=(--train.torch_threads "$b")
     elif [[ -z "${VLLM_CPU_OMP_THREADS_BIND:-}" ]]; then  # a binding the user chose wins
       rollout_cores[$a]="$b"

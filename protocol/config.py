@@ -105,7 +105,7 @@ class RolloutConfig:
     omp_threads: int = opt(1, "CPU threads per rollout engine on the CPU backend when its cores are not chosen for "
                               "it (launch/rollouts.sh: rollout i takes omp_threads cores from i * omp_threads on).")
     cpu_cores: str = opt("", "CPU machines, launch/local.sh: the cores the rollout processes share, split evenly among "
-                             "them (a list such as '4-7'); empty: the cores the learner does not use.")
+                             "them (a list such as '4-7'); empty: the second half of the cores.")
     seed: int = opt(0, "Sampling seed of the run: every sample of every prompt, grant and rollout draws from "
                        "its own seed derived from it (reproducible; no two samples share one).")
     max_restarts: int = opt(3, "Times launch scripts restart a rollout process that died, per process, before "
@@ -164,7 +164,8 @@ class TrainConfig:
     torch_threads: int = opt(1, "Torch intra-op threads per learner rank on the CPU (launch/local.sh sets it to "
                                 "the learner's cores per rank unless given as a flag).")
     cpu_cores: str = opt("", "CPU machines, launch/local.sh: the cores the learner runs on (a list such as '0-3'); "
-                             "empty: the first half of the cores, at least one per rank (protocol.placement).")
+                             "empty: every core, shared with the rollouts' cores through passive OpenMP waits "
+                             "(protocol.placement).")
 
 
 @dataclass

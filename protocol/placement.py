@@ -1,15 +1,20 @@
 """Which CPU cores the learner and each rollout process of one machine run on.
 
-On a CPU machine the learner and the rollout engines share the cores, and unpinned they fight
-over them: OpenMP threads that lose their core spin, and a step that should take one core's time
-takes several. `launch/local.sh` therefore gives the learner and the rollouts disjoint cores, the
-way separate accelerators would be: the learner `train.cpu_cores` (default: the first half of the
-cores this process may use), the rollouts `rollout.cpu_cores` (default: the rest), split evenly
-among them. Each side then runs one thread per core it owns.
+On a CPU machine the learner and the rollout engines share the cores. Training costs about three
+times the arithmetic of generation (forward and backward over every token, against one forward
+with a KV cache), so a learner confined to half the cores sets the pace while the rollout cores
+idle. `launch/local.sh` therefore runs the learner on every core (`train.cpu_cores`, default: all
+cores this process may use; one torch thread per core and rank) with passive OpenMP waits, and
+the rollouts on the second half (`rollout.cpu_cores`), split evenly among them. Where the two
+overlap, the learner's threads sleep instead of spinning when a rollout holds their core, so the
+learner gets the rollout cores whenever the engines idle. Disjoint lists give each side its own
+cores, as separate accelerators would be.
 
     python -m protocol.placement [--config run.yaml] [--section.key value ...]
 
-prints one line per process for the launcher: `learner CORES THREADS` then `rollout I CORES`.
+prints one line per process for the launcher: `learner CORES THREADS WAIT` (WAIT is `passive`
+where the learner's cores overlap a rollout's, else `active`: OpenMP's wait policy for the
+learner) then `rollout I CORES`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from protocol.config import ConfigError, RunConfig, add_config_arguments, config
 class Placement:
     learner: list[int]  # cores of the learner (all its ranks)
     learner_threads: int  # torch threads per learner rank: its share of the learner's cores
+    learner_waits_passively: bool  # the learner shares cores with a rollout: its idle threads must sleep
     rollouts: list[list[int]]  # cores of rollout i
 
 
@@ -49,28 +55,24 @@ def format_cores(cores: list[int]) -> str:
 
 
 def plan(cfg: RunConfig, available: list[int]) -> Placement:
-    """Disjoint cores for the learner and the rollouts (shared only on a 1-core machine).
+    """The learner on every available core, the rollouts on the second half (see the module doc).
 
     Rollout i gets an even share of the rollout cores (consecutive ones); with more rollouts than
     cores they take turns on them.
     """
     ranks, count = cfg.train.learner_ranks, cfg.rollout.num_processes
-    if cfg.train.cpu_cores:
-        learner = parse_cores(cfg.train.cpu_cores, "train.cpu_cores")
-    else:  # half the cores, and at least one per rank
-        learner = available[: max(ranks, len(available) // 2)]
+    learner = parse_cores(cfg.train.cpu_cores, "train.cpu_cores") if cfg.train.cpu_cores else available
     if cfg.rollout.cpu_cores:
         rollout = parse_cores(cfg.rollout.cpu_cores, "rollout.cpu_cores")
     else:
-        rollout = [c for c in available if c not in learner] or available[::-1]
+        rollout = available[len(available) // 2:]
     for key, cores in (("train.cpu_cores", learner), ("rollout.cpu_cores", rollout)):
         outside = sorted(set(cores) - set(available))
         if outside:
             raise ConfigError(f"{key}: cores {outside} are not available to this process (it may use {available})")
-    # on cores shared with the learner an engine takes one thread: more would only wait for each other
-    share = 1 if set(rollout) & set(learner) else max(1, len(rollout) // count)
+    share = max(1, len(rollout) // count)
     rollouts = [[rollout[(i * share + k) % len(rollout)] for k in range(share)] for i in range(count)]
-    return Placement(learner, max(1, len(learner) // ranks), rollouts)
+    return Placement(learner, max(1, len(learner) // ranks), bool(set(learner) & set(rollout)), rollouts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         placement = plan(config_from_args(parser.parse_args(argv)), sorted(os.sched_getaffinity(0)))
     except ConfigError as exc:
         sys.exit(f"placement: {exc}")
-    print(f"learner {format_cores(placement.learner)} {placement.learner_threads}")
+    wait = "passive" if placement.learner_waits_passively else "active"
+    print(f"learner {format_cores(placement.learner)} {placement.learner_threads} {wait}")
     for i, cores in enumerate(placement.rollouts):
         print(f"rollout {i} {format_cores(cores)}")
     return 0

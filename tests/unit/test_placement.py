@@ -14,24 +14,26 @@ from protocol.placement import parse_cores, plan
 
 def placed(available, **overrides):
     p = plan(load_config(overrides={k: str(v) for k, v in overrides.items()}), available)
-    return p.learner, p.learner_threads, p.rollouts
+    return p.learner, p.learner_threads, p.learner_waits_passively, p.rollouts
 
 
-def test_learner_and_rollouts_get_disjoint_halves():
-    assert placed([0, 1]) == ([0], 1, [[1]])
-    assert placed(list(range(8)), **{"rollout.num_processes": 2}) == ([0, 1, 2, 3], 4, [[4, 5], [6, 7]])
+def test_learner_on_every_core_rollouts_on_the_second_half():
+    # training needs most of the arithmetic: the learner also takes the rollout cores while they idle
+    assert placed([0, 1]) == ([0, 1], 2, True, [[1]])
+    assert placed(list(range(8)), **{"rollout.num_processes": 2}) == (list(range(8)), 8, True, [[4, 5], [6, 7]])
     # more rollouts than rollout cores: they take turns
-    assert placed([0, 1], **{"rollout.num_processes": 3})[2] == [[1], [1], [1]]
+    assert placed([0, 1], **{"rollout.num_processes": 3})[3] == [[1], [1], [1]]
+    assert placed([5], **{"rollout.num_processes": 2}) == ([5], 1, True, [[5], [5]])
 
 
-def test_one_core_per_learner_rank_and_shared_cores_as_a_last_resort():
-    # two ranks on two cores: the rollout shares a core, with one thread, starting from the last
-    assert placed([0, 1], **{"train.learner_ranks": 2}) == ([0, 1], 1, [[1]])
-    assert placed([5], **{"rollout.num_processes": 2}) == ([5], 1, [[5], [5]])
+def test_learner_threads_are_split_among_its_ranks():
+    assert placed([0, 1], **{"train.learner_ranks": 2}) == ([0, 1], 1, True, [[1]])
+    assert placed(list(range(8)), **{"train.learner_ranks": 4})[1] == 2
 
 
 def test_explicit_cores():
-    assert placed(list(range(4)), **{"train.cpu_cores": "3", "rollout.cpu_cores": "0-2"}) == ([3], 1, [[0, 1, 2]])
+    # disjoint lists: each side owns its cores, the learner's threads may spin
+    assert placed(list(range(4)), **{"train.cpu_cores": "3", "rollout.cpu_cores": "0-2"}) == ([3], 1, False, [[0, 1, 2]])
     assert parse_cores("0-2,5", "k") == [0, 1, 2, 5]
     for bad in ("", "a-b", "1,1", "0-"):
         with pytest.raises(ConfigError, match="k: expected"):
@@ -45,4 +47,4 @@ def test_command_line_prints_one_line_per_process():
     out = subprocess.run([sys.executable, "-m", "protocol.placement", "--rollout.num_processes", "2",
                           "--train.cpu_cores", str(core), "--rollout.cpu_cores", str(core)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [f"learner {core} 1", f"rollout 0 {core}", f"rollout 1 {core}"]
+    assert out.stdout.splitlines() == [f"learner {core} 1 passive", f"rollout 0 {core}", f"rollout 1 {core}"]
