@@ -102,7 +102,9 @@ def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) ->
         A_i = (s_i - mean_g(s)) / (std_g(s) + eps)
 
     where g is the group of i and ``std`` is UNBIASED (divides by n - 1), like
-    ``torch.std``'s default. A group of identical scores gets all-zero advantages.
+    ``torch.std``'s default and OpenRLHF's group_norm (batch whitening,
+    :func:`learner.algo.masked.masked_whiten`, divides by n instead). A group of
+    identical scores gets all-zero advantages.
     """
     grouped = _grouped(scores, group_size)
     if group_size < 2:
@@ -167,7 +169,7 @@ def reinforce_pp_advantages(
     -> ``(advantages [B, A], returns [B, A])``.
 
         G = discounted_returns(token_rewards, action_mask, gamma)
-        A = masked_whiten(G, action_mask)    (mean/unbiased std over all valid tokens of the batch)
+        A = masked_whiten(G, action_mask)    (mean/population std over all valid tokens of the batch)
     """
     returns = discounted_returns(token_rewards, action_mask, gamma)
     return masked_whiten(returns, action_mask), returns

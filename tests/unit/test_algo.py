@@ -71,12 +71,15 @@ def test_masked_mean_of_empty_mask_is_zero():
     close(masked_mean(x, t([[1, 1], [0, 0]], torch.bool), dim=1), [1.5, 0.0])
 
 
-def test_masked_whiten_unbiased_and_shift_mean():
+def test_masked_whiten_population_variance_and_shift_mean():
     x = t([[1.0, 2.0], [3.0, 100.0]])
     mask = t([[1, 1], [1, 0]], torch.bool)
-    # mean 2, unbiased var = (1 + 0 + 1) / (3 - 1) = 1
-    close(masked_whiten(x, mask, eps=0.0), [[-1.0, 0.0], [1.0, 0.0]])
-    close(masked_whiten(x, mask, shift_mean=False, eps=0.0), [[1.0, 2.0], [3.0, 0.0]])
+    # mean 2, population var = (1 + 0 + 1) / 3 = 2/3, so the deviations +-1 become +-sqrt(3/2)
+    scaled = math.sqrt(1.5)
+    close(masked_whiten(x, mask, eps=0.0), [[-scaled, 0.0], [scaled, 0.0]])
+    close(masked_whiten(x, mask, shift_mean=False, eps=0.0), [[2.0 - scaled, 2.0], [2.0 + scaled, 0.0]])
+    # one valid element: variance 0, the centered value 0 stays 0 (no division by n - 1 = 0)
+    close(masked_whiten(x, t([[1, 0], [0, 0]], torch.bool)), [[0.0, 0.0], [0.0, 0.0]])
 
 
 def test_masked_shape_mismatch_names_mask():
@@ -195,7 +198,7 @@ def test_gae_whitening_flag_via_dispatcher():
     )
     raw = [0.08528, 0.174, 0.7, 0.53, 1.5]
     mean = sum(raw) / 5
-    std = math.sqrt(sum((a - mean) ** 2 for a in raw) / 4 + 1e-8)
+    std = math.sqrt(sum((a - mean) ** 2 for a in raw) / 5 + 1e-8)  # population variance
     close(advantages, [[(a - mean) / std for a in raw[:3]], [(raw[3] - mean) / std, (raw[4] - mean) / std, 0.0]])
     close(returns, [[0.58528, 0.574, 1.0], [1.53, 2.0, 0.0]])  # returns come from unwhitened advantages
 
@@ -251,7 +254,7 @@ def test_reinforce_pp_whitens_returns_over_all_valid_tokens():
     advantages, returns = reinforce_pp_advantages(rewards, MASK, 0.9)
     valid = [0.73, 0.7, 1.0, 1.8, 2.0]
     mean = 6.23 / 5
-    std = math.sqrt(sum((g - mean) ** 2 for g in valid) / 4 + 1e-8)
+    std = math.sqrt(sum((g - mean) ** 2 for g in valid) / 5 + 1e-8)  # population variance
     close(returns, [[0.73, 0.7, 1.0], [1.8, 2.0, 0.0]])
     close(advantages, [[(g - mean) / std for g in valid[:3]], [(1.8 - mean) / std, (2.0 - mean) / std, 0.0]])
     dispatched, _ = compute_advantages("reinforce_pp", token_rewards=rewards, action_mask=MASK, gamma=0.9)
@@ -265,7 +268,7 @@ def test_reinforce_pp_baseline_by_hand():
     # token rewards (kl_coef 0.5): [[-0.1, -1.0], [0.0, 1.0 - 0.2]]; gamma 1 returns: [[-1.1, -1.0], [0.8, 0.8]]
     returns_by_hand = [-1.1, -1.0, 0.8, 0.8]
     mean = -0.125
-    std = math.sqrt(sum((g - mean) ** 2 for g in returns_by_hand) / 3 + 1e-8)
+    std = math.sqrt(sum((g - mean) ** 2 for g in returns_by_hand) / 4 + 1e-8)  # population variance
     expected = [[(-1.1 - mean) / std, (-1.0 - mean) / std], [(0.8 - mean) / std, (0.8 - mean) / std]]
     advantages, returns = reinforce_pp_baseline_advantages(scores, kl, mask, 2, 0.5, 1.0)
     close(returns, [[-1.1, -1.0], [0.8, 0.8]])
