@@ -219,7 +219,8 @@ class PPOTrainer:
         bounds = [(sum(rows[:i]), sum(rows[: i + 1])) for i in range(len(rows))]
 
         # (with a reference, `score` computed the old log-probs: policy_pass_in_score)
-        kl = approx_kl(old, ref, algo.kl_estimator, action_mask=mask) if ref is not None else torch.zeros_like(behaviour)
+        kl = (approx_kl(old, ref, algo.kl_estimator, algo.kl_clamp, action_mask=mask) if ref is not None
+              else torch.zeros_like(behaviour))
         kl_coef = self.kl_controller.value
         token_rewards = shape_token_rewards(scores, kl, mask, kl_coef if algo.kl_mode == "reward" else 0.0)
         advantages, returns = compute_advantages(
@@ -288,7 +289,8 @@ class PPOTrainer:
                     importance_weights=weights, **agg)
                 if algo.kl_mode == "loss" and exp.ref_log_probs is not None:
                     loss = loss + self.kl_controller.value * kl_loss(log_probs, exp.ref_log_probs[rows], mask,
-                                                                     estimator=algo.kl_estimator, **agg)
+                                                                     estimator=algo.kl_estimator,
+                                                                     clamp=algo.kl_clamp, **agg)
                 if algo.entropy_coef > 0:
                     loss = loss - entropy_bonus(_padded(out["entropy"], part, width), mask, algo.entropy_coef, **agg)
                 self.actor.backward(loss, scale_wrt_gas=False)
@@ -365,7 +367,7 @@ class BehaviourMetrics:
         """One micro-batch; all tensors ``[b, A]``."""
         valid = mask.bool()
         tokens = float(valid.sum())
-        kl = approx_kl(old, behaviour, "k3", action_mask=mask)
+        kl = approx_kl(old, behaviour, "k3", clamp=None, action_mask=mask)  # unclamped: outliers stay visible
         means = {"entropy": masked_mean(entropy, mask), "kl_behaviour": masked_mean(kl, mask),
                  **{k: v for k, v in is_metrics.items() if not k.endswith("_max")}}
         maxima = {"kl_behaviour_max": kl.max(), "behaviour_log_ratio_max": (old - behaviour).abs()[valid].max(),

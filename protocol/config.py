@@ -125,6 +125,8 @@ class AlgoConfig:
     lam: float = opt(0.95, "GAE lambda.")
     kl_coef: float = opt(0.0, "KL penalty coefficient against the frozen reference policy; 0 skips the reference model.")
     kl_estimator: str = opt("k3", "KL estimator.", ("k1", "k2", "k3"))
+    kl_clamp: float = opt(10.0, "Every per-token KL estimate to the reference is clamped to [-kl_clamp, kl_clamp], "
+                                "in the reward and in the loss (OpenRLHF's 10); must be > 0.")
     kl_mode: str = opt("loss", "Apply KL as a loss term or shape it into the token rewards.", ("loss", "reward"))
     kl_target: float = opt(0.0, "Adaptive KL controller target; 0 keeps kl_coef fixed.")
     kl_horizon: int = opt(10000, "Adaptive KL controller horizon (samples).")
@@ -264,6 +266,9 @@ class RunConfig:
                               f"rollout.prompts_per_grant ({self.rollout.prompts_per_grant})")
         if not self.reward.function and not self.reward.model_path:
             raise ConfigError("no reward: set reward.function and/or reward.model_path")
+        if not self.algo.kl_clamp > 0:
+            raise ConfigError(f"algo.kl_clamp must be > 0 (per-token KL estimates are clamped to "
+                              f"[-kl_clamp, kl_clamp]), got {self.algo.kl_clamp}")
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         return self

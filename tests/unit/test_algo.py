@@ -98,12 +98,31 @@ def test_approx_kl_estimators():
     close(approx_kl(log_probs, ref, "k3"), [math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0])
 
 
-def test_approx_kl_k3_clamps_log_ratio_in_both_terms():
-    # log_ratio = 30 and -30, clamped to +-10 before exp and in the linear term.
-    kl = approx_kl(t([30.0, -30.0]), t([0.0, 0.0]), "k3", clamp=10.0)
-    close(kl, [math.exp(-10.0) - 1 + 10.0, math.exp(10.0) - 1 - 10.0])
-    # k1/k2 are not clamped.
-    close(approx_kl(t([30.0]), t([0.0]), "k1", clamp=10.0), [30.0])
+def test_approx_kl_clamps_every_estimators_output():
+    # log_ratio 30: k1 = 30, k2 = 450, k3 = exp(-30) - 1 + 30 ~ 29; log_ratio -10: k3 = exp(10) - 11 ~ 22015.
+    for estimator in ("k1", "k2", "k3"):
+        close(approx_kl(t([30.0]), t([0.0]), estimator, clamp=10.0), [10.0])
+    close(approx_kl(t([-30.0, 0.5]), t([0.0, 0.0]), "k1", clamp=10.0), [-10.0, 0.5])  # k1 < 0 clamps below
+    close(approx_kl(t([-10.0, 0.5]), t([0.0, 0.0]), "k3", clamp=10.0), [10.0, math.exp(-0.5) - 0.5])
+
+
+def test_approx_kl_without_clamp_gives_raw_values_and_k3_bounds_its_log_ratio():
+    close(approx_kl(t([30.0, -1.0]), t([0.0, 0.0]), "k1", clamp=None), [30.0, -1.0])
+    close(approx_kl(t([30.0]), t([0.0]), "k2", clamp=None), [450.0])
+    close(approx_kl(t([-10.0, 19.0]), t([0.0, 0.0]), "k3", clamp=None), [math.exp(10.0) - 11.0, math.exp(-19.0) + 18.0])
+    # k3 is evaluated at the log-ratio bounded to [-20, 20], so exp stays finite even in float32.
+    k3 = approx_kl(t([-100.0, 30.0], torch.float32), torch.zeros(2), "k3", clamp=None)
+    assert k3[0].item() == pytest.approx(math.exp(20.0) - 21.0, rel=1e-6)
+    assert k3[1].item() == pytest.approx(math.exp(-20.0) + 19.0, rel=1e-6)
+
+
+def test_approx_kl_k3_gradient_finite_far_outside_the_bounds():
+    # float32 exp(100) is inf: clamping only the output would give 0 * inf = NaN in backward.
+    log_probs = t([-100.0, 100.0, -0.5], torch.float32).requires_grad_()
+    kl = approx_kl(log_probs, torch.zeros(3), "k3", clamp=10.0)
+    kl.sum().backward()
+    close(kl.detach(), [10.0, 10.0, math.exp(0.5) - 1.5], atol=1e-6)
+    close(log_probs.grad, [0.0, 0.0, 1 - math.exp(0.5)], atol=1e-6)  # d k3 / d r = 1 - exp(-r)
 
 
 def test_approx_kl_masked_positions_are_zero_even_with_garbage():
