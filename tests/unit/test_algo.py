@@ -476,6 +476,27 @@ def test_policy_loss_padding_garbage_keeps_gradients_finite():
     assert all(torch.isfinite(value) for value in metrics.values())
 
 
+def test_policy_loss_bounds_the_log_ratio_at_20():
+    # log-ratio 25, A = -1: surr1 = -exp(20) < surr2 = -1.2, so l = exp(20) (4.85e8), not exp(25);
+    # the bound is flat there, so the gradient is 0.
+    log_probs = t([[25.0]]).requires_grad_()
+    loss, metrics = policy_loss(log_probs, t([[0.0]]), t([[-1.0]]), t([[1]], torch.bool))
+    close(loss.detach(), math.exp(20.0), atol=1e-6)
+    close(metrics["ratio_max"], math.exp(20.0), atol=1e-6)
+    loss.backward()
+    close(log_probs.grad, [[0.0]])
+
+
+def test_policy_loss_finite_at_log_ratio_100_in_float32():
+    log_probs = torch.tensor([[100.0, 100.0, -100.0]]).requires_grad_()
+    loss, metrics = policy_loss(log_probs, torch.zeros(1, 3), torch.tensor([[-1.0, 1.0, 1.0]]), torch.ones(1, 3))
+    loss.backward()
+    # per token: exp(20) (A < 0), -1.2 (A > 0: the clip wins), -exp(-20) (ratio below the clip, A > 0)
+    assert loss.item() == pytest.approx((math.exp(20.0) - 1.2 - math.exp(-20.0)) / 3, rel=1e-6)
+    assert torch.isfinite(log_probs.grad).all()
+    assert all(torch.isfinite(value) for value in metrics.values())
+
+
 def test_policy_loss_validation_names_arguments():
     log_probs = _policy_log_probs()
     with pytest.raises(ValueError, match="advantages"):
