@@ -262,6 +262,45 @@ def test_dispatcher_broadcasts_sequence_advantages_to_valid_tokens(estimator):
     close(returns, [[1.0, 1.0, 1.0], [3.0, 3.0, 0.0]])
 
 
+# 2 groups of 2 rows, 3 tokens; row 1 is padded after 2 tokens (its 9.0 is garbage).
+GROUP_SCORES = t([1.0, 0.0, 3.0, 1.0])
+GROUP_MASK = t([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]], torch.bool)
+GROUP_KL = t([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0], [-0.1, 0.0, 0.2], [0.3, 0.3, 0.3]])
+# Reward-to-go of -0.5 * kl over each row's valid tokens (gamma 1).
+KL_REWARD_TO_GO = [[-0.3, -0.25, -0.15], [-0.45, -0.25, 0.0], [-0.05, -0.1, -0.1], [-0.45, -0.3, -0.15]]
+GROUP_SEQUENCE_ADVANTAGES = {
+    # groups [1, 0] and [3, 1]: unbiased stds sqrt(0.5) and sqrt(2)
+    "grpo": [0.5 / (math.sqrt(0.5) + 1e-6), -0.5 / (math.sqrt(0.5) + 1e-6),
+             1.0 / (math.sqrt(2.0) + 1e-6), -1.0 / (math.sqrt(2.0) + 1e-6)],
+    "dr_grpo": [0.5, -0.5, 1.0, -1.0],
+    "rloo": [1.0, -1.0, 2.0, -2.0],
+}
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_add_the_kl_reward_to_go(estimator):
+    advantages, returns = compute_advantages(
+        estimator, scores=GROUP_SCORES, kl=GROUP_KL, kl_coef=0.5, action_mask=GROUP_MASK, group_size=2
+    )
+    sequence = GROUP_SEQUENCE_ADVANTAGES[estimator]
+    expected = [[a + kl if valid else 0.0 for kl, valid in zip(row, mask_row)]
+                for a, row, mask_row in zip(sequence, KL_REWARD_TO_GO, GROUP_MASK.tolist())]
+    close(advantages, expected)
+    close(returns, [[1.0] * 3, [0.0] * 3, [3.0] * 3, [1.0] * 3])  # the raw score on every valid token
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_without_kl_penalty_broadcast_the_sequence_advantage(estimator):
+    without_kl = compute_advantages(estimator, scores=GROUP_SCORES, action_mask=GROUP_MASK, group_size=2)
+    zero_coef = compute_advantages(
+        estimator, scores=GROUP_SCORES, kl=GROUP_KL, kl_coef=0.0, action_mask=GROUP_MASK, group_size=2
+    )
+    sequence = GROUP_SEQUENCE_ADVANTAGES[estimator]
+    close(without_kl[0], [[a * valid for valid in mask_row] for a, mask_row in zip(sequence, GROUP_MASK.tolist())])
+    for before, after in zip(without_kl, zero_coef):
+        assert torch.equal(before, after)
+
+
 def test_discounted_returns_by_hand():
     rewards = t([[0.1, -0.2, 1.0], [0.0, 2.0, 9.0]])
     # row 0: G2 = 1.0, G1 = -0.2 + 0.9*1.0 = 0.7, G0 = 0.1 + 0.9*0.7 = 0.73; row 1: G1 = 2.0, G0 = 1.8

@@ -1,6 +1,7 @@
 """PPOTrainer on one DeepSpeed rank (CPU, gloo): skipping the no-grad policy pass in `score`
 (one PPO epoch, no reference) changes nothing: same metrics, loss, gradient norm and weights; a
-non-finite micro-batch loss stops the step before its backward, naming where it happened."""
+non-finite micro-batch loss stops the step before its backward, naming where it happened; the KL
+in the reward reaches the group estimators' advantages."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import learner.trainer
+from learner.algo import approx_kl
 from learner.distributed import init_distributed
 from learner.rollouts import StepSamples
 from learner.tiny import build_tiny_model, build_tokenizer
@@ -122,3 +124,21 @@ def test_non_finite_loss_stops_the_step_before_its_backward(model_dir, monkeypat
     with pytest.raises(NonFiniteLossError, match=expected):
         trainer.train_step(7, parts)
     assert len(backwards) == 1  # the first micro-batch's; the second never reached backward
+
+
+def test_kl_in_the_reward_adds_its_reward_to_go_to_group_advantages(model_dir):
+    trainer = make_trainer(model_dir, **{"algo.kl_coef": "0.05", "algo.kl_mode": "reward"})
+    with torch.no_grad():  # a reference unlike the policy, so that the KL is not 0
+        for parameter in trainer.ref.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    parts = score_two_batches(trainer)
+    penalised = trainer.make_experience(parts)
+    trainer.kl_controller.value = 0.0
+    plain = trainer.make_experience(parts)
+
+    mask = penalised.action_mask.bool()
+    kl = approx_kl(penalised.old_log_probs, penalised.ref_log_probs, "k3", action_mask=mask)
+    assert kl.abs().max() > 1e-3
+    # the reward-to-go of -kl_coef * kl as a reversed cumulative sum (masked tokens add 0)
+    reward_to_go = torch.where(mask, (-0.05 * kl).flip(1).cumsum(1).flip(1), torch.zeros_like(kl))
+    torch.testing.assert_close(penalised.advantages - plain.advantages, reward_to_go)
