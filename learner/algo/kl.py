@@ -43,7 +43,7 @@ def approx_kl(
     log-ratio so that exp() and its gradient stay finite: clamping only the
     output would give a 0 * inf = NaN gradient at r < -88 in float32. The values
     equal an output-only clamp at any ``clamp`` <= 19, since |r| > 20 already
-    gives k3 > 19. Outlier metrics pass ``clamp=None`` to see the raw estimates.
+    gives k3 > 19. Outlier metrics pass ``clamp=None`` to see unclamped estimates.
 
     When ``action_mask`` is given, masked positions are exactly 0 (their inputs
     are ignored, so padding garbage cannot produce NaN/inf).

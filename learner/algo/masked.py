@@ -61,8 +61,9 @@ def masked_whiten(
     Shapes: ``x`` and ``mask`` identical; result same shape, 0 at masked positions.
     Statistics are taken over *all* valid elements jointly (e.g. every valid token
     of the batch), with the POPULATION variance (divided by n, as OpenRLHF whitens
-    GAE and REINFORCE++ advantages). The group std of :func:`grpo_advantages` is
-    unbiased instead (``torch.std``), also as in OpenRLHF.
+    GAE and REINFORCE++ advantages). The group std of
+    :func:`learner.algo.advantages.grpo_advantages` is unbiased instead
+    (``torch.std``), also as in OpenRLHF.
 
         n     = count(mask)
         mu    = sum(x * mask) / n
