@@ -227,7 +227,7 @@ class Learner:
         spanned = np.concatenate([b.last_weight_versions != b.weight_versions for b in batches])
         parts = [part for b in batches for part in self.scored.pop(b.grant_id)]
         self.dealer.new_step()
-        metrics = reduce_metrics(self.trainer.train_step(parts))
+        metrics = reduce_metrics(self.trainer.train_step(step, parts))
         seconds = time.perf_counter() - started
         self.busy_s += seconds
         return {**metrics, "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),

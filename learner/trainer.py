@@ -14,6 +14,7 @@ For one step's packed samples:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,23 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+class NonFiniteLossError(RuntimeError):
+    """A micro-batch loss is NaN or infinite. Raised before its backward: the weights never see it."""
+
+
+def require_finite_loss(value: float, name: str, *, step: int, micro_batch: int, rows: tuple[int, int],
+                        epoch: int | None = None) -> None:
+    """Raise :class:`NonFiniteLossError` unless ``value``, the micro-batch's ``name`` loss, is finite.
+
+    The message says where: the step, the PPO epoch (when given), the micro-batch's index in the
+    step and its rows ``start-stop`` (stop exclusive) among this rank's sequences of the step.
+    """
+    if not math.isfinite(value):
+        epoch_text = f", epoch {epoch}" if epoch is not None else ""
+        raise NonFiniteLossError(f"step {step}{epoch_text}, micro-batch {micro_batch} "
+                                 f"(rows {rows[0]}-{rows[1]}): {name} is {value}")
 
 
 @dataclass
@@ -219,7 +237,8 @@ class PPOTrainer:
         bounds = [(sum(rows[:i]), sum(rows[: i + 1])) for i in range(len(rows))]
 
         # (with a reference, `score` computed the old log-probs: policy_pass_in_score)
-        kl = approx_kl(old, ref, algo.kl_estimator, action_mask=mask) if ref is not None else torch.zeros_like(behaviour)
+        kl = (approx_kl(old, ref, algo.kl_estimator, algo.kl_clamp, action_mask=mask) if ref is not None
+              else torch.zeros_like(behaviour))
         kl_coef = self.kl_controller.value
         token_rewards = shape_token_rewards(scores, kl, mask, kl_coef if algo.kl_mode == "reward" else 0.0)
         advantages, returns = compute_advantages(
@@ -250,7 +269,8 @@ class PPOTrainer:
             dist.all_reduce(count)
         return float(count) / self.world_size
 
-    def train_step(self, parts: list[ScoredPart]) -> dict[str, float]:
+    def train_step(self, step: int, parts: list[ScoredPart]) -> dict[str, float]:
+        """One optimizer step per PPO epoch on the step's scored parts; `step` names it in errors."""
         exp = self.make_experience(parts)
         samples = exp.samples
         cfg, algo = self.cfg, self.cfg.algo
@@ -264,7 +284,9 @@ class PPOTrainer:
         for epoch in range(cfg.train.ppo_epochs):
             for _ in range(idle_passes):
                 self._idle_pass(samples, backward=True)
-            for start, stop in exp.bounds:
+            for index, (start, stop) in enumerate(exp.bounds):
+                where = dict(step=step, micro_batch=index, rows=(start, stop),
+                             epoch=epoch if cfg.train.ppo_epochs > 1 else None)
                 part = samples.rows(start, stop)
                 rows = slice(start, stop)
                 out = self.actor(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature,
@@ -288,18 +310,24 @@ class PPOTrainer:
                     importance_weights=weights, **agg)
                 if algo.kl_mode == "loss" and exp.ref_log_probs is not None:
                     loss = loss + self.kl_controller.value * kl_loss(log_probs, exp.ref_log_probs[rows], mask,
-                                                                     estimator=algo.kl_estimator, **agg)
+                                                                     estimator=algo.kl_estimator,
+                                                                     clamp=algo.kl_clamp, **agg)
                 if algo.entropy_coef > 0:
                     loss = loss - entropy_bonus(_padded(out["entropy"], part, width), mask, algo.entropy_coef, **agg)
+                # .item() (the sync the metric needs anyway) before backward: NaN/inf must not reach the gradients
+                loss_value = loss.item()
+                require_finite_loss(loss_value, "policy loss", **where)
                 self.actor.backward(loss, scale_wrt_gas=False)
-                losses["policy_loss"] = losses.get("policy_loss", 0.0) + loss.item()
+                losses["policy_loss"] = losses.get("policy_loss", 0.0) + loss_value
                 _accumulate(sums, m, weight=float(mask.sum()))
                 if self.critic is not None:
                     values = _padded(self.critic(part.tokens, cu_seqlens=part.cu_seqlens), part, width)
                     vloss, vm = value_loss(values, exp.old_values[rows], exp.returns[rows], mask,
                                            clip_eps=cfg.critic.value_clip or None, **agg)
+                    vloss_value = vloss.item()
+                    require_finite_loss(vloss_value, "value loss", **where)
                     self.critic.backward(vloss, scale_wrt_gas=False)
-                    losses["value_loss"] = losses.get("value_loss", 0.0) + vloss.item()
+                    losses["value_loss"] = losses.get("value_loss", 0.0) + vloss_value
                     _accumulate(sums, {f"value_{k}": v for k, v in vm.items()}, weight=float(mask.sum()))
             self.actor.step()
             if self.critic is not None:
@@ -365,7 +393,7 @@ class BehaviourMetrics:
         """One micro-batch; all tensors ``[b, A]``."""
         valid = mask.bool()
         tokens = float(valid.sum())
-        kl = approx_kl(old, behaviour, "k3", action_mask=mask)
+        kl = approx_kl(old, behaviour, "k3", clamp=None, action_mask=mask)  # unclamped: outliers stay visible
         means = {"entropy": masked_mean(entropy, mask), "kl_behaviour": masked_mean(kl, mask),
                  **{k: v for k, v in is_metrics.items() if not k.endswith("_max")}}
         maxima = {"kl_behaviour_max": kl.max(), "behaviour_log_ratio_max": (old - behaviour).abs()[valid].max(),

@@ -121,10 +121,13 @@ class RolloutConfig:
 class AlgoConfig:
     advantage_estimator: str = opt("grpo", "How advantages are computed.",
                                    ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"))
-    gamma: float = opt(1.0, "Discount factor (GAE, REINFORCE++).")
+    gamma: float = opt(1.0, "Discount factor of gae, reinforce_pp and reinforce_pp_baseline; grpo, dr_grpo and "
+                            "rloo take no discount (it must stay 1 with them).")
     lam: float = opt(0.95, "GAE lambda.")
     kl_coef: float = opt(0.0, "KL penalty coefficient against the frozen reference policy; 0 skips the reference model.")
     kl_estimator: str = opt("k3", "KL estimator.", ("k1", "k2", "k3"))
+    kl_clamp: float = opt(10.0, "Every per-token KL estimate to the reference is clamped to [-kl_clamp, kl_clamp], "
+                                "in the reward and in the loss (OpenRLHF's 10); must be > 0.")
     kl_mode: str = opt("loss", "Apply KL as a loss term or shape it into the token rewards.", ("loss", "reward"))
     kl_target: float = opt(0.0, "Adaptive KL controller target; 0 keeps kl_coef fixed.")
     kl_horizon: int = opt(10000, "Adaptive KL controller horizon (samples).")
@@ -265,6 +268,13 @@ class RunConfig:
                               f"rollout.prompts_per_grant ({self.rollout.prompts_per_grant})")
         if not self.reward.function and not self.reward.model_path:
             raise ConfigError("no reward: set reward.function and/or reward.model_path")
+        if self.algo.gamma != 1 and self.algo.advantage_estimator in ("grpo", "dr_grpo", "rloo"):
+            raise ConfigError(f"algo.gamma {self.algo.gamma} is not used by algo.advantage_estimator "
+                              f"'{self.algo.advantage_estimator}' (the group estimators take no discount): "
+                              f"leave algo.gamma at 1, or choose gae, reinforce_pp or reinforce_pp_baseline")
+        if not self.algo.kl_clamp > 0:
+            raise ConfigError(f"algo.kl_clamp must be > 0 (per-token KL estimates are clamped to "
+                              f"[-kl_clamp, kl_clamp]), got {self.algo.kl_clamp}")
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         return self

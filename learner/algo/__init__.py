@@ -16,6 +16,7 @@ from .advantages import (
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
     rloo_advantages,
+    sequence_to_token_advantages,
 )
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, approx_kl
 from .losses import (
@@ -55,6 +56,7 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",
+    "sequence_to_token_advantages",
     "shape_token_rewards",
     "truncated_importance_weights",
     "value_loss",

@@ -28,6 +28,7 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
     "broadcast_to_tokens",
+    "sequence_to_token_advantages",
     "compute_advantages",
 ]
 
@@ -102,7 +103,9 @@ def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) ->
         A_i = (s_i - mean_g(s)) / (std_g(s) + eps)
 
     where g is the group of i and ``std`` is UNBIASED (divides by n - 1), like
-    ``torch.std``'s default. A group of identical scores gets all-zero advantages.
+    ``torch.std``'s default and OpenRLHF's group_norm (batch whitening,
+    :func:`learner.algo.masked.masked_whiten`, divides by n instead). A group of
+    identical scores gets all-zero advantages.
     """
     grouped = _grouped(scores, group_size)
     if group_size < 2:
@@ -167,7 +170,7 @@ def reinforce_pp_advantages(
     -> ``(advantages [B, A], returns [B, A])``.
 
         G = discounted_returns(token_rewards, action_mask, gamma)
-        A = masked_whiten(G, action_mask)    (mean/unbiased std over all valid tokens of the batch)
+        A = masked_whiten(G, action_mask)    (mean/population std over all valid tokens of the batch)
     """
     returns = discounted_returns(token_rewards, action_mask, gamma)
     return masked_whiten(returns, action_mask), returns
@@ -215,6 +218,29 @@ def broadcast_to_tokens(sequence_values: torch.Tensor, action_mask: torch.Tensor
     return torch.where(as_bool_mask(action_mask), expanded, torch.zeros_like(expanded))
 
 
+def sequence_to_token_advantages(
+    sequence_advantages: torch.Tensor,
+    action_mask: torch.Tensor,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """Per-token advantages of a group estimator (grpo, dr_grpo, rloo), with the KL penalty in the reward.
+
+    Shapes: ``sequence_advantages [B]``, ``action_mask [B, A]``, optional ``kl [B, A]`` -> ``[B, A]``.
+    As OpenRLHF: the sequence advantage is the reward of the row's last valid token, every valid token
+    also gets ``-kl_coef * kl``, and the advantage is the undiscounted reward-to-go of these rewards:
+
+        A[b, t] = seq_adv[b] + sum_{k >= t, k valid} -kl_coef * kl[b, k]     for valid t, 0 elsewhere
+
+    Without a penalty (``kl`` None or ``kl_coef`` 0) this is :func:`broadcast_to_tokens`, bit for bit.
+    """
+    if kl is None or kl_coef == 0:
+        return broadcast_to_tokens(sequence_advantages, action_mask)
+    token_rewards = shape_token_rewards(sequence_advantages, kl, action_mask, kl_coef)
+    # gamma 1: OpenRLHF forces it for the group estimators (their advantage is not a discounted return)
+    return discounted_returns(token_rewards, action_mask, 1.0)
+
+
 def _require(estimator: str, **arguments: object) -> None:
     for name, value in arguments.items():
         if value is None:
@@ -246,17 +272,21 @@ def compute_advantages(
     ``gae``                  token_rewards (KL-shaped), values, gamma, lam        :func:`gae`; whitened over valid tokens
                                                                                   iff ``whiten_advantages`` (returns are
                                                                                   from the unwhitened advantages)
-    ``grpo``                 scores, group_size, eps                              :func:`grpo_advantages` broadcast to
-                                                                                  tokens / raw score broadcast to tokens
-    ``dr_grpo``              scores, group_size                                   :func:`dr_grpo_advantages`, same
-    ``rloo``                 scores, group_size                                   :func:`rloo_advantages`, same
+    ``grpo``                 scores, group_size, eps; optional kl, kl_coef        :func:`grpo_advantages` per token (see
+                                                                                  below) / raw score broadcast to tokens
+    ``dr_grpo``              scores, group_size; optional kl, kl_coef             :func:`dr_grpo_advantages`, same
+    ``rloo``                 scores, group_size; optional kl, kl_coef             :func:`rloo_advantages`, same
     ``reinforce_pp``         token_rewards (KL-shaped), gamma                     :func:`reinforce_pp_advantages`
     ``reinforce_pp_baseline`` scores (raw), kl, kl_coef, group_size, gamma        :func:`reinforce_pp_baseline_advantages`
     ======================== ==================================================== ======================================
 
-    For the sequence-level estimators (grpo, dr_grpo, rloo) KL is expected as a
-    loss term (:func:`learner.algo.losses.kl_loss`), not in the reward, and the
-    returned "returns" (the raw score on every valid token) only serve logging.
+    For the sequence-level estimators (grpo, dr_grpo, rloo) a KL penalty in the
+    reward (``kl`` with ``kl_coef`` != 0: ``algo.kl_mode reward``) adds its
+    reward-to-go to every token's advantage, see :func:`sequence_to_token_advantages`;
+    with ``kl_coef`` 0 (KL as a loss term, :func:`learner.algo.losses.kl_loss`, or
+    none) the sequence advantage is broadcast. They take no discount (``gamma`` is
+    not used), and their "returns" (the raw score on every valid token) are read
+    by nothing that trains: no critic uses them.
     ``whiten_advantages`` applies to ``gae`` only; the other estimators define
     their own normalisation, so asking to whiten them raises ValueError.
     Masked positions are 0 in both outputs.
@@ -282,7 +312,7 @@ def compute_advantages(
         else:
             sequence_advantages = rloo_advantages(scores, group_size)
         return (
-            broadcast_to_tokens(sequence_advantages.detach(), action_mask),
+            sequence_to_token_advantages(sequence_advantages.detach(), action_mask, kl, kl_coef),
             broadcast_to_tokens(scores.detach(), action_mask),
         )
 

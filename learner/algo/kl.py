@@ -11,9 +11,13 @@ import torch
 
 from .masked import as_bool_mask, require_same_shape
 
-__all__ = ["KL_ESTIMATORS", "approx_kl", "FixedKLController", "AdaptiveKLController"]
+__all__ = ["KL_ESTIMATORS", "LOG_RATIO_BOUND", "approx_kl", "FixedKLController", "AdaptiveKLController"]
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+
+#: Log-ratios are bounded to [-LOG_RATIO_BOUND, LOG_RATIO_BOUND] before exp() (OpenRLHF's value):
+#: exp(20) ~ 4.85e8 is finite in float32 and bfloat16, and so is its gradient.
+LOG_RATIO_BOUND = 20.0
 
 
 def approx_kl(
@@ -28,16 +32,18 @@ def approx_kl(
     Shapes: ``log_probs``, ``ref_log_probs`` and the optional ``action_mask`` are
     all ``[B, A]`` (any identical shape works); the result has the same shape.
 
-    With ``log_ratio = log_probs - ref_log_probs``:
+    With ``r = log_probs - ref_log_probs`` and ``r_b = clamp(r, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)``:
 
-        k1 = log_ratio                           (unbiased, high variance, can be < 0)
-        k2 = log_ratio^2 / 2                     (biased, low variance, >= 0)
-        k3 = exp(-log_ratio) - 1 + log_ratio     (unbiased, low variance, >= 0)
+        k1 = r                           (unbiased, high variance, can be < 0)
+        k2 = r^2 / 2                     (biased, low variance, >= 0)
+        k3 = exp(-r_b) - 1 + r_b         (unbiased, low variance, >= 0)
+        kl = clamp(k, -clamp, clamp)     (every estimator; ``clamp=None`` skips this)
 
-    Clamping: only ``k3`` exponentiates, so only ``k3`` clamps. It replaces
-    ``log_ratio`` by ``clamp(log_ratio, -clamp, clamp)`` in BOTH of its terms
-    (the exp and the linear one), i.e. k3 is evaluated at the clamped log-ratio;
-    ``clamp=None`` disables it. k1 and k2 use the raw log-ratio.
+    The output clamp is OpenRLHF's (default 10). k3 is evaluated at the bounded
+    log-ratio so that exp() and its gradient stay finite: clamping only the
+    output would give a 0 * inf = NaN gradient at r < -88 in float32. The values
+    equal an output-only clamp at any ``clamp`` <= 19, since |r| > 20 already
+    gives k3 > 19. Outlier metrics pass ``clamp=None`` to see unclamped estimates.
 
     When ``action_mask`` is given, masked positions are exactly 0 (their inputs
     are ignored, so padding garbage cannot produce NaN/inf).
@@ -60,9 +66,10 @@ def approx_kl(
     elif estimator == "k2":
         kl = log_ratio.square() / 2
     else:
-        if clamp is not None:
-            log_ratio = log_ratio.clamp(min=-clamp, max=clamp)
-        kl = torch.exp(-log_ratio) - 1 + log_ratio
+        bounded = log_ratio.clamp(min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND)
+        kl = torch.exp(-bounded) - 1 + bounded
+    if clamp is not None:
+        kl = kl.clamp(min=-clamp, max=clamp)
 
     if action_mask is not None:
         kl = torch.where(bool_mask, kl, torch.zeros_like(kl))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .kl import approx_kl
+from .kl import LOG_RATIO_BOUND, approx_kl
 from .masked import as_bool_mask, masked_mean, masked_sum, require_same_shape
 
 __all__ = [
@@ -125,7 +125,8 @@ def policy_loss(
     ``action_mask`` and optional ``importance_weights`` all ``[B, A]`` ->
     ``(scalar loss, metrics)``. Per valid token:
 
-        ratio = exp(log_probs - old_log_probs)
+        r     = clamp(log_probs - old_log_probs, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)    (20, as OpenRLHF)
+        ratio = exp(r)
         surr1 = ratio * A
         surr2 = clamp(ratio, 1 - clip_low, 1 + clip_high) * A
         l     = -min(surr1, surr2)
@@ -137,7 +138,8 @@ def policy_loss(
     Metrics (detached 0-d tensors, over this call's valid tokens):
     ``clip_fraction`` (share of tokens where surr2 < surr1, i.e. the clip is active),
     ``approx_kl`` (k3 estimate of KL(old || new): mean of ratio - 1 - log ratio),
-    ``ratio_mean``, ``ratio_max``, and ``dual_clip_fraction`` when ``dual_clip`` is set.
+    ``ratio_mean``, ``ratio_max`` (of the bounded ratio), and ``dual_clip_fraction`` when
+    ``dual_clip`` is set.
     """
     _check_token_tensor("log_probs", log_probs, action_mask)
     _check_token_tensor("old_log_probs", old_log_probs, action_mask)
@@ -152,7 +154,9 @@ def policy_loss(
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
 
     bool_mask = as_bool_mask(action_mask)
-    log_ratio = _zero_masked(log_probs - old_log_probs, bool_mask)
+    # Bounded so that exp() stays finite: a runaway token then costs at most exp(20) * |A| and, outside
+    # the bound, gives no gradient, instead of an inf/NaN loss.
+    log_ratio = _zero_masked(log_probs - old_log_probs, bool_mask).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     advantages = _zero_masked(advantages.detach(), bool_mask)
     ratio = torch.exp(log_ratio)
     surr1 = ratio * advantages

@@ -60,22 +60,22 @@ def masked_whiten(
 
     Shapes: ``x`` and ``mask`` identical; result same shape, 0 at masked positions.
     Statistics are taken over *all* valid elements jointly (e.g. every valid token
-    of the batch), with the UNBIASED variance (Bessel's correction, like
-    ``torch.var`` default), so the statistics match :func:`torch.std` used by the
-    group estimators:
+    of the batch), with the POPULATION variance (divided by n, as OpenRLHF whitens
+    GAE and REINFORCE++ advantages). The group std of
+    :func:`learner.algo.advantages.grpo_advantages` is unbiased instead
+    (``torch.std``), also as in OpenRLHF.
 
         n     = count(mask)
         mu    = sum(x * mask) / n
-        var   = sum((x - mu)^2 * mask) / (n - 1)      (n - 1 floored at 1, so n <= 1 gives var 0)
+        var   = sum((x - mu)^2 * mask) / n             (n floored at 1: an empty mask gives var 0)
         out   = (x - mu) / sqrt(var + eps)             if shift_mean
         out   = (x - mu) / sqrt(var + eps) + mu        otherwise (rescale only, keep the mean)
     """
     require_same_shape("mask", mask, "x", x)
     bool_mask = as_bool_mask(mask)
-    count = bool_mask.sum()
     mean = masked_mean(x, bool_mask)
     centered = x - mean
-    variance = masked_sum(centered * centered, bool_mask) / (count - 1).clamp(min=1).to(x.dtype)
+    variance = masked_mean(centered * centered, bool_mask)
     whitened = centered * torch.rsqrt(variance + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -71,12 +71,15 @@ def test_masked_mean_of_empty_mask_is_zero():
     close(masked_mean(x, t([[1, 1], [0, 0]], torch.bool), dim=1), [1.5, 0.0])
 
 
-def test_masked_whiten_unbiased_and_shift_mean():
+def test_masked_whiten_population_variance_and_shift_mean():
     x = t([[1.0, 2.0], [3.0, 100.0]])
     mask = t([[1, 1], [1, 0]], torch.bool)
-    # mean 2, unbiased var = (1 + 0 + 1) / (3 - 1) = 1
-    close(masked_whiten(x, mask, eps=0.0), [[-1.0, 0.0], [1.0, 0.0]])
-    close(masked_whiten(x, mask, shift_mean=False, eps=0.0), [[1.0, 2.0], [3.0, 0.0]])
+    # mean 2, population var = (1 + 0 + 1) / 3 = 2/3, so the deviations +-1 become +-sqrt(3/2)
+    scaled = math.sqrt(1.5)
+    close(masked_whiten(x, mask, eps=0.0), [[-scaled, 0.0], [scaled, 0.0]])
+    close(masked_whiten(x, mask, shift_mean=False, eps=0.0), [[2.0 - scaled, 2.0], [2.0 + scaled, 0.0]])
+    # one valid element: variance 0, the centered value 0 stays 0 (no division by n - 1 = 0)
+    close(masked_whiten(x, t([[1, 0], [0, 0]], torch.bool)), [[0.0, 0.0], [0.0, 0.0]])
 
 
 def test_masked_shape_mismatch_names_mask():
@@ -95,12 +98,31 @@ def test_approx_kl_estimators():
     close(approx_kl(log_probs, ref, "k3"), [math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0])
 
 
-def test_approx_kl_k3_clamps_log_ratio_in_both_terms():
-    # log_ratio = 30 and -30, clamped to +-10 before exp and in the linear term.
-    kl = approx_kl(t([30.0, -30.0]), t([0.0, 0.0]), "k3", clamp=10.0)
-    close(kl, [math.exp(-10.0) - 1 + 10.0, math.exp(10.0) - 1 - 10.0])
-    # k1/k2 are not clamped.
-    close(approx_kl(t([30.0]), t([0.0]), "k1", clamp=10.0), [30.0])
+def test_approx_kl_clamps_every_estimators_output():
+    # log_ratio 30: k1 = 30, k2 = 450, k3 = exp(-30) - 1 + 30 ~ 29; log_ratio -10: k3 = exp(10) - 11 ~ 22015.
+    for estimator in ("k1", "k2", "k3"):
+        close(approx_kl(t([30.0]), t([0.0]), estimator, clamp=10.0), [10.0])
+    close(approx_kl(t([-30.0, 0.5]), t([0.0, 0.0]), "k1", clamp=10.0), [-10.0, 0.5])  # k1 < 0 clamps below
+    close(approx_kl(t([-10.0, 0.5]), t([0.0, 0.0]), "k3", clamp=10.0), [10.0, math.exp(-0.5) - 0.5])
+
+
+def test_approx_kl_without_clamp_gives_raw_values_and_k3_bounds_its_log_ratio():
+    close(approx_kl(t([30.0, -1.0]), t([0.0, 0.0]), "k1", clamp=None), [30.0, -1.0])
+    close(approx_kl(t([30.0]), t([0.0]), "k2", clamp=None), [450.0])
+    close(approx_kl(t([-10.0, 19.0]), t([0.0, 0.0]), "k3", clamp=None), [math.exp(10.0) - 11.0, math.exp(-19.0) + 18.0])
+    # k3 is evaluated at the log-ratio bounded to [-20, 20], so exp stays finite even in float32.
+    k3 = approx_kl(t([-100.0, 30.0], torch.float32), torch.zeros(2), "k3", clamp=None)
+    assert k3[0].item() == pytest.approx(math.exp(20.0) - 21.0, rel=1e-6)
+    assert k3[1].item() == pytest.approx(math.exp(-20.0) + 19.0, rel=1e-6)
+
+
+def test_approx_kl_k3_gradient_finite_far_outside_the_bounds():
+    # float32 exp(100) is inf: clamping only the output would give 0 * inf = NaN in backward.
+    log_probs = t([-100.0, 100.0, -0.5], torch.float32).requires_grad_()
+    kl = approx_kl(log_probs, torch.zeros(3), "k3", clamp=10.0)
+    kl.sum().backward()
+    close(kl.detach(), [10.0, 10.0, math.exp(0.5) - 1.5], atol=1e-6)
+    close(log_probs.grad, [0.0, 0.0, 1 - math.exp(0.5)], atol=1e-6)  # d k3 / d r = 1 - exp(-r)
 
 
 def test_approx_kl_masked_positions_are_zero_even_with_garbage():
@@ -195,7 +217,7 @@ def test_gae_whitening_flag_via_dispatcher():
     )
     raw = [0.08528, 0.174, 0.7, 0.53, 1.5]
     mean = sum(raw) / 5
-    std = math.sqrt(sum((a - mean) ** 2 for a in raw) / 4 + 1e-8)
+    std = math.sqrt(sum((a - mean) ** 2 for a in raw) / 5 + 1e-8)  # population variance
     close(advantages, [[(a - mean) / std for a in raw[:3]], [(raw[3] - mean) / std, (raw[4] - mean) / std, 0.0]])
     close(returns, [[0.58528, 0.574, 1.0], [1.53, 2.0, 0.0]])  # returns come from unwhitened advantages
 
@@ -240,6 +262,45 @@ def test_dispatcher_broadcasts_sequence_advantages_to_valid_tokens(estimator):
     close(returns, [[1.0, 1.0, 1.0], [3.0, 3.0, 0.0]])
 
 
+# 2 groups of 2 rows, 3 tokens; row 1 is padded after 2 tokens (its 9.0 is garbage).
+GROUP_SCORES = t([1.0, 0.0, 3.0, 1.0])
+GROUP_MASK = t([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]], torch.bool)
+GROUP_KL = t([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0], [-0.1, 0.0, 0.2], [0.3, 0.3, 0.3]])
+# Reward-to-go of -0.5 * kl over each row's valid tokens (gamma 1).
+KL_REWARD_TO_GO = [[-0.3, -0.25, -0.15], [-0.45, -0.25, 0.0], [-0.05, -0.1, -0.1], [-0.45, -0.3, -0.15]]
+GROUP_SEQUENCE_ADVANTAGES = {
+    # groups [1, 0] and [3, 1]: unbiased stds sqrt(0.5) and sqrt(2)
+    "grpo": [0.5 / (math.sqrt(0.5) + 1e-6), -0.5 / (math.sqrt(0.5) + 1e-6),
+             1.0 / (math.sqrt(2.0) + 1e-6), -1.0 / (math.sqrt(2.0) + 1e-6)],
+    "dr_grpo": [0.5, -0.5, 1.0, -1.0],
+    "rloo": [1.0, -1.0, 2.0, -2.0],
+}
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_add_the_kl_reward_to_go(estimator):
+    advantages, returns = compute_advantages(
+        estimator, scores=GROUP_SCORES, kl=GROUP_KL, kl_coef=0.5, action_mask=GROUP_MASK, group_size=2
+    )
+    sequence = GROUP_SEQUENCE_ADVANTAGES[estimator]
+    expected = [[a + kl if valid else 0.0 for kl, valid in zip(row, mask_row)]
+                for a, row, mask_row in zip(sequence, KL_REWARD_TO_GO, GROUP_MASK.tolist())]
+    close(advantages, expected)
+    close(returns, [[1.0] * 3, [0.0] * 3, [3.0] * 3, [1.0] * 3])  # the raw score on every valid token
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_without_kl_penalty_broadcast_the_sequence_advantage(estimator):
+    without_kl = compute_advantages(estimator, scores=GROUP_SCORES, action_mask=GROUP_MASK, group_size=2)
+    zero_coef = compute_advantages(
+        estimator, scores=GROUP_SCORES, kl=GROUP_KL, kl_coef=0.0, action_mask=GROUP_MASK, group_size=2
+    )
+    sequence = GROUP_SEQUENCE_ADVANTAGES[estimator]
+    close(without_kl[0], [[a * valid for valid in mask_row] for a, mask_row in zip(sequence, GROUP_MASK.tolist())])
+    for before, after in zip(without_kl, zero_coef):
+        assert torch.equal(before, after)
+
+
 def test_discounted_returns_by_hand():
     rewards = t([[0.1, -0.2, 1.0], [0.0, 2.0, 9.0]])
     # row 0: G2 = 1.0, G1 = -0.2 + 0.9*1.0 = 0.7, G0 = 0.1 + 0.9*0.7 = 0.73; row 1: G1 = 2.0, G0 = 1.8
@@ -251,7 +312,7 @@ def test_reinforce_pp_whitens_returns_over_all_valid_tokens():
     advantages, returns = reinforce_pp_advantages(rewards, MASK, 0.9)
     valid = [0.73, 0.7, 1.0, 1.8, 2.0]
     mean = 6.23 / 5
-    std = math.sqrt(sum((g - mean) ** 2 for g in valid) / 4 + 1e-8)
+    std = math.sqrt(sum((g - mean) ** 2 for g in valid) / 5 + 1e-8)  # population variance
     close(returns, [[0.73, 0.7, 1.0], [1.8, 2.0, 0.0]])
     close(advantages, [[(g - mean) / std for g in valid[:3]], [(1.8 - mean) / std, (2.0 - mean) / std, 0.0]])
     dispatched, _ = compute_advantages("reinforce_pp", token_rewards=rewards, action_mask=MASK, gamma=0.9)
@@ -265,7 +326,7 @@ def test_reinforce_pp_baseline_by_hand():
     # token rewards (kl_coef 0.5): [[-0.1, -1.0], [0.0, 1.0 - 0.2]]; gamma 1 returns: [[-1.1, -1.0], [0.8, 0.8]]
     returns_by_hand = [-1.1, -1.0, 0.8, 0.8]
     mean = -0.125
-    std = math.sqrt(sum((g - mean) ** 2 for g in returns_by_hand) / 3 + 1e-8)
+    std = math.sqrt(sum((g - mean) ** 2 for g in returns_by_hand) / 4 + 1e-8)  # population variance
     expected = [[(-1.1 - mean) / std, (-1.0 - mean) / std], [(0.8 - mean) / std, (0.8 - mean) / std]]
     advantages, returns = reinforce_pp_baseline_advantages(scores, kl, mask, 2, 0.5, 1.0)
     close(returns, [[-1.1, -1.0], [0.8, 0.8]])
@@ -451,6 +512,27 @@ def test_policy_loss_padding_garbage_keeps_gradients_finite():
     loss, metrics = policy_loss(log_probs, OLD_LOG_PROBS, ADVANTAGES, MASK, aggregation="seq_mean_token_mean")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(log_probs.grad).all()
+    assert all(torch.isfinite(value) for value in metrics.values())
+
+
+def test_policy_loss_bounds_the_log_ratio_at_20():
+    # log-ratio 25, A = -1: surr1 = -exp(20) < surr2 = -1.2, so l = exp(20) (4.85e8), not exp(25);
+    # the bound is flat there, so the gradient is 0.
+    log_probs = t([[25.0]]).requires_grad_()
+    loss, metrics = policy_loss(log_probs, t([[0.0]]), t([[-1.0]]), t([[1]], torch.bool))
+    close(loss.detach(), math.exp(20.0), atol=1e-6)
+    close(metrics["ratio_max"], math.exp(20.0), atol=1e-6)
+    loss.backward()
+    close(log_probs.grad, [[0.0]])
+
+
+def test_policy_loss_finite_at_log_ratio_100_in_float32():
+    log_probs = torch.tensor([[100.0, 100.0, -100.0]]).requires_grad_()
+    loss, metrics = policy_loss(log_probs, torch.zeros(1, 3), torch.tensor([[-1.0, 1.0, 1.0]]), torch.ones(1, 3))
+    loss.backward()
+    # per token: exp(20) (A < 0), -1.2 (A > 0: the clip wins), -exp(-20) (ratio below the clip, A > 0)
+    assert loss.item() == pytest.approx((math.exp(20.0) - 1.2 - math.exp(-20.0)) / 3, rel=1e-6)
+    assert torch.isfinite(log_probs.grad).all()
     assert all(torch.isfinite(value) for value in metrics.values())
 
 

@@ -301,6 +301,30 @@ def test_dual_clip_accepted(value):
     assert load_config(overrides={"algo.dual_clip": value}).algo.dual_clip == float(value)
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_gamma_other_than_one_rejected_for_group_estimators(estimator):
+    with pytest.raises(ConfigError, match=rf"algo\.gamma .*algo\.advantage_estimator '{estimator}'"):
+        load_config(overrides={"algo.advantage_estimator": estimator, "algo.gamma": "0.99"})
+    assert load_config(overrides={"algo.advantage_estimator": estimator, "algo.gamma": "1"}).algo.gamma == 1.0
+
+
+@pytest.mark.parametrize("estimator", ["gae", "reinforce_pp", "reinforce_pp_baseline"])
+def test_gamma_accepted_for_estimators_that_discount(estimator):
+    cfg = load_config(overrides={"algo.advantage_estimator": estimator, "algo.gamma": "0.99"})
+    assert cfg.algo.gamma == 0.99
+
+
+@pytest.mark.parametrize("value", ["0", "-10", "nan"])
+def test_kl_clamp_must_be_positive(value):
+    with pytest.raises(ConfigError, match=r"algo\.kl_clamp must be > 0"):
+        load_config(overrides={"algo.kl_clamp": value})
+
+
+def test_kl_clamp_default_and_accepted():
+    assert RunConfig().algo.kl_clamp == 10.0
+    assert load_config(overrides={"algo.kl_clamp": "2.5"}).algo.kl_clamp == 2.5
+
+
 @pytest.mark.parametrize(
     "key",
     ["train.num_steps", "train.prompts_per_step", "rollout.n_samples_per_prompt", "rollout.prompts_per_grant",

@@ -1,5 +1,7 @@
 """PPOTrainer on one DeepSpeed rank (CPU, gloo): skipping the no-grad policy pass in `score`
-(one PPO epoch, no reference) changes nothing: same metrics, loss, gradient norm and weights."""
+(one PPO epoch, no reference) changes nothing: same metrics, loss, gradient norm and weights; a
+non-finite micro-batch loss stops the step before its backward, naming where it happened; the KL
+in the reward reaches the group estimators' advantages."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import learner.trainer
+from learner.algo import approx_kl
 from learner.distributed import init_distributed
 from learner.rollouts import StepSamples
 from learner.tiny import build_tiny_model, build_tokenizer
-from learner.trainer import PPOTrainer
+from learner.trainer import NonFiniteLossError, PPOTrainer, ScoredPart, require_finite_loss
 from protocol.config import load_config
 from protocol.messages import PackedBatch
 
@@ -50,17 +54,25 @@ def random_reward(prompts, completions, labels):
     return [float(len(c) % 3) for c in completions]
 
 
-def train_once(model_dir: str, policy_pass_in_score: bool, **overrides) -> tuple[dict, dict]:
+def make_trainer(model_dir: str, **overrides) -> PPOTrainer:
     cfg = load_config(overrides={"model.path": model_dir, "rollout.n_samples_per_prompt": "4", "train.lr": "0.01",
                                  "train.micro_batch_tokens": "64", **overrides})
     torch.manual_seed(0)
-    trainer = PPOTrainer(cfg, model_dir, build_tokenizer(), random_reward)
-    assert trainer.policy_pass_in_score == (cfg.train.ppo_epochs > 1)  # the default, before the test forces it
-    trainer.policy_pass_in_score = policy_pass_in_score
+    return PPOTrainer(cfg, model_dir, build_tokenizer(), random_reward)
+
+
+def score_two_batches(trainer: PPOTrainer) -> list[ScoredPart]:
     rng = np.random.default_rng(0)
-    parts = [p for g in range(2) for p in trainer.score(StepSamples.from_batches([batch(g, rng)]), order=g)]
+    return [p for g in range(2) for p in trainer.score(StepSamples.from_batches([batch(g, rng)]), order=g)]
+
+
+def train_once(model_dir: str, policy_pass_in_score: bool, **overrides) -> tuple[dict, dict]:
+    trainer = make_trainer(model_dir, **overrides)
+    assert trainer.policy_pass_in_score == (trainer.cfg.train.ppo_epochs > 1)  # the default, before the test forces it
+    trainer.policy_pass_in_score = policy_pass_in_score
+    parts = score_two_batches(trainer)
     assert all((p.old is None) != policy_pass_in_score for p in parts)
-    metrics = trainer.train_step(parts)
+    metrics = trainer.train_step(0, parts)
     return metrics, {k: v.detach().clone() for k, v in trainer.actor_module.state_dict().items()}
 
 
@@ -75,3 +87,58 @@ def test_old_log_probs_from_the_training_forward_equal_the_scoring_pass(model_di
     assert with_pass["grad_norm"] > 0 and with_pass["behaviour_log_ratio_max"] > 0.3
     for name in weights_with:
         torch.testing.assert_close(weights_without[name], weights_with[name], rtol=1e-5, atol=1e-6)
+
+
+def test_require_finite_loss_names_step_epoch_micro_batch_and_rows():
+    require_finite_loss(1.5, "policy loss", step=7, micro_batch=2, rows=(16, 24))
+    with pytest.raises(NonFiniteLossError, match=r"^step 7, micro-batch 2 \(rows 16-24\): policy loss is nan$"):
+        require_finite_loss(float("nan"), "policy loss", step=7, micro_batch=2, rows=(16, 24))
+    with pytest.raises(NonFiniteLossError, match=r"^step 3, epoch 1, micro-batch 0 \(rows 0-8\): value loss is -inf$"):
+        require_finite_loss(float("-inf"), "value loss", step=3, micro_batch=0, rows=(0, 8), epoch=1)
+
+
+@pytest.mark.parametrize(("loss_function", "engine", "name", "overrides"), [
+    ("policy_loss", "actor", "policy loss", {}),
+    ("value_loss", "critic", "value loss", {"algo.advantage_estimator": "gae"}),
+])
+def test_non_finite_loss_stops_the_step_before_its_backward(model_dir, monkeypatch, loss_function, engine, name,
+                                                            overrides):
+    trainer = make_trainer(model_dir, **overrides)
+    parts = score_two_batches(trainer)
+    original_loss, original_backward = getattr(learner.trainer, loss_function), getattr(trainer, engine).backward
+    losses, backwards = [], []
+
+    def nan_in_the_second_micro_batch(*args, **kwargs):
+        loss, metrics = original_loss(*args, **kwargs)
+        losses.append(loss)
+        return (loss * float("nan") if len(losses) == 2 else loss), metrics
+
+    def counted_backward(*args, **kwargs):
+        backwards.append(args[0])
+        return original_backward(*args, **kwargs)
+
+    monkeypatch.setattr(learner.trainer, loss_function, nan_in_the_second_micro_batch)
+    monkeypatch.setattr(getattr(trainer, engine), "backward", counted_backward)
+    first, second = parts[0].samples.num_sequences, parts[1].samples.num_sequences
+    expected = rf"^step 7, micro-batch 1 \(rows {first}-{first + second}\): {name} is nan$"
+    with pytest.raises(NonFiniteLossError, match=expected):
+        trainer.train_step(7, parts)
+    assert len(backwards) == 1  # the first micro-batch's; the second never reached backward
+
+
+def test_kl_in_the_reward_adds_its_reward_to_go_to_group_advantages(model_dir):
+    trainer = make_trainer(model_dir, **{"algo.kl_coef": "0.05", "algo.kl_mode": "reward"})
+    with torch.no_grad():  # a reference unlike the policy, so that the KL is not 0
+        for parameter in trainer.ref.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    parts = score_two_batches(trainer)
+    penalised = trainer.make_experience(parts)
+    trainer.kl_controller.value = 0.0
+    plain = trainer.make_experience(parts)
+
+    mask = penalised.action_mask.bool()
+    kl = approx_kl(penalised.old_log_probs, penalised.ref_log_probs, "k3", action_mask=mask)
+    assert kl.abs().max() > 1e-3
+    # the reward-to-go of -kl_coef * kl as a reversed cumulative sum (masked tokens add 0)
+    reward_to_go = torch.where(mask, (-0.05 * kl).flip(1).cumsum(1).flip(1), torch.zeros_like(kl))
+    torch.testing.assert_close(penalised.advantages - plain.advantages, reward_to_go)
