@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from protocol.config import RunConfig
-from learner.algo import (approx_kl, compute_advantages, entropy_bonus, kl_loss, masked_mean, policy_loss,
+from learner.algo import (approx_kl, compute_advantages, entropy_bonus, kl_loss, lr_at, masked_mean, policy_loss,
                           shape_token_rewards, truncated_importance_weights, value_loss)
 from learner.algo.kl import AdaptiveKLController, FixedKLController
 from learner.models.actor import Actor, LoraSpec
@@ -269,8 +269,24 @@ class PPOTrainer:
             dist.all_reduce(count)
         return float(count) / self.world_size
 
+    def set_learning_rates(self, step: int) -> dict[str, float]:
+        """Set actor and critic learning rates for `step` from train.lr_schedule; returns them (`lr`,
+        `critic_lr`). A pure function of the step, so a resumed run continues the schedule where
+        the checkpoint left it, and every PPO epoch of a step trains at the same rate."""
+        t = self.cfg.train
+        factor = lr_at(step, num_steps=t.num_steps, warmup_steps=t.warmup_steps, schedule=t.lr_schedule,
+                       min_lr_ratio=t.min_lr_ratio)
+        rates = {"lr": t.lr * factor, **({"critic_lr": self.cfg.critic.lr * factor} if self.critic is not None else {})}
+        for name, engine in (("lr", self.actor), ("critic_lr", self.critic)):
+            if engine is not None:
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = rates[name]
+        return rates
+
     def train_step(self, step: int, parts: list[ScoredPart]) -> dict[str, float]:
-        """One optimizer step per PPO epoch on the step's scored parts; `step` names it in errors."""
+        """One optimizer step per PPO epoch on the step's scored parts, at `step`'s learning rates;
+        `step` also names the step in errors."""
+        rates = self.set_learning_rates(step)
         exp = self.make_experience(parts)
         samples = exp.samples
         cfg, algo = self.cfg, self.cfg.algo
@@ -335,7 +351,7 @@ class PPOTrainer:
         total = float(exp.action_mask.sum()) * cfg.train.ppo_epochs
         metrics = {k: v / total for k, v in sums.items()}
         metrics.update({k: v / cfg.train.ppo_epochs for k, v in losses.items()})
-        return {**exp.metrics, **behaviour_metrics.result(), **metrics,
+        return {**exp.metrics, **behaviour_metrics.result(), **metrics, **rates,
                 "grad_norm": float(self.actor.get_global_grad_norm() or 0.0),
                 "tokens": float(samples.num_tokens), "sequences": float(samples.num_sequences)}
 

@@ -55,7 +55,7 @@ class CriticConfig:
     path: str = opt("", "Critic initialisation (Hugging Face directory). Empty: the actor's weights "
                         "with a fresh value head. Used only when the advantage estimator is 'gae'.")
     value_head_prefix: str = opt("score", "Attribute name of the linear value head.")
-    lr: float = opt(5e-4, "Critic learning rate.")
+    lr: float = opt(5e-4, "Critic learning rate (the peak of train.lr_schedule, which applies to it too).")
     value_clip: float = opt(0.2, "Clip range of the value loss around the old values; 0 disables.")
 
 
@@ -149,7 +149,15 @@ class TrainConfig:
     prompts_per_step: int = opt(16, "Prompts consumed per step (times n_samples_per_prompt samples).")
     micro_batch_tokens: int = opt(4096, "Token budget of one packed micro-batch in the learner's forward.")
     ppo_epochs: int = opt(1, "Passes over each step's samples.")
-    lr: float = opt(1e-4, "Actor learning rate.")
+    lr: float = opt(1e-4, "Actor learning rate (the peak of lr_schedule).")
+    lr_schedule: str = opt("constant", "Learning rate of actor and critic per step, after the warm-up: constant, or "
+                                       "decaying linearly or along a half cosine to min_lr_ratio x lr at num_steps.",
+                           ("constant", "linear", "cosine"))
+    lr_warmup_steps: int = opt(0, "Steps of linear warm-up (step s < W trains at (s + 1) / W x lr); 0: none. "
+                                  "Set this or lr_warmup_ratio, not both.")
+    lr_warmup_ratio: float = opt(0.0, "Warm-up as a fraction of num_steps (rounded up to whole steps); 0: none.")
+    min_lr_ratio: float = opt(0.0, "Where a linear or cosine lr_schedule ends, as a fraction of the peak "
+                                   "learning rate (OpenRLHF's cosine_with_min_lr uses 0.1).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     grad_clip: float = opt(1.0, "Gradient norm clip.")
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage.", (0, 1, 2, 3))
@@ -169,6 +177,11 @@ class TrainConfig:
     cpu_cores: str = opt("", "CPU machines, launch/local.sh: the cores the learner runs on (a list such as '0-3'); "
                              "empty: every core, shared with the rollouts' cores through passive OpenMP waits "
                              "(protocol.placement).")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Warm-up length in steps: lr_warmup_steps, or lr_warmup_ratio of num_steps rounded up."""
+        return self.lr_warmup_steps or math.ceil(self.lr_warmup_ratio * self.num_steps)
 
 
 @dataclass
@@ -275,9 +288,28 @@ class RunConfig:
         if not self.algo.kl_clamp > 0:
             raise ConfigError(f"algo.kl_clamp must be > 0 (per-token KL estimates are clamped to "
                               f"[-kl_clamp, kl_clamp]), got {self.algo.kl_clamp}")
+        self._validate_lr_schedule()
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         return self
+
+    def _validate_lr_schedule(self) -> None:
+        t = self.train
+        if t.lr_warmup_steps < 0:
+            raise ConfigError(f"train.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
+        if not 0 <= t.lr_warmup_ratio <= 1:
+            raise ConfigError(f"train.lr_warmup_ratio must be in [0, 1], got {t.lr_warmup_ratio}")
+        if t.lr_warmup_steps and t.lr_warmup_ratio:
+            raise ConfigError(f"train.lr_warmup_steps ({t.lr_warmup_steps}) and train.lr_warmup_ratio "
+                              f"({t.lr_warmup_ratio}) both set the warm-up: set only one")
+        if t.lr_warmup_steps > t.num_steps:
+            raise ConfigError(f"train.lr_warmup_steps ({t.lr_warmup_steps}) is longer than train.num_steps "
+                              f"({t.num_steps}): the learning rate would never reach train.lr")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+        if t.min_lr_ratio and t.lr_schedule == "constant":
+            raise ConfigError(f"train.min_lr_ratio ({t.min_lr_ratio}) is where a decaying schedule ends, but "
+                              f"train.lr_schedule is 'constant': choose linear or cosine, or leave min_lr_ratio at 0")
 
     @property
     def uses_critic(self) -> bool:

@@ -2,7 +2,8 @@
 
 Submodules: :mod:`.masked` (masked reductions), :mod:`.kl` (KL estimators and
 controllers), :mod:`.rewards` (reward shaping), :mod:`.advantages` (advantage
-estimators and dispatcher), :mod:`.losses` (loss terms and aggregation).
+estimators and dispatcher), :mod:`.losses` (loss terms and aggregation), :mod:`.schedule` (the learning-rate
+schedule).
 """
 
 from .advantages import (
@@ -30,11 +31,13 @@ from .losses import (
 )
 from .masked import masked_mean, masked_sum, masked_whiten
 from .rewards import clip_rewards, last_action_index, shape_token_rewards
+from .schedule import LR_SCHEDULES, lr_at
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATION_MODES",
     "KL_ESTIMATORS",
+    "LR_SCHEDULES",
     "AdaptiveKLController",
     "FixedKLController",
     "aggregate_loss",
@@ -49,6 +52,7 @@ __all__ = [
     "grpo_advantages",
     "kl_loss",
     "last_action_index",
+    "lr_at",
     "masked_mean",
     "masked_sum",
     "masked_whiten",

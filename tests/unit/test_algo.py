@@ -25,6 +25,7 @@ from learner.algo import (
     gae,
     grpo_advantages,
     kl_loss,
+    lr_at,
     masked_mean,
     masked_sum,
     masked_whiten,
@@ -628,3 +629,48 @@ def test_approx_kl_validation():
         approx_kl(t([0.0, 1.0]), t([0.0]))
     with pytest.raises(ValueError, match="action_mask"):
         approx_kl(t([0.0, 1.0]), t([0.0, 0.0]), action_mask=t([1], torch.bool))
+
+
+# ----------------------------------------------------------------------------- learning-rate schedule
+
+
+def test_lr_at_constant_default_is_one_at_every_step():
+    assert [lr_at(step, num_steps=4) for step in range(6)] == [1.0] * 6
+
+
+def test_lr_at_warmup_starts_at_one_over_w_and_reaches_one():
+    # W = 4: (s + 1) / 4 for s < 4, then the constant 1
+    assert [lr_at(s, num_steps=10, warmup_steps=4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(("schedule", "expected"), [
+    # W = 2, num_steps = 10, m = 0.1: p = (s - 2) / 8 after the warm-up
+    #   linear  0.1 + 0.9 * (1 - p):            p = 0 -> 1, 0.25 -> 0.775, 0.5 -> 0.55, 1 -> 0.1
+    #   cosine  0.1 + 0.9 * (1 + cos(pi p)) / 2: p = 0.25 -> 0.1 + 0.9 * 0.853553..., 0.5 -> 0.55
+    ("linear", {0: 0.5, 1: 1.0, 2: 1.0, 4: 0.775, 6: 0.55, 9: 0.2125, 10: 0.1, 12: 0.1}),
+    ("cosine", {0: 0.5, 1: 1.0, 2: 1.0, 4: 0.1 + 0.9 * (1 + math.sqrt(0.5)) / 2, 6: 0.55, 10: 0.1, 12: 0.1}),
+])
+def test_lr_at_decays_after_warmup_to_the_floor_at_num_steps(schedule, expected):
+    for step, value in expected.items():
+        assert lr_at(step, num_steps=10, warmup_steps=2, schedule=schedule, min_lr_ratio=0.1) == \
+            pytest.approx(value, abs=1e-12), step
+
+
+def test_lr_at_decays_to_zero_by_default_and_without_warmup():
+    # p = s / 4: linear 1 - p; cosine (1 + cos(pi s / 4)) / 2
+    assert [lr_at(s, num_steps=4, schedule="linear") for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_at(1, num_steps=4, schedule="cosine") == pytest.approx((1 + math.sqrt(0.5)) / 2)
+    assert lr_at(4, num_steps=4, schedule="cosine") == pytest.approx(0.0, abs=1e-15)
+
+
+def test_lr_at_warmup_as_long_as_the_run_never_decays():
+    assert [lr_at(s, num_steps=2, warmup_steps=2, schedule="linear") for s in range(3)] == [0.5, 1.0, 0.0]
+
+
+def test_lr_at_validation():
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(0, num_steps=4, schedule="step")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        lr_at(0, num_steps=4, schedule="linear", min_lr_ratio=1.5)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        lr_at(0, num_steps=4, warmup_steps=-1)

@@ -325,6 +325,39 @@ def test_kl_clamp_default_and_accepted():
     assert load_config(overrides={"algo.kl_clamp": "2.5"}).algo.kl_clamp == 2.5
 
 
+def test_lr_schedule_defaults_keep_a_constant_rate_without_warmup():
+    train = RunConfig().train
+    assert (train.lr_schedule, train.lr_warmup_steps, train.lr_warmup_ratio, train.min_lr_ratio) == \
+        ("constant", 0, 0.0, 0.0)
+    assert train.warmup_steps == 0
+
+
+def test_lr_warmup_ratio_rounds_up_to_whole_steps():
+    cfg = load_config(overrides={"train.num_steps": "150", "train.lr_warmup_ratio": "0.03"})
+    assert cfg.train.warmup_steps == 5  # 4.5 steps, rounded up
+    assert load_config(overrides={"train.lr_warmup_steps": "7"}).train.warmup_steps == 7
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"train.lr_warmup_steps": "2", "train.lr_warmup_ratio": "0.1"},
+     r"train\.lr_warmup_steps \(2\) and train\.lr_warmup_ratio \(0\.1\) both set the warm-up"),
+    ({"train.min_lr_ratio": "0.1"}, r"train\.min_lr_ratio \(0\.1\) .*train\.lr_schedule is 'constant'"),
+    ({"train.lr_warmup_steps": "41"}, r"train\.lr_warmup_steps \(41\) is longer than train\.num_steps \(40\)"),
+    ({"train.lr_warmup_steps": "-1"}, r"train\.lr_warmup_steps must be >= 0"),
+    ({"train.lr_warmup_ratio": "1.5"}, r"train\.lr_warmup_ratio must be in \[0, 1\]"),
+    ({"train.lr_schedule": "cosine", "train.min_lr_ratio": "2"}, r"train\.min_lr_ratio must be in \[0, 1\]"),
+])
+def test_lr_schedule_refuses_nonsense(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_lr_schedule_accepts_decay_to_a_floor_after_warmup():
+    cfg = load_config(overrides={"train.lr_schedule": "cosine", "train.min_lr_ratio": "0.1",
+                                 "train.lr_warmup_ratio": "0.05"})
+    assert (cfg.train.lr_schedule, cfg.train.min_lr_ratio, cfg.train.warmup_steps) == ("cosine", 0.1, 2)
+
+
 @pytest.mark.parametrize(
     "key",
     ["train.num_steps", "train.prompts_per_step", "rollout.n_samples_per_prompt", "rollout.prompts_per_grant",

@@ -1,7 +1,8 @@
 """PPOTrainer on one DeepSpeed rank (CPU, gloo): skipping the no-grad policy pass in `score`
 (one PPO epoch, no reference) changes nothing: same metrics, loss, gradient norm and weights; a
 non-finite micro-batch loss stops the step before its backward, naming where it happened; the KL
-in the reward reaches the group estimators' advantages."""
+in the reward reaches the group estimators' advantages; the learning-rate schedule sets actor and
+critic rates per step and continues across a checkpoint resume."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.distributed as dist
 
 import learner.trainer
 from learner.algo import approx_kl
+from learner.checkpoint import CheckpointManager
 from learner.distributed import init_distributed
 from learner.rollouts import StepSamples
 from learner.tiny import build_tiny_model, build_tokenizer
@@ -142,3 +144,57 @@ def test_kl_in_the_reward_adds_its_reward_to_go_to_group_advantages(model_dir):
     # the reward-to-go of -kl_coef * kl as a reversed cumulative sum (masked tokens add 0)
     reward_to_go = torch.where(mask, (-0.05 * kl).flip(1).cumsum(1).flip(1), torch.zeros_like(kl))
     torch.testing.assert_close(penalised.advantages - plain.advantages, reward_to_go)
+
+
+# linear decay after 2 warm-up steps over 4 steps: (s + 1) / 2 for s < 2, then 1 - (s - 2) / 2
+SCHEDULE = {"train.num_steps": "4", "train.lr_warmup_steps": "2", "train.lr_schedule": "linear",
+            "algo.advantage_estimator": "gae"}
+SCHEDULE_FACTORS = [0.5, 1.0, 1.0, 0.5]
+CRITIC_LR = 5e-4  # critic.lr's default
+
+
+def train_steps(trainer: PPOTrainer, steps) -> list[dict]:
+    """Each step scored by the models as they are at that step, as the learner does."""
+    return [trainer.train_step(step, score_two_batches(trainer)) for step in steps]
+
+
+def test_default_lr_is_constant_and_reported(model_dir):
+    trainer = make_trainer(model_dir)
+    metrics = train_steps(trainer, range(2))
+    assert [m["lr"] for m in metrics] == [0.01, 0.01] and trainer.actor.get_lr() == [0.01]
+    assert "critic_lr" not in metrics[0]
+
+
+def test_lr_schedule_sets_actor_and_critic_rates_per_step(model_dir):
+    trainer = make_trainer(model_dir, **SCHEDULE)
+    for step, factor in enumerate(SCHEDULE_FACTORS):
+        (metrics,) = train_steps(trainer, [step])
+        assert metrics["lr"] == pytest.approx(0.01 * factor), step
+        assert metrics["critic_lr"] == pytest.approx(CRITIC_LR * factor), step
+        # what the optimizers ran with, not only what was reported
+        assert trainer.actor.get_lr() == [pytest.approx(0.01 * factor)]
+        assert trainer.critic.get_lr() == [pytest.approx(CRITIC_LR * factor)]
+
+
+def test_resume_from_a_checkpoint_continues_the_schedule_and_the_training(model_dir, tmp_path):
+    straight = make_trainer(model_dir, **SCHEDULE)
+    uninterrupted = train_steps(straight, range(4))
+
+    interrupted = make_trainer(model_dir, **SCHEDULE)
+    train_steps(interrupted, [0])  # the checkpoint's optimizer holds step 0's rate, half of step 1's
+    checkpoints = CheckpointManager(tmp_path, keep=1)
+    checkpoints.save(0, interrupted.engines, interrupted.save, {})
+    del interrupted
+
+    resumed = make_trainer(model_dir, **SCHEDULE)
+    assert checkpoints.load(checkpoints.latest(), resumed.engines)["step"] == 0
+    continued = train_steps(resumed, range(1, 4))
+    for before, after in zip(uninterrupted[1:], continued):
+        for key in ("lr", "critic_lr", "policy_loss", "value_loss", "grad_norm"):
+            assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-7), key
+    assert [m["lr"] for m in continued] == pytest.approx([0.01 * f for f in SCHEDULE_FACTORS[1:]])
+    assert resumed.actor.get_lr() == [pytest.approx(0.01 * SCHEDULE_FACTORS[3])]
+    for engine in ("actor", "critic"):
+        expected = getattr(straight, engine).module.state_dict()
+        for name, value in getattr(resumed, engine).module.state_dict().items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
