@@ -315,7 +315,8 @@ class PPOTrainer:
                 weights = None
                 if algo.tis_level != "off":
                     weights, is_metrics = truncated_importance_weights(old, behaviour, mask, level=algo.tis_level,
-                                                                       mode=algo.tis_mode, cap=algo.tis_cap)
+                                                                       mode=algo.tis_mode, cap=algo.tis_cap,
+                                                                       floor=algo.tis_floor)
                 if epoch == 0:
                     behaviour_metrics.add(old, behaviour, _padded(out["entropy"], part, width).detach(), mask,
                                           is_metrics if weights is not None else {})

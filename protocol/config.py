@@ -136,10 +136,15 @@ class AlgoConfig:
     dual_clip: float = opt(0.0, "Dual-clip constant c > 1 for negative advantages; 0 disables.")
     loss_aggregation: str = opt("token_mean", "How per-token losses are reduced.",
                                 ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
-    tis_level: str = opt("token", "Truncated importance sampling between behaviour (vLLM) and learner log-probs.",
-                         ("off", "token", "sequence"))
-    tis_mode: str = opt("clamp", "Truncate weights above the cap by clamping or by masking.", ("clamp", "mask"))
-    tis_cap: float = opt(2.0, "Importance weight cap.")
+    tis_level: str = opt("token", "Truncated importance sampling between behaviour (vLLM) and learner log-probs: "
+                                  "per token, per sequence (the product of its token ratios), or sequence_geometric "
+                                  "(drop sequences whose geometric mean ratio is outside [tis_floor, tis_cap]; kept "
+                                  "tokens are weighted by their own ratio, as OpenRLHF 0.11; needs tis_mode mask).",
+                         ("off", "token", "sequence", "sequence_geometric"))
+    tis_mode: str = opt("clamp", "Weights outside [tis_floor, tis_cap] are clamped into it, or masked to 0.",
+                        ("clamp", "mask"))
+    tis_cap: float = opt(2.0, "Upper bound of the importance weights.")
+    tis_floor: float = opt(0.0, "Lower bound of the importance weights; 0: none (OpenRLHF's band is [0.5, 5]).")
     entropy_coef: float = opt(0.0, "Entropy bonus coefficient.")
 
 
@@ -289,6 +294,7 @@ class RunConfig:
             raise ConfigError(f"algo.kl_clamp must be > 0 (per-token KL estimates are clamped to "
                               f"[-kl_clamp, kl_clamp]), got {self.algo.kl_clamp}")
         self._validate_lr_schedule()
+        self._validate_importance_sampling()
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         return self
@@ -310,6 +316,18 @@ class RunConfig:
         if t.min_lr_ratio and t.lr_schedule == "constant":
             raise ConfigError(f"train.min_lr_ratio ({t.min_lr_ratio}) is where a decaying schedule ends, but "
                               f"train.lr_schedule is 'constant': choose linear or cosine, or leave min_lr_ratio at 0")
+
+    def _validate_importance_sampling(self) -> None:
+        a = self.algo
+        if not 0 <= a.tis_floor < a.tis_cap:
+            raise ConfigError(f"algo.tis_floor ({a.tis_floor}) and algo.tis_cap ({a.tis_cap}) must satisfy "
+                              f"0 <= tis_floor < tis_cap")
+        if a.tis_floor and a.tis_level == "off":
+            raise ConfigError(f"algo.tis_floor ({a.tis_floor}) bounds importance weights, but algo.tis_level is "
+                              f"'off': choose a tis_level or leave tis_floor at 0")
+        if a.tis_level == "sequence_geometric" and a.tis_mode != "mask":
+            raise ConfigError(f"algo.tis_level 'sequence_geometric' drops whole sequences, it has nothing to clamp: "
+                              f"set algo.tis_mode mask (got '{a.tis_mode}')")
 
     @property
     def uses_critic(self) -> bool:

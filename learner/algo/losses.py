@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-IS_LEVELS = ("token", "sequence")
+IS_LEVELS = ("token", "sequence", "sequence_geometric")
 IS_MODES = ("clamp", "mask")
 
 Normalizer = float | int | torch.Tensor | None
@@ -192,23 +192,33 @@ def truncated_importance_weights(
     level: str = "token",
     mode: str = "clamp",
     cap: float = 2.0,
+    floor: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Truncated importance weights correcting for the rollout engine's (behaviour) policy.
 
     Shapes: ``learner_log_probs`` (the learner's log-probs of the OLD policy, i.e.
     the same weights that generated, recomputed by the training engine),
     ``behaviour_log_probs`` (what the rollout engine reported), ``action_mask``
-    all ``[B, A]`` -> ``(weights [B, A] detached, metrics)``.
+    all ``[B, A]`` -> ``(weights [B, A] detached, metrics)``. With d_bt = learner_bt - behaviour_bt
+    and n_b the valid tokens of row b, each unit of truncation has a statistic w:
 
-        level="token":     w_bt = exp(learner_bt - behaviour_bt)
-        level="sequence":  w_bt = exp(sum_{t' valid} (learner_bt' - behaviour_bt'))  for every valid t of row b
-        mode="clamp":      w <- min(w, cap)                   (truncated IS)
-        mode="mask":       w <- w if w <= cap else 0          (drop outliers)
+        level="token":               w_bt = exp(d_bt)                       unit: a token
+        level="sequence":            w_b  = exp(sum_{t valid} d_bt)          unit: a sequence
+        level="sequence_geometric":  w_b  = exp(sum_{t valid} d_bt / n_b)    unit: a sequence (geometric
+                                                                             mean of its token ratios)
 
-    Masked positions get weight 0. Metrics (detached, over the unit of truncation:
-    valid tokens for "token", non-empty sequences for "sequence"):
-    ``is_weight_mean`` and ``is_weight_max`` of the raw w before truncation, and
-    ``is_truncated_fraction`` (share with w > cap).
+    and a unit is out of band when w < floor or w > cap:
+
+        mode="clamp":  weight = clamp(w, floor, cap)              (truncated IS; token and sequence only)
+        mode="mask":   weight = w if floor <= w <= cap else 0     (drop outliers)
+
+    For "token" and "sequence" every valid token of a unit gets the unit's weight. For
+    "sequence_geometric" (mask only) w only decides which sequences are dropped; the tokens of a kept
+    sequence get their own token ratio exp(d_bt), as OpenRLHF 0.11's sequence-level mask does
+    (unbounded per token: the band bounds the sequence's geometric mean). ``floor`` 0 is no lower
+    bound. Masked positions get weight 0. Metrics (detached, over the units: valid tokens for "token",
+    non-empty sequences otherwise): ``is_weight_mean`` and ``is_weight_max`` of w before truncation,
+    and ``is_truncated_fraction`` (share of units out of band).
     """
     _check_token_tensor("learner_log_probs", learner_log_probs, action_mask)
     _check_token_tensor("behaviour_log_probs", behaviour_log_probs, action_mask)
@@ -216,8 +226,10 @@ def truncated_importance_weights(
         raise ValueError(f"level must be one of {IS_LEVELS}, got {level!r}")
     if mode not in IS_MODES:
         raise ValueError(f"mode must be one of {IS_MODES}, got {mode!r}")
-    if cap <= 0:
-        raise ValueError(f"cap must be positive, got {cap}")
+    if level == "sequence_geometric" and mode != "mask":
+        raise ValueError("level 'sequence_geometric' only masks whole sequences: mode must be 'mask'")
+    if not 0 <= floor < cap:
+        raise ValueError(f"need 0 <= floor < cap, got floor {floor}, cap {cap}")
 
     bool_mask = as_bool_mask(action_mask)
     with torch.no_grad():
@@ -226,16 +238,22 @@ def truncated_importance_weights(
             raw = torch.exp(log_weights)
             unit_mask = bool_mask
         else:
-            raw = torch.exp(log_weights.sum(dim=1))
             unit_mask = bool_mask.any(dim=1)
-        truncated = raw > cap
-        kept = raw.clamp(max=cap) if mode == "clamp" else torch.where(truncated, torch.zeros_like(raw), raw)
-        weights = kept if level == "token" else kept[:, None].expand_as(log_weights)
+            sequence_log_weights = log_weights.sum(dim=1)
+            if level == "sequence_geometric":
+                sequence_log_weights = sequence_log_weights / bool_mask.sum(dim=1).clamp(min=1)
+            raw = torch.exp(sequence_log_weights)
+        out_of_band = (raw < floor) | (raw > cap)
+        if level == "sequence_geometric":
+            weights = torch.where(out_of_band[:, None], torch.zeros_like(log_weights), torch.exp(log_weights))
+        else:
+            kept = raw.clamp(min=floor, max=cap) if mode == "clamp" else torch.where(out_of_band, 0.0, raw)
+            weights = kept if level == "token" else kept[:, None].expand_as(log_weights)
         weights = _zero_masked(weights, bool_mask)
         metrics = {
             "is_weight_mean": masked_mean(raw, unit_mask),
             "is_weight_max": _zero_masked(raw, unit_mask).max(),
-            "is_truncated_fraction": masked_mean(truncated.to(raw.dtype), unit_mask),
+            "is_truncated_fraction": masked_mean(out_of_band.to(raw.dtype), unit_mask),
         }
     return weights, metrics
 

@@ -581,6 +581,45 @@ def test_truncated_is_sequence_level():
     close(masked, [[1.8, 1.8, 1.8], [0.0, 0.0, 0.0]])
 
 
+def test_truncated_is_token_level_floor_clamps_up_or_masks():
+    # floor 0.6: the 0.5 ratio is below it; 3 and 4 are above the cap 2
+    weights, metrics = truncated_importance_weights(IS_LEARNER, IS_BEHAVIOUR, MASK, level="token", floor=0.6)
+    close(weights, [[2.0, 0.6, 1.2], [1.2, 2.0, 0.0]])
+    close(metrics["is_truncated_fraction"], 3 / 5)
+    close(metrics["is_weight_mean"], (3.0 + 0.5 + 1.2 + 1.2 + 4.0) / 5)  # of the weights before truncation
+    masked, _ = truncated_importance_weights(IS_LEARNER, IS_BEHAVIOUR, MASK, level="token", mode="mask", floor=0.6)
+    close(masked, [[0.0, 0.0, 1.2], [1.2, 0.0, 0.0]])
+
+
+def test_truncated_is_sequence_level_floor():
+    # row products 1.8 and 4.8; band [1.9, 5]: row 0 is below the floor, row 1 inside
+    weights, metrics = truncated_importance_weights(IS_LEARNER, IS_BEHAVIOUR, MASK, level="sequence", cap=5.0,
+                                                    floor=1.9)
+    close(weights, [[1.9, 1.9, 1.9], [4.8, 4.8, 0.0]])
+    close(metrics["is_truncated_fraction"], 0.5)
+    masked, _ = truncated_importance_weights(IS_LEARNER, IS_BEHAVIOUR, MASK, level="sequence", mode="mask", cap=5.0,
+                                             floor=1.9)
+    close(masked, [[0.0, 0.0, 0.0], [4.8, 4.8, 0.0]])
+
+
+def test_truncated_is_sequence_geometric_masks_by_the_geometric_mean_and_keeps_token_ratios():
+    # geometric means over valid tokens only (row 1's padding holds 80): row 0 (3 * 0.5 * 1.2)^(1/3) = 1.8^(1/3)
+    # = 1.216..., row 1 (1.2 * 4)^(1/2) = 4.8^(1/2) = 2.190...
+    row0, row1 = 1.8 ** (1 / 3), 4.8 ** 0.5
+    learner = IS_LEARNER.clone().requires_grad_()
+    weights, metrics = truncated_importance_weights(learner, IS_BEHAVIOUR, MASK, level="sequence_geometric",
+                                                    mode="mask")  # band [0, 2]: row 1 is dropped
+    assert not weights.requires_grad
+    close(weights, [[3.0, 0.5, 1.2], [0.0, 0.0, 0.0]])  # a kept row's tokens keep their own ratio
+    close(metrics["is_weight_mean"], (row0 + row1) / 2)
+    close(metrics["is_weight_max"], row1)
+    close(metrics["is_truncated_fraction"], 0.5)
+    # band [1.5, 5]: row 0 is now below the floor and row 1 inside
+    weights, _ = truncated_importance_weights(IS_LEARNER, IS_BEHAVIOUR, MASK, level="sequence_geometric",
+                                              mode="mask", cap=5.0, floor=1.5)
+    close(weights, [[0.0, 0.0, 0.0], [1.2, 4.0, 0.0]])
+
+
 def test_truncated_is_validation():
     with pytest.raises(ValueError, match="level"):
         truncated_importance_weights(IS_LEARNER, IS_BEHAVIOUR, MASK, level="batch")
@@ -590,6 +629,10 @@ def test_truncated_is_validation():
         truncated_importance_weights(IS_LEARNER, IS_BEHAVIOUR[:, :2], MASK)
     with pytest.raises(ValueError, match="cap"):
         truncated_importance_weights(IS_LEARNER, IS_BEHAVIOUR, MASK, cap=0.0)
+    with pytest.raises(ValueError, match="floor"):
+        truncated_importance_weights(IS_LEARNER, IS_BEHAVIOUR, MASK, cap=2.0, floor=2.0)
+    with pytest.raises(ValueError, match="sequence_geometric.*mask"):
+        truncated_importance_weights(IS_LEARNER, IS_BEHAVIOUR, MASK, level="sequence_geometric", mode="clamp")
 
 
 # ----------------------------------------------------------------------------- value loss, entropy

@@ -243,10 +243,14 @@ def test_choices_enforced(key, value):
     assert key in str(exc.value) and "must be one of" in str(exc.value)
 
 
+# choices that validate only together with another option's value (refused alone, with a message)
+COMPANIONS = {("algo.tis_level", "sequence_geometric"): {"algo.tis_mode": "mask"}}
+
+
 def test_choices_accepted():
     for key, value, f in leaf_fields():
         for choice in f.metadata.get("choices") or ():
-            cfg = load_config(overrides={key: str(choice)})
+            cfg = load_config(overrides={key: str(choice), **COMPANIONS.get((key, choice), {})})
             section, name = key.split(".")
             assert getattr(getattr(cfg, section), name) == choice
 
@@ -356,6 +360,24 @@ def test_lr_schedule_accepts_decay_to_a_floor_after_warmup():
     cfg = load_config(overrides={"train.lr_schedule": "cosine", "train.min_lr_ratio": "0.1",
                                  "train.lr_warmup_ratio": "0.05"})
     assert (cfg.train.lr_schedule, cfg.train.min_lr_ratio, cfg.train.warmup_steps) == ("cosine", 0.1, 2)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"algo.tis_floor": "2", "algo.tis_cap": "2"}, r"algo\.tis_floor \(2\.0\) and algo\.tis_cap \(2\.0\)"),
+    ({"algo.tis_floor": "-0.5"}, r"algo\.tis_floor \(-0\.5\) and algo\.tis_cap"),
+    ({"algo.tis_floor": "0.5", "algo.tis_level": "off"}, r"algo\.tis_floor \(0\.5\) .*algo\.tis_level is 'off'"),
+    ({"algo.tis_level": "sequence_geometric"}, r"algo\.tis_level 'sequence_geometric' .*algo\.tis_mode mask"),
+])
+def test_importance_sampling_refuses_nonsense(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_importance_sampling_band_as_openrlhf():
+    cfg = load_config(overrides={"algo.tis_level": "sequence_geometric", "algo.tis_mode": "mask",
+                                 "algo.tis_floor": "0.5", "algo.tis_cap": "5"})
+    assert (cfg.algo.tis_floor, cfg.algo.tis_cap) == (0.5, 5.0)
+    assert RunConfig().algo.tis_floor == 0.0  # no lower bound unless asked
 
 
 @pytest.mark.parametrize(

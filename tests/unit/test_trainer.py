@@ -78,10 +78,12 @@ def train_once(model_dir: str, policy_pass_in_score: bool, **overrides) -> tuple
     return metrics, {k: v.detach().clone() for k, v in trainer.actor_module.state_dict().items()}
 
 
-@pytest.mark.parametrize("tis_level", ["token", "sequence", "off"])
-def test_old_log_probs_from_the_training_forward_equal_the_scoring_pass(model_dir, tis_level):
-    with_pass, weights_with = train_once(model_dir, True, **{"algo.tis_level": tis_level})
-    without, weights_without = train_once(model_dir, False, **{"algo.tis_level": tis_level})
+@pytest.mark.parametrize(("tis_level", "tis_mode"),
+                         [("token", "clamp"), ("sequence", "clamp"), ("sequence_geometric", "mask"), ("off", "clamp")])
+def test_old_log_probs_from_the_training_forward_equal_the_scoring_pass(model_dir, tis_level, tis_mode):
+    tis = {"algo.tis_level": tis_level, "algo.tis_mode": tis_mode}
+    with_pass, weights_with = train_once(model_dir, True, **tis)
+    without, weights_without = train_once(model_dir, False, **tis)
     assert with_pass.keys() == without.keys()
     assert {"entropy", "kl_behaviour", "kl_behaviour_max", "behaviour_log_ratio_max"} <= with_pass.keys()
     for key in with_pass:
