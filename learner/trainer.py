@@ -324,7 +324,8 @@ class PPOTrainer:
                     # without importance sampling the ratio is taken to the behaviour policy itself
                     log_probs, old if weights is not None else behaviour, exp.advantages[rows], mask,
                     clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip or None,
-                    importance_weights=weights, **agg)
+                    importance_weights=weights, ratio_level="sequence" if algo.policy_loss == "gspo" else "token",
+                    **agg)
                 if algo.kl_mode == "loss" and exp.ref_log_probs is not None:
                     loss = loss + self.kl_controller.value * kl_loss(log_probs, exp.ref_log_probs[rows], mask,
                                                                      estimator=algo.kl_estimator,

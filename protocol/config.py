@@ -131,6 +131,10 @@ class AlgoConfig:
     kl_mode: str = opt("loss", "Apply KL as a loss term or shape it into the token rewards.", ("loss", "reward"))
     kl_target: float = opt(0.0, "Adaptive KL controller target; 0 keeps kl_coef fixed.")
     kl_horizon: int = opt(10000, "Adaptive KL controller horizon (samples).")
+    policy_loss: str = opt("ppo", "Policy loss: ppo (a ratio and clip per token) or gspo (Zheng et al. 2025: one "
+                                  "ratio per sequence, the geometric mean of its token ratios, clipped per sequence; "
+                                  "needs loss_aggregation seq_mean_token_mean, and its clip range is a few 1e-4, "
+                                  "the paper's clip_low 3e-4 and clip_high 4e-4).", ("ppo", "gspo"))
     clip_low: float = opt(0.2, "PPO ratio clip below 1.")
     clip_high: float = opt(0.2, "PPO ratio clip above 1 (raise it for clip-higher).")
     dual_clip: float = opt(0.0, "Dual-clip constant c > 1 for negative advantages; 0 disables.")
@@ -295,6 +299,7 @@ class RunConfig:
                               f"[-kl_clamp, kl_clamp]), got {self.algo.kl_clamp}")
         self._validate_lr_schedule()
         self._validate_importance_sampling()
+        self._validate_policy_loss()
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         return self
@@ -316,6 +321,12 @@ class RunConfig:
         if t.min_lr_ratio and t.lr_schedule == "constant":
             raise ConfigError(f"train.min_lr_ratio ({t.min_lr_ratio}) is where a decaying schedule ends, but "
                               f"train.lr_schedule is 'constant': choose linear or cosine, or leave min_lr_ratio at 0")
+
+    def _validate_policy_loss(self) -> None:
+        a = self.algo
+        if a.policy_loss == "gspo" and a.loss_aggregation != "seq_mean_token_mean":
+            raise ConfigError(f"algo.policy_loss 'gspo' averages each sequence's tokens and then the sequences: "
+                              f"set algo.loss_aggregation seq_mean_token_mean (got '{a.loss_aggregation}')")
 
     def _validate_importance_sampling(self) -> None:
         a = self.algo

@@ -32,7 +32,9 @@ __all__ = [
     "AGGREGATION_MODES",
     "IS_LEVELS",
     "IS_MODES",
+    "POLICY_RATIO_LEVELS",
     "aggregate_loss",
+    "gspo_ratios",
     "policy_loss",
     "truncated_importance_weights",
     "value_loss",
@@ -43,6 +45,7 @@ __all__ = [
 AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 IS_LEVELS = ("token", "sequence", "sequence_geometric")
 IS_MODES = ("clamp", "mask")
+POLICY_RATIO_LEVELS = ("token", "sequence")
 
 Normalizer = float | int | torch.Tensor | None
 
@@ -105,6 +108,29 @@ def aggregate_loss(
     return total / normalizer
 
 
+def gspo_ratios(log_probs: torch.Tensor, old_log_probs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence-level importance ratio (Zheng et al. 2025) in its token-level gradient form.
+
+    Shapes: ``log_probs`` (with grad), ``old_log_probs``, ``action_mask`` ``[B, A]`` -> ``[B, A]``.
+    With n_b the valid tokens of row b and sg() stop-gradient:
+
+        s_b  = exp(clamp(sum_{t valid} (log_probs_bt - old_log_probs_bt) / n_b, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+        s_bt = sg(s_b) * exp(log_probs_bt - sg(log_probs_bt))        (valid t; 0 at masked positions)
+
+    Every valid token of a row has the value s_b (the geometric mean of the row's token ratios), and
+    d s_bt / d log_probs_bt = s_b: each token's gradient is scaled by its sequence's ratio, which is
+    GSPO's gradient when a sequence's advantages are equal (GSPO-token otherwise).
+    """
+    _check_token_tensor("log_probs", log_probs, action_mask)
+    _check_token_tensor("old_log_probs", old_log_probs, action_mask)
+    bool_mask = as_bool_mask(action_mask)
+    log_ratio = _zero_masked(log_probs.detach() - old_log_probs, bool_mask)
+    mean_log_ratio = log_ratio.sum(dim=1) / bool_mask.sum(dim=1).clamp(min=1)
+    sequence_ratio = torch.exp(mean_log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+    own_log_prob = _zero_masked(log_probs, bool_mask)
+    return _zero_masked(sequence_ratio[:, None] * torch.exp(own_log_prob - own_log_prob.detach()), bool_mask)
+
+
 def policy_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -115,18 +141,21 @@ def policy_loss(
     clip_high: float = 0.2,
     dual_clip: float | None = None,
     importance_weights: torch.Tensor | None = None,
+    ratio_level: str = "token",
     aggregation: str = "token_mean",
     normalizer: Normalizer = None,
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO surrogate (Schulman et al. 2017), with asymmetric and dual clipping.
+    """Clipped PPO surrogate (Schulman et al. 2017), with asymmetric and dual clipping, or GSPO's.
 
     Shapes: ``log_probs`` (with grad), ``old_log_probs``, ``advantages``,
     ``action_mask`` and optional ``importance_weights`` all ``[B, A]`` ->
     ``(scalar loss, metrics)``. Per valid token:
 
         r     = clamp(log_probs - old_log_probs, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)    (20, as OpenRLHF)
-        ratio = exp(r)
+        ratio = exp(r)                                        ratio_level "token" (PPO)
+        ratio = gspo_ratios(log_probs, old_log_probs, mask)   ratio_level "sequence" (GSPO: every token of
+                                                              a sequence has its sequence's ratio and clip)
         surr1 = ratio * A
         surr2 = clamp(ratio, 1 - clip_low, 1 + clip_high) * A
         l     = -min(surr1, surr2)
@@ -139,7 +168,9 @@ def policy_loss(
     ``clip_fraction`` (share of tokens where surr2 < surr1, i.e. the clip is active),
     ``approx_kl`` (k3 estimate of KL(old || new): mean of ratio - 1 - log ratio),
     ``ratio_mean``, ``ratio_max`` (of the bounded ratio), and ``dual_clip_fraction`` when
-    ``dual_clip`` is set.
+    ``dual_clip`` is set. GSPO is defined with ``aggregation="seq_mean_token_mean"`` and clip ranges
+    of a few 1e-4 (the paper's 3e-4 below, 4e-4 above): a sequence ratio is a geometric mean and
+    stays much closer to 1 than token ratios do.
     """
     _check_token_tensor("log_probs", log_probs, action_mask)
     _check_token_tensor("old_log_probs", old_log_probs, action_mask)
@@ -152,13 +183,18 @@ def policy_loss(
         raise ValueError(f"clip_high must be >= 0, got {clip_high}")
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    if ratio_level not in POLICY_RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {POLICY_RATIO_LEVELS}, got {ratio_level!r}")
 
     bool_mask = as_bool_mask(action_mask)
-    # Bounded so that exp() stays finite: a runaway token then costs at most exp(20) * |A| and, outside
-    # the bound, gives no gradient, instead of an inf/NaN loss.
-    log_ratio = _zero_masked(log_probs - old_log_probs, bool_mask).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     advantages = _zero_masked(advantages.detach(), bool_mask)
-    ratio = torch.exp(log_ratio)
+    if ratio_level == "token":
+        # Bounded so that exp() stays finite: a runaway token then costs at most exp(20) * |A| and, outside
+        # the bound, gives no gradient, instead of an inf/NaN loss.
+        log_ratio = _zero_masked(log_probs - old_log_probs, bool_mask).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        ratio = torch.exp(log_ratio)
+    else:
+        ratio = gspo_ratios(log_probs, old_log_probs, bool_mask)
     surr1 = ratio * advantages
     surr2 = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
     per_token = -torch.min(surr1, surr2)

@@ -24,6 +24,7 @@ from learner.algo import (
     entropy_bonus,
     gae,
     grpo_advantages,
+    gspo_ratios,
     kl_loss,
     lr_at,
     masked_mean,
@@ -415,6 +416,66 @@ def test_policy_loss_importance_weights_multiply_per_token_loss():
     weights = t([[2.0, 0.5, 1.0], [0.0, 1.0, 7.0]])
     loss, _ = policy_loss(_policy_log_probs(), OLD_LOG_PROBS, ADVANTAGES, MASK, importance_weights=weights)
     close(loss.detach(), (-1.2 * 2.0 + 1.6 * 0.5 - 0.55 + 0.0 + 3.0) / 5)
+
+
+# GSPO: one ratio per sequence, the geometric mean of its token ratios:
+#   s0 = (1.5 * 0.7 * 1.1)^(1/3) = 1.155^(1/3) = 1.0492 (inside [0.8, 1.2]),  s1 = (0.5 * 3.0)^(1/2) = 1.2247 (above)
+GSPO_S0, GSPO_S1 = 1.155 ** (1 / 3), 1.5 ** 0.5
+
+
+def test_gspo_ratios_value_is_the_sequence_ratio_and_gradient_is_scaled_by_it():
+    log_probs = _policy_log_probs()  # row 1's padding holds 50: it must not reach s1
+    ratios = gspo_ratios(log_probs, OLD_LOG_PROBS, MASK)
+    close(ratios.detach(), [[GSPO_S0] * 3, [GSPO_S1, GSPO_S1, 0.0]])
+    ratios.sum().backward()
+    # d s_bt / d log_probs_bt = s_b, and nothing flows through the sequence mean to the other tokens
+    close(log_probs.grad, [[GSPO_S0] * 3, [GSPO_S1, GSPO_S1, 0.0]])
+
+
+def test_gspo_policy_loss_clips_whole_sequences():
+    # row 0 (A = [1, -2, 0.5]) is inside the clip: l = -s0 * A;  row 1 is above 1.2: A = 1 takes the clipped
+    # -1.2 (no gradient), A = -1 the unclipped s1 (surr1 = -s1 < surr2 = -1.2)
+    log_probs = _policy_log_probs()
+    loss, metrics = policy_loss(log_probs, OLD_LOG_PROBS, ADVANTAGES, MASK, ratio_level="sequence",
+                                aggregation="seq_mean_token_mean")
+    row0, row1 = -GSPO_S0 * (1.0 - 2.0 + 0.5) / 3, (-1.2 + GSPO_S1) / 2
+    close(loss.detach(), (row0 + row1) / 2)
+    close(metrics["clip_fraction"], 1 / 5)
+    close(metrics["ratio_mean"], (3 * GSPO_S0 + 2 * GSPO_S1) / 5)
+    close(metrics["ratio_max"], GSPO_S1)
+    loss.backward()
+    # d l_bt / d log_prob_bt = -s_b * A_bt where unclipped; seq_mean_token_mean divides by n_b and by 2 rows
+    close(log_probs.grad, [[-GSPO_S0 * 1.0 / 6, GSPO_S0 * 2.0 / 6, -GSPO_S0 * 0.5 / 6], [0.0, GSPO_S1 / 4, 0.0]])
+    # the paper's clip range (3e-4, 4e-4) clips both rows: every token of a sequence shares its clip
+    _, tight = policy_loss(_policy_log_probs(), OLD_LOG_PROBS, ADVANTAGES, MASK, ratio_level="sequence",
+                           clip_low=3e-4, clip_high=4e-4, aggregation="seq_mean_token_mean")
+    # row 0 (s0 > 1.0004): clipped where A > 0 (2 tokens); row 1: clipped where A > 0 (1 token)
+    close(tight["clip_fraction"], 3 / 5)
+    with pytest.raises(ValueError, match="ratio_level"):
+        policy_loss(log_probs, OLD_LOG_PROBS, ADVANTAGES, MASK, ratio_level="group")
+
+
+def test_gspo_loss_exact_across_micro_batches_and_ranks():
+    mask, old, logits, advantages = _ragged_batch()
+    options = dict(ratio_level="sequence", aggregation="seq_mean_token_mean", clip_low=0.05, clip_high=0.05)
+    full_logits = logits.clone().requires_grad_()
+    full_loss, _ = policy_loss(full_logits, old, advantages, mask, **options)
+    full_loss.backward()
+    # 2 ranks x 2 micro-batches of 2 rows; global count: non-empty sequences
+    normalizer = mask.any(dim=1).sum().double() / 4
+    rank_grads, reported = [], 0.0
+    for rank in range(2):
+        rank_logits = logits.clone().requires_grad_()
+        for micro in range(2):
+            rows = slice(4 * rank + 2 * micro, 4 * rank + 2 * micro + 2)
+            cols = slice(0, int(mask[rows].sum(dim=1).max()))
+            loss, _ = policy_loss(rank_logits[rows, cols], old[rows, cols], advantages[rows, cols], mask[rows, cols],
+                                  normalizer=normalizer, **options)
+            (loss / 2).backward()
+            reported += loss.item() / 4
+        rank_grads.append(rank_logits.grad)
+    assert reported == pytest.approx(full_loss.item(), abs=1e-9)
+    torch.testing.assert_close(sum(rank_grads) / 2, full_logits.grad, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize(

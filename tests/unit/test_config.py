@@ -244,7 +244,8 @@ def test_choices_enforced(key, value):
 
 
 # choices that validate only together with another option's value (refused alone, with a message)
-COMPANIONS = {("algo.tis_level", "sequence_geometric"): {"algo.tis_mode": "mask"}}
+COMPANIONS = {("algo.tis_level", "sequence_geometric"): {"algo.tis_mode": "mask"},
+              ("algo.policy_loss", "gspo"): {"algo.loss_aggregation": "seq_mean_token_mean"}}
 
 
 def test_choices_accepted():
@@ -371,6 +372,16 @@ def test_lr_schedule_accepts_decay_to_a_floor_after_warmup():
 def test_importance_sampling_refuses_nonsense(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
+
+
+def test_gspo_needs_its_per_sequence_aggregation():
+    with pytest.raises(ConfigError, match=r"algo\.policy_loss 'gspo' .*algo\.loss_aggregation seq_mean_token_mean "
+                                          r"\(got 'token_mean'\)"):
+        load_config(overrides={"algo.policy_loss": "gspo"})
+    cfg = load_config(overrides={"algo.policy_loss": "gspo", "algo.loss_aggregation": "seq_mean_token_mean",
+                                 "algo.clip_low": "3e-4", "algo.clip_high": "4e-4"})
+    assert (cfg.algo.policy_loss, cfg.algo.clip_low, cfg.algo.clip_high) == ("gspo", 3e-4, 4e-4)
+    assert RunConfig().algo.policy_loss == "ppo"
 
 
 def test_importance_sampling_band_as_openrlhf():

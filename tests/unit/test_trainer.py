@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import learner.algo.losses
 import learner.trainer
 from learner.algo import approx_kl
 from learner.checkpoint import CheckpointManager
@@ -78,12 +79,16 @@ def train_once(model_dir: str, policy_pass_in_score: bool, **overrides) -> tuple
     return metrics, {k: v.detach().clone() for k, v in trainer.actor_module.state_dict().items()}
 
 
-@pytest.mark.parametrize(("tis_level", "tis_mode"),
-                         [("token", "clamp"), ("sequence", "clamp"), ("sequence_geometric", "mask"), ("off", "clamp")])
-def test_old_log_probs_from_the_training_forward_equal_the_scoring_pass(model_dir, tis_level, tis_mode):
-    tis = {"algo.tis_level": tis_level, "algo.tis_mode": tis_mode}
-    with_pass, weights_with = train_once(model_dir, True, **tis)
-    without, weights_without = train_once(model_dir, False, **tis)
+GSPO = {"algo.policy_loss": "gspo", "algo.loss_aggregation": "seq_mean_token_mean"}
+
+
+@pytest.mark.parametrize("options", [
+    {"algo.tis_level": "token"}, {"algo.tis_level": "sequence"}, {"algo.tis_level": "off"},
+    {"algo.tis_level": "sequence_geometric", "algo.tis_mode": "mask"}, GSPO, {**GSPO, "algo.tis_level": "off"},
+], ids=["token", "sequence", "off", "sequence_geometric", "gspo", "gspo-tis-off"])
+def test_old_log_probs_from_the_training_forward_equal_the_scoring_pass(model_dir, options):
+    with_pass, weights_with = train_once(model_dir, True, **options)
+    without, weights_without = train_once(model_dir, False, **options)
     assert with_pass.keys() == without.keys()
     assert {"entropy", "kl_behaviour", "kl_behaviour_max", "behaviour_log_ratio_max"} <= with_pass.keys()
     for key in with_pass:
@@ -200,3 +205,16 @@ def test_resume_from_a_checkpoint_continues_the_schedule_and_the_training(model_
         expected = getattr(straight, engine).module.state_dict()
         for name, value in getattr(resumed, engine).module.state_dict().items():
             torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_gspo_reaches_the_policy_loss(model_dir, monkeypatch):
+    calls = []
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return learner.algo.losses.policy_loss(*args, **kwargs)
+
+    monkeypatch.setattr(learner.trainer, "policy_loss", recorded)
+    trainer = make_trainer(model_dir, **GSPO)
+    trainer.train_step(0, score_two_batches(trainer))
+    assert calls and all(c["ratio_level"] == "sequence" and c["aggregation"] == "seq_mean_token_mean" for c in calls)
