@@ -65,6 +65,16 @@ class StepSamples:
     def num_tokens(self) -> int:
         return self.tokens.numel()
 
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """Generated tokens per sequence, [B]."""
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1] - self.prompt_lens
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """Whether each sequence was cut off at the token limit (finish reason 'length'), [B] bool."""
+        return torch.tensor([reason == "length" for reason in self.finish_reasons], dtype=torch.bool)
+
     def rows(self, start: int, stop: int) -> StepSamples:
         """Sequences start..stop-1 as their own packed batch."""
         t0, t1 = int(self.cu_seqlens[start]), int(self.cu_seqlens[stop])

@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from protocol.config import RunConfig
-from learner.algo import (approx_kl, compute_advantages, entropy_bonus, kl_loss, lr_at, masked_mean, policy_loss,
-                          shape_token_rewards, truncated_importance_weights, value_loss)
+from learner.algo import (approx_kl, compute_advantages, entropy_bonus, kl_loss, lr_at, masked_mean,
+                          overlong_penalty, policy_loss, shape_token_rewards, truncated_importance_weights, value_loss)
 from learner.algo.kl import AdaptiveKLController, FixedKLController
 from learner.models.actor import Actor, LoraSpec
 from learner.models.packing import unpack_to_padded
@@ -88,7 +88,7 @@ class Experience:
     """Per-token training targets for one step, padded [B, A] (A = longest response of the step)."""
 
     samples: StepSamples
-    action_mask: torch.Tensor
+    action_mask: torch.Tensor  # the tokens the losses train on (cut-off completions left out under mask_truncated)
     old_log_probs: torch.Tensor | None  # None: the first training forward's, detached
     behaviour_log_probs: torch.Tensor
     advantages: torch.Tensor
@@ -171,14 +171,18 @@ class PPOTrainer:
         prompts, completions = samples.response_texts(self.tokenizer)
         return torch.tensor(score_batch(self.reward_fn, prompts, completions, samples.labels), dtype=torch.float32)
 
-    def total_reward(self, function_scores: torch.Tensor, model_scores: torch.Tensor | None) -> torch.Tensor:
-        """Weighted sum of the reward function's and the reward model's scores, clipped if asked."""
+    def total_reward(self, function_scores: torch.Tensor, model_scores: torch.Tensor | None,
+                     overlong: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted sum of the reward function's and the reward model's scores, plus the overlong
+        penalty (if any), clipped if asked."""
         r = self.cfg.reward
         components, weights = {}, {}
         if self.reward_fn is not None:
             components["function"], weights["function"] = function_scores.tolist(), r.function_weight
         if model_scores is not None:
             components["model"], weights["model"] = model_scores.tolist(), r.model_weight
+        if overlong is not None:
+            components["overlong"], weights["overlong"] = overlong.tolist(), 1.0
         return torch.tensor(clip_rewards(combine_rewards(components, weights), r.clip or None), dtype=torch.float32)
 
     @torch.no_grad()
@@ -194,7 +198,7 @@ class PPOTrainer:
         idle_passes = self._lockstep_extra_passes(len(bounds))  # agreed before any pass starts
         for index, (start, stop) in enumerate(bounds):
             part = samples.rows(start, stop)
-            width = int((part.cu_seqlens[1:] - part.cu_seqlens[:-1] - part.prompt_lens).max())
+            width = int(part.response_lengths.max())
             old = ref = values = model_scores = None
             if self.policy_pass_in_score:
                 old = self.actor(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature)
@@ -232,7 +236,10 @@ class PPOTrainer:
         mask, old, behaviour, ref, values = cat("mask"), cat("old"), cat("behaviour"), cat("ref"), cat("values")
         function_scores = torch.cat([p.function_scores for p in parts])
         model_scores = torch.cat([p.model_scores for p in parts]) if parts[0].model_scores is not None else None
-        scores = self.total_reward(function_scores, model_scores)
+        r = cfg.reward
+        overlong = (overlong_penalty(samples.response_lengths, cfg.rollout.max_new_tokens, r.overlong_buffer,
+                                     r.overlong_penalty) if r.overlong_buffer else None)
+        scores = self.total_reward(function_scores, model_scores, overlong)
         rows = [p.samples.num_sequences for p in parts]
         bounds = [(sum(rows[:i]), sum(rows[: i + 1])) for i in range(len(rows))]
 
@@ -254,8 +261,11 @@ class PPOTrainer:
             "response_len": float(mask.sum(1).float().mean()),
             "kl_ref": float(masked_mean(kl, mask)), "kl_coef": kl_coef,
             "truncated_fraction": sum(r == "length" for r in samples.finish_reasons) / samples.num_sequences,
+            **({"overlong_penalty_mean": float(overlong.mean())} if overlong is not None else {}),
         }
-        return Experience(samples, mask, old, behaviour, advantages, returns, ref, values, bounds, metrics)
+        # Cut-off completions stay in their group's baseline above; here they leave every loss and its normaliser.
+        loss_mask = mask & ~samples.truncated[:, None] if cfg.train.mask_truncated else mask
+        return Experience(samples, loss_mask, old, behaviour, advantages, returns, ref, values, bounds, metrics)
 
     # ------------------------------------------------------------------ optimisation
     def _normalizer(self, exp: Experience) -> float:
@@ -267,7 +277,9 @@ class PPOTrainer:
         count = local.double()
         if self.world_size > 1:
             dist.all_reduce(count)
-        return float(count) / self.world_size
+        # A step with nothing to train (every completion cut off, under mask_truncated) has all-zero
+        # losses; a count of 1 keeps them defined.
+        return max(float(count), 1.0) / self.world_size
 
     def set_learning_rates(self, step: int) -> dict[str, float]:
         """Set actor and critic learning rates for `step` from train.lr_schedule; returns them (`lr`,
@@ -350,7 +362,7 @@ class PPOTrainer:
             self.actor.step()
             if self.critic is not None:
                 self.critic.step()
-        total = float(exp.action_mask.sum()) * cfg.train.ppo_epochs
+        total = max(float(exp.action_mask.sum()), 1.0) * cfg.train.ppo_epochs
         metrics = {k: v / total for k, v in sums.items()}
         metrics.update({k: v / cfg.train.ppo_epochs for k, v in losses.items()})
         return {**exp.metrics, **behaviour_metrics.result(), **metrics, **rates,
@@ -414,7 +426,8 @@ class BehaviourMetrics:
         kl = approx_kl(old, behaviour, "k3", clamp=None, action_mask=mask)  # unclamped: outliers stay visible
         means = {"entropy": masked_mean(entropy, mask), "kl_behaviour": masked_mean(kl, mask),
                  **{k: v for k, v in is_metrics.items() if not k.endswith("_max")}}
-        maxima = {"kl_behaviour_max": kl.max(), "behaviour_log_ratio_max": (old - behaviour).abs()[valid].max(),
+        log_ratio_size = torch.where(valid, (old - behaviour).abs(), 0.0)  # a micro-batch may have no valid token
+        maxima = {"kl_behaviour_max": kl.max(), "behaviour_log_ratio_max": log_ratio_size.max(),
                   **{k: v for k, v in is_metrics.items() if k.endswith("_max")}}
         _accumulate(self.sums, means, weight=tokens)
         for k, v in maxima.items():

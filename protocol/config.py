@@ -81,7 +81,12 @@ class RewardConfig:
                               "scored in the learner at the last token of each sequence; empty: none.")
     model_weight: float = opt(1.0, "Weight of the reward model's score in the total reward.")
     value_head_prefix: str = opt("score", "Attribute name of the reward model's value head.")
-    clip: float = opt(0.0, "Clip the total reward to [-clip, clip]; 0 disables.")
+    clip: float = opt(0.0, "Clip the total reward (overlong penalty included) to [-clip, clip]; 0 disables.")
+    overlong_buffer: int = opt(0, "DAPO's soft overlong punishment: a response longer than rollout.max_new_tokens "
+                                  "minus this many tokens gets a penalty growing linearly to overlong_penalty at "
+                                  "max_new_tokens, added to its reward; 0: off.")
+    overlong_penalty: float = opt(1.0, "Largest overlong penalty (a response of max_new_tokens tokens gets "
+                                       "-overlong_penalty).")
 
 
 @dataclass
@@ -158,6 +163,9 @@ class TrainConfig:
     prompts_per_step: int = opt(16, "Prompts consumed per step (times n_samples_per_prompt samples).")
     micro_batch_tokens: int = opt(4096, "Token budget of one packed micro-batch in the learner's forward.")
     ppo_epochs: int = opt(1, "Passes over each step's samples.")
+    mask_truncated: bool = opt(False, "Leave completions cut off at rollout.max_new_tokens (finish reason 'length') "
+                                      "out of every loss and its normaliser (DAPO's overlong filtering); they still "
+                                      "count in their group's advantage baseline.")
     lr: float = opt(1e-4, "Actor learning rate (the peak of lr_schedule).")
     lr_schedule: str = opt("constant", "Learning rate of actor and critic per step, after the warm-up: constant, or "
                                        "decaying linearly or along a half cosine to min_lr_ratio x lr at num_steps.",
@@ -300,6 +308,7 @@ class RunConfig:
         self._validate_lr_schedule()
         self._validate_importance_sampling()
         self._validate_policy_loss()
+        self._validate_overlong_penalty()
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         return self
@@ -321,6 +330,15 @@ class RunConfig:
         if t.min_lr_ratio and t.lr_schedule == "constant":
             raise ConfigError(f"train.min_lr_ratio ({t.min_lr_ratio}) is where a decaying schedule ends, but "
                               f"train.lr_schedule is 'constant': choose linear or cosine, or leave min_lr_ratio at 0")
+
+    def _validate_overlong_penalty(self) -> None:
+        r = self.reward
+        if not 0 <= r.overlong_buffer <= self.rollout.max_new_tokens:
+            raise ConfigError(f"reward.overlong_buffer ({r.overlong_buffer}) must be between 0 and "
+                              f"rollout.max_new_tokens ({self.rollout.max_new_tokens}): the penalty starts that many "
+                              f"tokens before the longest response")
+        if not (math.isfinite(r.overlong_penalty) and r.overlong_penalty >= 0):
+            raise ConfigError(f"reward.overlong_penalty must be a finite number >= 0, got {r.overlong_penalty}")
 
     def _validate_policy_loss(self) -> None:
         a = self.algo

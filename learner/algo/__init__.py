@@ -31,7 +31,7 @@ from .losses import (
     value_loss,
 )
 from .masked import masked_mean, masked_sum, masked_whiten
-from .rewards import clip_rewards, last_action_index, shape_token_rewards
+from .rewards import clip_rewards, last_action_index, overlong_penalty, shape_token_rewards
 from .schedule import LR_SCHEDULES, lr_at
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "masked_whiten",
+    "overlong_penalty",
     "policy_loss",
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",

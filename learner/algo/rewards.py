@@ -6,7 +6,7 @@ import torch
 
 from .masked import as_bool_mask, require_same_shape
 
-__all__ = ["last_action_index", "shape_token_rewards", "clip_rewards"]
+__all__ = ["last_action_index", "shape_token_rewards", "clip_rewards", "overlong_penalty"]
 
 
 def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
@@ -58,3 +58,21 @@ def clip_rewards(scores: torch.Tensor, clip: float) -> torch.Tensor:
     if clip <= 0:
         raise ValueError(f"clip must be positive, got {clip}")
     return scores.clamp(min=-clip, max=clip)
+
+
+def overlong_penalty(response_lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025), a reward added to each sequence's score.
+
+    Shapes: ``response_lengths [B]`` (generated tokens per sequence) -> ``[B]`` (float32). With L the
+    length, M = ``max_new_tokens`` and B = ``buffer`` (0 < B <= M):
+
+        penalty = -factor * min(1, max(0, L - (M - B)) / B)
+
+    0 up to M - B tokens, then falling linearly to -factor at M tokens (and no lower beyond).
+    """
+    if not 0 < buffer <= max_new_tokens:
+        raise ValueError(f"need 0 < buffer <= max_new_tokens, got buffer {buffer}, max_new_tokens {max_new_tokens}")
+    if factor < 0:
+        raise ValueError(f"factor must be >= 0, got {factor}")
+    over = (response_lengths.to(torch.float32) - (max_new_tokens - buffer)).clamp(min=0)
+    return -factor * (over / buffer).clamp(max=1)

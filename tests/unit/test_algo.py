@@ -30,6 +30,7 @@ from learner.algo import (
     masked_mean,
     masked_sum,
     masked_whiten,
+    overlong_penalty,
     policy_loss,
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
@@ -190,6 +191,21 @@ def test_shape_token_rewards_empty_row_is_zero_and_shapes_checked():
         shape_token_rewards(t([1.0]), torch.zeros(2, 3, dtype=torch.float64), MASK, 0.1)
     with pytest.raises(ValueError, match="action_mask"):
         shape_token_rewards(t([1.0, 2.0]), torch.zeros(2, 4, dtype=torch.float64), MASK, 0.1)
+
+
+def test_overlong_penalty_by_hand():
+    # M = 10, B = 4: free up to 6 tokens, then -factor * (L - 6) / 4, at most -factor
+    lengths = torch.tensor([3, 6, 7, 9, 10, 12])
+    close(overlong_penalty(lengths, max_new_tokens=10, buffer=4, factor=0.5).double(),
+          [0.0, 0.0, -0.125, -0.375, -0.5, -0.5])
+    # the buffer may be the whole length: the penalty grows from the first token
+    close(overlong_penalty(torch.tensor([0, 1, 2]), max_new_tokens=2, buffer=2, factor=1.0).double(), [0.0, -0.5, -1.0])
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(lengths, max_new_tokens=10, buffer=11, factor=1.0)
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(lengths, max_new_tokens=10, buffer=0, factor=1.0)
+    with pytest.raises(ValueError, match="factor"):
+        overlong_penalty(lengths, max_new_tokens=10, buffer=4, factor=-1.0)
 
 
 def test_clip_rewards():

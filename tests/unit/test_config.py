@@ -384,6 +384,21 @@ def test_gspo_needs_its_per_sequence_aggregation():
     assert RunConfig().algo.policy_loss == "ppo"
 
 
+def test_overlong_penalty_and_mask_truncated_options():
+    defaults = RunConfig()
+    assert (defaults.reward.overlong_buffer, defaults.reward.overlong_penalty, defaults.train.mask_truncated) == \
+        (0, 1.0, False)
+    cfg = load_config(overrides={"rollout.max_new_tokens": "16", "reward.overlong_buffer": "16",
+                                 "reward.overlong_penalty": "0.5", "train.mask_truncated": "true"})
+    assert (cfg.reward.overlong_buffer, cfg.reward.overlong_penalty, cfg.train.mask_truncated) == (16, 0.5, True)
+    with pytest.raises(ConfigError, match=r"reward\.overlong_buffer \(17\) .*rollout\.max_new_tokens \(16\)"):
+        load_config(overrides={"rollout.max_new_tokens": "16", "reward.overlong_buffer": "17"})
+    with pytest.raises(ConfigError, match=r"reward\.overlong_buffer \(-1\)"):
+        load_config(overrides={"reward.overlong_buffer": "-1"})
+    with pytest.raises(ConfigError, match=r"reward\.overlong_penalty must be a finite number >= 0"):
+        load_config(overrides={"reward.overlong_buffer": "4", "reward.overlong_penalty": "-1"})
+
+
 def test_importance_sampling_band_as_openrlhf():
     cfg = load_config(overrides={"algo.tis_level": "sequence_geometric", "algo.tis_mode": "mask",
                                  "algo.tis_floor": "0.5", "algo.tis_cap": "5"})

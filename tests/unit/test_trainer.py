@@ -2,9 +2,13 @@
 (one PPO epoch, no reference) changes nothing: same metrics, loss, gradient norm and weights; a
 non-finite micro-batch loss stops the step before its backward, naming where it happened; the KL
 in the reward reaches the group estimators' advantages; the learning-rate schedule sets actor and
-critic rates per step and continues across a checkpoint resume."""
+critic rates per step and continues across a checkpoint resume; GSPO reaches the policy loss; the
+overlong penalty reaches the reward, and cut-off completions leave the loss and its normaliser."""
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -64,9 +68,17 @@ def make_trainer(model_dir: str, **overrides) -> PPOTrainer:
     return PPOTrainer(cfg, model_dir, build_tokenizer(), random_reward)
 
 
-def score_two_batches(trainer: PPOTrainer) -> list[ScoredPart]:
+def two_batches() -> list[PackedBatch]:
     rng = np.random.default_rng(0)
-    return [p for g in range(2) for p in trainer.score(StepSamples.from_batches([batch(g, rng)]), order=g)]
+    return [batch(g, rng) for g in range(2)]
+
+
+def score_batches(trainer: PPOTrainer, batches: list[PackedBatch]) -> list[ScoredPart]:
+    return [p for b in batches for p in trainer.score(StepSamples.from_batches([b]), order=b.grant_id)]
+
+
+def score_two_batches(trainer: PPOTrainer) -> list[ScoredPart]:
+    return score_batches(trainer, two_batches())
 
 
 def train_once(model_dir: str, policy_pass_in_score: bool, **overrides) -> tuple[dict, dict]:
@@ -218,3 +230,61 @@ def test_gspo_reaches_the_policy_loss(model_dir, monkeypatch):
     trainer = make_trainer(model_dir, **GSPO)
     trainer.train_step(0, score_two_batches(trainer))
     assert calls and all(c["ratio_level"] == "sequence" and c["aggregation"] == "seq_mean_token_mean" for c in calls)
+
+
+def test_overlong_penalty_is_added_to_the_reward(model_dir):
+    # max_new_tokens 8 (the default), buffer 4: -0.5 * min(1, max(0, L - 4) / 4) for a response of L tokens
+    trainer = make_trainer(model_dir, **{"reward.overlong_buffer": "4", "reward.overlong_penalty": "0.5"})
+    parts = score_two_batches(trainer)
+    penalised = trainer.make_experience(parts).metrics
+    trainer.cfg.reward.overlong_buffer = 0
+    plain = trainer.make_experience(parts).metrics
+    lengths = StepSamples.concat([p.samples for p in parts]).response_lengths.tolist()
+    expected = [-0.5 * min(1.0, max(0, length - 4) / 4) for length in lengths]
+    assert min(expected) < 0 and max(expected) == 0  # some responses are penalised, some are not
+    assert penalised["overlong_penalty_mean"] == pytest.approx(sum(expected) / len(expected))
+    assert penalised["reward_mean"] - plain["reward_mean"] == pytest.approx(sum(expected) / len(expected))
+    assert penalised["reward_function_mean"] == plain["reward_function_mean"]  # the function's own scores
+    assert "overlong_penalty_mean" not in plain
+
+
+def cut_off_every_third(batches: list[PackedBatch]) -> list[PackedBatch]:
+    return [dataclasses.replace(b, finish_reasons=["length" if i % 3 == 0 else "stop" for i in range(b.num_sequences)])
+            for b in batches]
+
+
+def test_mask_truncated_leaves_cut_off_completions_out_of_the_loss_and_its_normaliser(model_dir, monkeypatch):
+    calls = []
+
+    def recorded(log_probs, old, advantages, mask, **kwargs):
+        calls.append((mask, kwargs["normalizer"]))
+        return learner.algo.losses.policy_loss(log_probs, old, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(learner.trainer, "policy_loss", recorded)
+    trainer = make_trainer(model_dir, **{"train.mask_truncated": "true"})
+    batches = cut_off_every_third(two_batches())
+    samples = StepSamples.from_batches(batches)
+    truncated, lengths = samples.truncated, samples.response_lengths
+    assert 0 < int(truncated.sum()) < samples.num_sequences
+    metrics = trainer.train_step(0, score_batches(trainer, batches))
+    # every response token of batch() is a loss token: the kept ones are the responses not cut off
+    assert {normalizer for _, normalizer in calls} == {float(lengths[~truncated].sum())}
+    trained = torch.cat([mask.sum(dim=1) for mask, _ in calls])
+    assert trained.tolist() == torch.where(truncated, 0, lengths).tolist()
+    assert metrics["truncated_fraction"] == pytest.approx(float(truncated.float().mean()))
+
+    calls.clear()
+    trainer.cfg.train.mask_truncated = False  # the same batches train on every response token
+    trainer.train_step(1, score_batches(trainer, batches))
+    assert {normalizer for _, normalizer in calls} == {float(lengths.sum())}
+
+
+def test_mask_truncated_with_every_completion_cut_off_changes_nothing(model_dir):
+    trainer = make_trainer(model_dir, **{"train.mask_truncated": "true", "algo.entropy_coef": "0.01"})
+    before = {k: v.detach().clone() for k, v in trainer.actor_module.state_dict().items()}
+    batches = [dataclasses.replace(b, finish_reasons=["length"] * b.num_sequences) for b in two_batches()]
+    metrics = trainer.train_step(0, score_batches(trainer, batches))
+    assert metrics["policy_loss"] == 0.0 and metrics["grad_norm"] == 0.0 and metrics["truncated_fraction"] == 1.0
+    assert all(math.isfinite(value) for value in metrics.values())
+    for name, value in trainer.actor_module.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
