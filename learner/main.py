@@ -105,7 +105,7 @@ class Learner:
         self.logger = MetricsLogger(self.run_dir, self.num_steps, o.progress, first_step=self.start_step,
                                     jsonl_stdout=o.jsonl_stdout, tensorboard=o.tensorboard,
                                     wandb_project=o.wandb_project, run_config=config_to_dict(cfg),
-                                    plot=o.plot) if is_rank0() else None
+                                    plot=o.plot, samples=o.log_samples_every > 0) if is_rank0() else None
         self.last_metrics: dict[str, float] = {}
         self.hub_stats: dict = {}
         self.recorder: RecordingWriter | None = None  # rank 0 with output.record
@@ -227,7 +227,11 @@ class Learner:
         spanned = np.concatenate([b.last_weight_versions != b.weight_versions for b in batches])
         parts = [part for b in batches for part in self.scored.pop(b.grant_id)]
         self.dealer.new_step()
-        metrics = reduce_metrics(self.trainer.train_step(step, parts))
+        experience = self.trainer.make_experience(parts)
+        metrics = reduce_metrics(self.trainer.optimize(step, experience))
+        every = self.cfg.output.log_samples_every
+        if self.logger and every and step % every == 0:  # rank 0's own prompt groups
+            self.logger.log_samples(step, self.trainer.sample_records(experience, self.cfg.output.log_samples))
         seconds = time.perf_counter() - started
         self.busy_s += seconds
         return {**metrics, "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),

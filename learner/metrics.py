@@ -24,9 +24,10 @@ class MetricsBackendError(RuntimeError):
 
 
 class MetricsLogger:
-    """metrics.jsonl (every metric per step) and steps.jsonl (the prompts and weight versions each
-    step trained on). A resumed run keeps the lines of the steps before `first_step` and drops
-    those that a crash left after the checkpoint, since those steps are trained again.
+    """metrics.jsonl (every metric per step), steps.jsonl (the prompts and weight versions each
+    step trained on) and, with `samples`, samples.jsonl (some completions of some steps, decoded).
+    A resumed run keeps the lines of the steps before `first_step` and drops those that a crash
+    left after the checkpoint, since those steps are trained again.
 
     Optional outputs: `jsonl_stdout` prints each step's record as one strict-JSON line on stdout;
     `tensorboard` writes scalars to <run_dir>/tensorboard (a resumed run purges the events of the
@@ -37,7 +38,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, total_steps: int, progress: bool, first_step: int = 0, *,
                  jsonl_stdout: bool = False, tensorboard: bool = False, wandb_project: str = "",
-                 run_config: dict[str, Any] | None = None, plot: bool = True):
+                 run_config: dict[str, Any] | None = None, plot: bool = True, samples: bool = False):
         run_dir = Path(run_dir)
         # Backends first: a missing package fails before any file is touched.
         self.tb_writer = None
@@ -51,6 +52,7 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.file = _open_from_step(self.path, first_step)
         self.steps_file = _open_from_step(run_dir / "steps.jsonl", first_step)
+        self.samples_file = _open_from_step(run_dir / "samples.jsonl", first_step) if samples else None
         self.jsonl_stdout = jsonl_stdout
         self.plot = plot
         if tensorboard:
@@ -90,6 +92,16 @@ class MetricsLogger:
                                           "weight_versions": weight_versions}) + "\n")
         self.steps_file.flush()
 
+    def log_samples(self, step: int, records: list[dict[str, Any]]) -> None:
+        """One JSON line per logged completion in samples.jsonl (`samples` must have been set), and
+        a `samples` table in Weights & Biases when it is on."""
+        self.samples_file.writelines(json.dumps({"step": step, **record}) + "\n" for record in records)
+        self.samples_file.flush()
+        if self.wandb is not None and records:
+            columns = ["step", *records[0]]
+            table = self.wandb.Table(columns=columns, data=[[step, *record.values()] for record in records])
+            self.wandb.log({"samples": table}, step=step)
+
     def close(self) -> None:
         if self.closed:
             return
@@ -97,6 +109,8 @@ class MetricsLogger:
         self.bar.close()
         self.file.close()
         self.steps_file.close()
+        if self.samples_file is not None:
+            self.samples_file.close()
         if self.tb_writer is not None:
             self.tb_writer.close()
         if self.wandb is not None:

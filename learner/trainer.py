@@ -7,7 +7,7 @@ For one step's packed samples:
      something before training needs them (see `PPOTrainer.policy_pass_in_score`)
   2. `make_experience`: rewards, KL and advantages over the whole step (groups of n samples stay
      together)
-  3. `train_step`: per micro-batch, truncated importance weights between behaviour (vLLM) and
+  3. `optimize`: per micro-batch, truncated importance weights between behaviour (vLLM) and
      learner log-probs, the clipped PPO policy loss (+ KL loss, - entropy bonus) and the clipped
      value loss, one optimizer step per PPO epoch.
 """
@@ -97,6 +97,7 @@ class Experience:
     old_values: torch.Tensor | None
     bounds: list[tuple[int, int]]
     metrics: dict[str, float]
+    scores: torch.Tensor  # [B] each sequence's total reward
 
 
 def _padded(flat: torch.Tensor, part: StepSamples, width: int) -> torch.Tensor:
@@ -265,7 +266,7 @@ class PPOTrainer:
         }
         # Cut-off completions stay in their group's baseline above; here they leave every loss and its normaliser.
         loss_mask = mask & ~samples.truncated[:, None] if cfg.train.mask_truncated else mask
-        return Experience(samples, loss_mask, old, behaviour, advantages, returns, ref, values, bounds, metrics)
+        return Experience(samples, loss_mask, old, behaviour, advantages, returns, ref, values, bounds, metrics, scores)
 
     # ------------------------------------------------------------------ optimisation
     def _normalizer(self, exp: Experience) -> float:
@@ -296,10 +297,13 @@ class PPOTrainer:
         return rates
 
     def train_step(self, step: int, parts: list[ScoredPart]) -> dict[str, float]:
-        """One optimizer step per PPO epoch on the step's scored parts, at `step`'s learning rates;
+        """`optimize` on the experience of the step's scored parts."""
+        return self.optimize(step, self.make_experience(parts))
+
+    def optimize(self, step: int, exp: Experience) -> dict[str, float]:
+        """One optimizer step per PPO epoch on the step's experience, at `step`'s learning rates;
         `step` also names the step in errors."""
         rates = self.set_learning_rates(step)
-        exp = self.make_experience(parts)
         samples = exp.samples
         cfg, algo = self.cfg, self.cfg.algo
         normalizer = self._normalizer(exp)
@@ -368,6 +372,18 @@ class PPOTrainer:
         return {**exp.metrics, **behaviour_metrics.result(), **metrics, **rates,
                 "grad_norm": float(self.actor.get_global_grad_norm() or 0.0),
                 "tokens": float(samples.num_tokens), "sequences": float(samples.num_sequences)}
+
+    def sample_records(self, exp: Experience, prompts: int) -> list[dict]:
+        """Every completion of the step's first `prompts` prompts (in grant order), decoded, with its
+        reward and advantage, for <output.dir>/samples.jsonl. `advantage` is that of the first
+        response token: the sequence's advantage for the group estimators without a KL reward."""
+        head = exp.samples.rows(0, min(prompts * self.cfg.rollout.n_samples_per_prompt, exp.samples.num_sequences))
+        prompt_texts, completions = head.response_texts(self.tokenizer)
+        return [{"prompt_id": int(head.prompt_ids[b]), "prompt": prompt_texts[b], "completion": completions[b],
+                 "reward": float(exp.scores[b]), "advantage": float(exp.advantages[b, 0]),
+                 "response_tokens": int(head.response_lengths[b]), "finish_reason": head.finish_reasons[b],
+                 "weight_version": int(head.weight_versions[b])}
+                for b in range(head.num_sequences)]
 
     def _lockstep_extra_passes(self, local_passes: int) -> int:
         """Idle micro-batch passes this rank adds so that every rank runs as many as the busiest one.

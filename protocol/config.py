@@ -242,6 +242,10 @@ class OutputConfig:
     wandb_project: str = opt("", "Log every step's metrics and the run config to this Weights & Biases project "
                                  "(needs `pip install wandb` and a login); empty: off.")
     plot: bool = opt(True, "At the end, draw reward, KL and throughput per step into <dir>/training.png.")
+    log_samples_every: int = opt(10, "Every this many steps (from step 0), append some prompts with their "
+                                     "completions, rewards and advantages to <dir>/samples.jsonl (and a table to "
+                                     "Weights & Biases when it is on); 0: never.")
+    log_samples: int = opt(4, "Prompts whose completions (every sample of each) are logged, the step's first ones.")
 
 
 @dataclass
@@ -289,6 +293,9 @@ class RunConfig:
             raise ConfigError(f"rollout.stop_token_ids must be non-negative integer token ids, got {bad}")
         if not 0 < self.rollout.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
+        if self.output.log_samples_every < 0 or self.output.log_samples < 1:
+            raise ConfigError(f"output.log_samples_every must be >= 0 (0: off) and output.log_samples >= 1, got "
+                              f"{self.output.log_samples_every} and {self.output.log_samples}")
         if self.transport.min_rollouts < 1:
             raise ConfigError(f"transport.min_rollouts must be >= 1, got {self.transport.min_rollouts}")
         if self.train.max_staleness < 0:

@@ -399,6 +399,14 @@ def test_overlong_penalty_and_mask_truncated_options():
         load_config(overrides={"reward.overlong_buffer": "4", "reward.overlong_penalty": "-1"})
 
 
+def test_sample_logging_options():
+    assert (RunConfig().output.log_samples_every, RunConfig().output.log_samples) == (10, 4)
+    assert load_config(overrides={"output.log_samples_every": "0"}).output.log_samples_every == 0
+    for key, value in (("output.log_samples_every", "-1"), ("output.log_samples", "0")):
+        with pytest.raises(ConfigError, match=r"output\.log_samples_every must be >= 0 .*output\.log_samples >= 1"):
+            load_config(overrides={key: value})
+
+
 def test_importance_sampling_band_as_openrlhf():
     cfg = load_config(overrides={"algo.tis_level": "sequence_geometric", "algo.tis_mode": "mask",
                                  "algo.tis_floor": "0.5", "algo.tis_cap": "5"})

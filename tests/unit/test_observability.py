@@ -97,6 +97,47 @@ def test_resume_keeps_earlier_lines_and_drops_retrained_ones(tmp_path):
     assert_png(tmp_path / "training.png")
 
 
+def sample_records(step: int) -> list[dict]:
+    return [{"prompt_id": 7, "prompt": "3+4=", "completion": f"{7 + i}", "reward": 1.0 - i, "advantage": 0.5 - i,
+             "response_tokens": 2, "finish_reason": "stop", "weight_version": step} for i in range(2)]
+
+
+def test_samples_jsonl_only_when_asked_and_resumed_like_the_metrics(tmp_path):
+    off = MetricsLogger(tmp_path / "off", total_steps=1, progress=False, plot=False)
+    off.close()
+    assert not (tmp_path / "off" / "samples.jsonl").exists()
+
+    logger = MetricsLogger(tmp_path, total_steps=6, progress=False, plot=False, samples=True)
+    for step in (0, 2, 4):  # crash after step 4; the checkpoint was after step 2
+        logger.log_samples(step, sample_records(step))
+    logger.close()
+    lines = read_lines(tmp_path / "samples.jsonl")
+    assert lines[:2] == [{"step": 0, **record} for record in sample_records(0)]
+    resumed = MetricsLogger(tmp_path, total_steps=6, progress=False, first_step=3, plot=False, samples=True)
+    resumed.log_samples(4, sample_records(4))
+    resumed.close()
+    assert [line["step"] for line in read_lines(tmp_path / "samples.jsonl")] == [0, 0, 2, 2, 4, 4]
+
+
+def test_samples_table_in_wandb(tmp_path, monkeypatch):
+    logged = []
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    fake = types.SimpleNamespace(init=lambda **kw: None, log=lambda data, step: logged.append((data, step)),
+                                 finish=lambda: None, Table=Table)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    logger = MetricsLogger(tmp_path, total_steps=1, progress=False, wandb_project="proj", plot=False, samples=True)
+    logger.log_samples(0, sample_records(0))
+    logger.close()
+    ((data, step),) = logged
+    table = data["samples"]
+    assert step == 0 and table.columns == ["step", *sample_records(0)[0]]
+    assert table.data[1] == [0, 7, "3+4=", "8", 0.0, -0.5, 2, "stop", 0]
+
+
 def hide_module(monkeypatch, *names: str) -> None:
     """Make `import name` fail as if the package were not installed."""
     for name in names:

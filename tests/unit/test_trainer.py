@@ -3,7 +3,8 @@
 non-finite micro-batch loss stops the step before its backward, naming where it happened; the KL
 in the reward reaches the group estimators' advantages; the learning-rate schedule sets actor and
 critic rates per step and continues across a checkpoint resume; GSPO reaches the policy loss; the
-overlong penalty reaches the reward, and cut-off completions leave the loss and its normaliser."""
+overlong penalty reaches the reward, and cut-off completions leave the loss and its normaliser; the
+logged sample records hold the decoded completions with their rewards and advantages."""
 
 from __future__ import annotations
 
@@ -288,3 +289,24 @@ def test_mask_truncated_with_every_completion_cut_off_changes_nothing(model_dir)
     assert all(math.isfinite(value) for value in metrics.values())
     for name, value in trainer.actor_module.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def test_sample_records_decode_the_first_prompts_with_their_rewards_and_advantages(model_dir):
+    trainer = make_trainer(model_dir)
+    exp = trainer.make_experience(score_two_batches(trainer))
+    records = trainer.sample_records(exp, prompts=2)
+    assert len(records) == 2 * 4  # every sample (n = 4) of the first two prompts, in grant order
+    samples, tokenizer = exp.samples, build_tokenizer()
+    for b, record in enumerate(records):
+        start, split = int(samples.cu_seqlens[b]), int(samples.cu_seqlens[b]) + int(samples.prompt_lens[b])
+        stop = int(samples.cu_seqlens[b + 1])
+        assert record["prompt"] == tokenizer.decode(samples.tokens[start:split].tolist(), skip_special_tokens=True)
+        assert record["completion"] == tokenizer.decode(samples.tokens[split:stop].tolist(), skip_special_tokens=True)
+        assert record["reward"] == float(len(record["completion"]) % 3)  # random_reward
+        assert record["response_tokens"] == stop - split and record["finish_reason"] == "stop"
+        assert record["prompt_id"] == int(samples.prompt_ids[b])
+    for group in (records[:4], records[4:]):  # GRPO: (r - mean) / (std + 1e-6) within each prompt's group
+        rewards = torch.tensor([r["reward"] for r in group])
+        expected = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+        assert [r["advantage"] for r in group] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert len(trainer.sample_records(exp, prompts=100)) == samples.num_sequences
