@@ -173,7 +173,7 @@ class PPOTrainer:
         return torch.tensor(score_batch(self.reward_fn, prompts, completions, samples.labels), dtype=torch.float32)
 
     def total_reward(self, function_scores: torch.Tensor, model_scores: torch.Tensor | None,
-                     overlong: torch.Tensor | None = None) -> torch.Tensor:
+                     overlong: torch.Tensor | None) -> torch.Tensor:
         """Weighted sum of the reward function's and the reward model's scores, plus the overlong
         penalty (if any), clipped if asked."""
         r = self.cfg.reward
@@ -261,7 +261,7 @@ class PPOTrainer:
             **({"reward_model_mean": float(model_scores.mean())} if model_scores is not None else {}),
             "response_len": float(mask.sum(1).float().mean()),
             "kl_ref": float(masked_mean(kl, mask)), "kl_coef": kl_coef,
-            "truncated_fraction": sum(r == "length" for r in samples.finish_reasons) / samples.num_sequences,
+            "truncated_fraction": int(samples.truncated.sum()) / samples.num_sequences,
             **({"overlong_penalty_mean": float(overlong.mean())} if overlong is not None else {}),
         }
         # Cut-off completions stay in their group's baseline above; here they leave every loss and its normaliser.

@@ -49,6 +49,10 @@ def test_replay_reproduces_losses_and_weights(run_local, tmp_path):
                 map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
     assert losses(replay_dir) == losses(recorded.run_dir)
+    # step 0's completions (output.log_samples_every 10 logs step 0 of 6): 4 prompts x 8 samples, replayed alike
+    logged = (recorded.run_dir / "samples.jsonl").read_text().splitlines()
+    assert len(logged) == 4 * 8 and {json.loads(line)["step"] for line in logged} == {0}
+    assert (replay_dir / "samples.jsonl").read_text().splitlines() == logged
     original, replayed = load_file(recorded.run_dir / "final/model.safetensors"), load_file(replay_dir / "final/model.safetensors")
     assert original.keys() == replayed.keys()
     assert all(original[k].equal(replayed[k]) for k in original), "replayed final weights differ"
