@@ -80,7 +80,7 @@ class Learner:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         rows = load_prompt_rows(cfg.data.path, input_key=cfg.data.input_key, label_key=cfg.data.label_key)
         template = {"auto": None, "yes": True, "no": False}[cfg.data.apply_chat_template]
-        self.dataset = PromptDataset(rows, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+        self.dataset = PromptDataset(rows, self.tokenizer, max_prompt_len=cfg.prompt_len_limit,
                                      apply_chat_template=template, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
         self.stop_token_ids = list(cfg.rollout.stop_token_ids)
         reward_fn = load_reward_fn(cfg.reward.function) if cfg.reward.function else None
