@@ -460,20 +460,32 @@ def test_every_flag_parses_its_own_default():
     assert cfg == RunConfig()
 
 
-def _config_get(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "protocol.config_get", *argv], cwd=REPO,
+def _config_get(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "protocol.config_get", "launch/x.sh", str(cwd), *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 
 def test_config_get_subprocess(tmp_path):
-    out = _config_get("train.lr", "--train.lr", "0.5")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "0.5"
+    """The launch scripts' reading: the flags rewritten with absolute paths, and the values asked for."""
     path = write_yaml(tmp_path, "rollout:\n  stop_token_ids: [3, 4]\n  temperature: 7e-1\n")
-    out = _config_get("rollout", "--config", str(path), "--rollout.top_k", "5")
+    out = _config_get(tmp_path, "lr=train.lr", "top_k=rollout.top_k", "stop=rollout.stop_token_ids", "data=data.path",
+                      "--", "--config", "run.yaml", "--train.lr", "0.5", "--rollout.top_k", "5",
+                      "--data.path", "p.jsonl")
     assert out.returncode == 0, out.stderr
-    assert "'stop_token_ids': [3, 4]" in out.stdout and "'top_k': 5" in out.stdout
-    assert "'temperature': 0.7" in out.stdout
+    shell = f"{out.stdout}\nprintf '%s\\n' \"${{args[@]}}\" \"$lr\" \"$top_k\" \"$stop\" \"$data\""
+    printed = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert printed == ["--config", str(path), "--train.lr", "0.5", "--rollout.top_k", "5",
+                       "--data.path", str(tmp_path / "p.jsonl"), "0.5", "5", "[3, 4]", str(tmp_path / "p.jsonl")]
+
+
+def test_config_get_reports_a_mistake_in_one_line(tmp_path):
+    out = _config_get(tmp_path, "--", "--train.num_stesp", "3")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["launch/x.sh: error: unknown option --train.num_stesp; did you mean "
+                                       "--train.num_steps? (every option: python -m learner --help)"]
+    out = _config_get(tmp_path, "--", "--train.num_steps", "many")
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
+    assert out.stderr.startswith("launch/x.sh: error: train.num_steps expects int")
 
 
 # --------------------------------------------------------------------------- mistyped flags and keys
