@@ -78,8 +78,9 @@ class DataConfig:
                         "Empty: launch/local.sh uses the built-in arithmetic task's prompts.", path=INPUT)
     input_key: str = opt("prompt", "Field holding the prompt (a string or a list of chat messages).")
     label_key: str = opt("label", "Field holding the label passed to the reward function (optional).")
-    max_prompt_len: int = opt(0, "Prompts longer than this many tokens are dropped (the learner reports how many "
-                                 "at start). 0: the room rollout.max_model_len leaves after rollout.max_new_tokens.")
+    max_prompt_len: int = opt(0, "Prompts longer than this many tokens, or than the engine takes (rollout."
+                                 "max_model_len - 1), are dropped; the learner reports how many at start. 0: the "
+                                 "room rollout.max_model_len leaves after rollout.max_new_tokens.")
     apply_chat_template: str = opt("auto", "Wrap prompts in the tokenizer's chat template.",
                                    ("auto", "yes", "no"))
     shuffle: bool = opt(True, "Shuffle prompts each epoch (deterministically, from train.seed).")
@@ -295,27 +296,24 @@ class RunConfig:
                               f"[-kl_clamp, kl_clamp]), got {self.algo.kl_clamp}")
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
-        self._check_lengths_fit()
+        self._check_prompt_room()
         return self
 
-    def _check_lengths_fit(self) -> None:
-        """A kept prompt and a whole response fit in the engine: vLLM rejects a longer prompt outright."""
-        d, r = self.data, self.rollout
-        if d.max_prompt_len < 0:
+    def _check_prompt_room(self) -> None:
+        if self.data.max_prompt_len < 0:
             raise ConfigError(f"data.max_prompt_len must be >= 0 (0: what rollout.max_model_len leaves), "
-                              f"got {d.max_prompt_len}")
-        if not d.max_prompt_len and self.prompt_len_limit < 1:
-            raise ConfigError(f"rollout.max_new_tokens ({r.max_new_tokens}) leaves no room for a prompt in "
-                              f"rollout.max_model_len ({r.max_model_len}): raise rollout.max_model_len")
-        if d.max_prompt_len + r.max_new_tokens > r.max_model_len:
-            raise ConfigError(f"data.max_prompt_len ({d.max_prompt_len}) + rollout.max_new_tokens "
-                              f"({r.max_new_tokens}) exceeds rollout.max_model_len ({r.max_model_len}): raise "
-                              f"rollout.max_model_len (up to the model's context length) or lower the others")
+                              f"got {self.data.max_prompt_len}")
+        if self.prompt_len_limit < 1:
+            after = "" if self.data.max_prompt_len else f" after rollout.max_new_tokens ({self.rollout.max_new_tokens})"
+            raise ConfigError(f"rollout.max_model_len ({self.rollout.max_model_len}) leaves no room for a "
+                              f"prompt{after}: raise rollout.max_model_len")
 
     @property
     def prompt_len_limit(self) -> int:
-        """The longest prompt kept, in tokens: data.max_prompt_len, or (0) what a response leaves."""
-        return self.data.max_prompt_len or self.rollout.max_model_len - self.rollout.max_new_tokens
+        """The longest prompt kept, in tokens: data.max_prompt_len, or (0) what a whole response leaves;
+        at most what the engine takes at all (vLLM rejects a prompt that fills rollout.max_model_len)."""
+        r = self.rollout
+        return min(self.data.max_prompt_len or r.max_model_len - r.max_new_tokens, r.max_model_len - 1)
 
     @property
     def uses_critic(self) -> bool:

@@ -613,12 +613,18 @@ def test_defaults_fit_a_real_model_and_the_tiny_job_keeps_its_values():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"rollout.max_new_tokens": "2048"}, r"rollout\.max_new_tokens \(2048\) leaves no room for a prompt"),
-    ({"data.max_prompt_len": "1500"}, r"data\.max_prompt_len \(1500\) \+ rollout\.max_new_tokens \(1024\) exceeds "
-                                      r"rollout\.max_model_len \(2048\)"),
+    ({"rollout.max_new_tokens": "2048"},
+     r"rollout\.max_model_len \(2048\) leaves no room for a prompt after rollout\.max_new_tokens \(2048\)"),
+    ({"rollout.max_model_len": "1", "data.max_prompt_len": "8", "rollout.max_new_tokens": "1"},
+     r"rollout\.max_model_len \(1\) leaves no room for a prompt: raise"),
     ({"data.max_prompt_len": "-1"}, r"data\.max_prompt_len must be >= 0"),
 ])
-def test_prompt_and_response_must_fit_the_engine(overrides, message):
+def test_a_prompt_must_have_room_in_the_engine(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
-    assert load_config(overrides={"data.max_prompt_len": "1024"}).prompt_len_limit == 1024
+
+
+def test_prompt_length_limit():
+    assert load_config(overrides={"rollout.max_new_tokens": "100"}).prompt_len_limit == 1948
+    assert load_config(overrides={"data.max_prompt_len": "1500"}).prompt_len_limit == 1500  # the response may be cut
+    assert load_config(overrides={"data.max_prompt_len": "4096"}).prompt_len_limit == 2047  # what vLLM takes
