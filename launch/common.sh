@@ -119,7 +119,7 @@ start_rollouts() {  # $1: first index, $2: count
 # One pass over the rollouts: a rollout that exited 0 was told to stop by the learner and stays
 # stopped; one that failed is restarted (the learner re-issues its unanswered work and sends it
 # the current weights) up to rollout.max_restarts times, after which the script exits with its
-# status. One that failed before its hello reached the learner (status 3, rollout/main.py: its
+# status. One that failed before saying hello to the learner (status 3, rollout/main.py: its
 # engine, model, keys or config) would fail the same way again, and the learner would wait for it
 # (transport.min_rollouts) until transport.batch_timeout_s: the script exits at once with its error.
 # Sets `rollouts_alive` to the number still running.

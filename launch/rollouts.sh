@@ -15,8 +15,8 @@
 # Each process is `python -m rollout --index I`, in its own session, connected to
 # transport.learner_host:transport.port with the learner's --run_id and model. A rollout that fails is
 # restarted up to rollout.max_restarts times (the learner re-issues its work and sends it the current
-# weights); one that fails before reaching the learner (its engine, model or config) stops them all
-# at once. The script exits 0 once every rollout has exited 0 (the learner sent Shutdown), and with
+# weights); one that fails before saying hello to the learner (its engine, model or config) stops
+# them all at once. The script exits 0 once every rollout has exited 0 (the learner sent Shutdown), and with
 # a rollout's status once one has failed more often than that. A rollout that hears nothing from the
 # learner for transport.peer_timeout_s gives up (rollout.on_learner_lost). Logs:
 # <output.dir>/logs/rollout-I.log. Ctrl-C, TERM or any exit stops every process this script started.

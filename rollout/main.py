@@ -31,7 +31,7 @@ from rollout.engine import VLLMGenerator, configure_cpu_threads, timed
 
 log = logging.getLogger("rollout")
 
-# The exit status of a rollout that failed before its hello reached the learner: starting its engine,
+# The exit status of a rollout that failed before saying hello to the learner: starting its engine,
 # loading its model or keys, or its config. Launch scripts do not restart it (a restart would fail
 # the same way) and stop the run at once instead of letting the learner wait for it.
 EXIT_FAILED_BEFORE_HELLO = 3

@@ -70,7 +70,7 @@ def _rollout_flags(inputs):
 
 
 def test_rollout_failing_before_its_hello_exits_3(monkeypatch, capsys, run_inputs):
-    """Launch scripts restart a rollout that failed after reaching the learner (status 1), not one
+    """Launch scripts restart a rollout that failed after saying hello to the learner (status 1), not one
     that failed to start (status 3): that one would fail again, and the learner would wait for it."""
     import rollout.main as rollout_main
 
