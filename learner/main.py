@@ -79,7 +79,11 @@ class Learner:
         self.cfg = cfg
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path,
+                                                           trust_remote_code=cfg.model.trust_remote_code)
+        except OSError as exc:  # the first use of model.path: a Hub id that cannot be fetched, a broken directory
+            raise ConfigError(f"--model.path {cfg.model.path}: {exc}") from exc
         rows = load_prompt_rows(cfg.data.path, input_key=cfg.data.input_key, label_key=cfg.data.label_key)
         template = {"auto": None, "yes": True, "no": False}[cfg.data.apply_chat_template]
         self.dataset = PromptDataset(rows, self.tokenizer, max_prompt_len=cfg.prompt_len_limit,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from protocol.config import ConfigArgumentParser, ConfigError, config_from_args
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -63,6 +65,22 @@ def test_learner_user_error_is_one_line_and_its_traceback_goes_to_the_log(tmp_pa
     assert capsys.readouterr().err.splitlines() == [
         f"error: prompts.jsonl: line 1: missing input key 'prompt' (traceback in {log})"]
     assert "Traceback" in log.read_text() and "in load_rows" in log.read_text()
+
+
+def test_a_model_the_learner_cannot_load_is_a_config_error(monkeypatch, run_inputs):
+    """A Hub id is not checked up front (it is not a path); failing to fetch it is still the user's
+    mistake, reported as one line naming the option."""
+    import transformers
+
+    from learner.main import Learner
+
+    def offline(name, **kwargs):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    cfg = config_from_args(ConfigArgumentParser().parse_args([*run_inputs, "--model.path", "org/name"]))
+    with pytest.raises(ConfigError, match=r"^--model.path org/name: We couldn't connect"):
+        Learner(cfg)
 
 
 def _rollout_flags(inputs):
