@@ -25,6 +25,8 @@ launch_init "$@"
 args=("$@")
 if ! has --config && ! has --model.path; then
   args=(--config "$root/configs/tiny.yaml" "${args[@]}")
+elif ! has --config; then  # say so: a key not given is not the tiny job's value either
+  echo "config: the defaults (python -m learner --help) and your flags; no --config file"
 fi
 read_config model_path=model.path data_path=data.path reward_fn=reward.function reward_model=reward.model_path \
   port=transport.port run_id=run_id rollouts=rollout.num_processes min_rollouts=transport.min_rollouts run_dir=output.dir \
