@@ -1,58 +1,80 @@
-# Shared helpers of the launch scripts (local.sh, learner.sh, rollouts.sh); sourced, not run.
+# Shared helpers of the launch scripts (local.sh, learner.sh, rollouts.sh, replay.sh, slurm.sbatch);
+# sourced, not run.
 #
 # The sourcing script sets `root` (the repository) before sourcing and `args` (the config flags
 # every process gets) before calling the helpers that read the config. Nothing here starts a
 # process or changes directory when sourced; `launch_init` does both set-up steps.
 
-# cd to the repository, create the environment on first use, set `py` (the venv's python).
+# -h/--help among the arguments: the script's help, and exit 0. Otherwise remember the caller's
+# directory (relative paths in the flags are taken from there), cd to the repository, create the
+# environment on first use, set `py` (the venv's python) and `prog` (the script, for messages).
 launch_init() {
+  local arg
+  for arg in "$@"; do [[ "$arg" == -h || "$arg" == --help ]] && launch_help; done
+  prog="launch/${0##*/}"
+  caller_dir="$PWD"
   cd "$root"
   "$root/launch/setup_env.sh"
   py="${STREAMRLHF_VENV:-$root/.venv}/bin/python"
 }
 
-has() { local k; for k in "${args[@]}"; do [[ "$k" == "$1" ]] && return 0; done; return 1; }
+# The script's header comment (what it starts, its own flags and variables), then how config keys are given.
+launch_help() {
+  sed -n '2,/^\(#[^ ]\|[^#]\)/{s/^# //p;s/^#$//p}' "$0"  # up to the first line that is not "# ..." or "#"
+  cat <<'TEXT'
 
-config_value() {  # the effective value of a config key (YAML file + flags), read by the config loader itself
-  "$py" -m protocol.config_get "$1" "${args[@]}"
+Config: every key of the run config is a flag, --section.key value (e.g. --train.num_steps 10),
+applied on top of --config FILE.yaml. Relative paths are taken from the directory you run this
+from (those in a YAML file from the file's directory). Every key, with its default and help:
+  python -m learner --help    (with the repository's .venv/bin/python)
+TEXT
+  exit 0
 }
 
-config_values() {  # VAR=KEY ...: set each shell variable VAR to config_value KEY, with one Python start
-  local pairs=("$@") keys=() values=() text i
-  for i in "${!pairs[@]}"; do keys+=("${pairs[$i]#*=}"); done
-  text="$("$py" -m protocol.config_get "$(IFS=,; echo "${keys[*]}")" "${args[@]}")" || exit 2
-  mapfile -t values <<<"$text"
-  for i in "${!pairs[@]}"; do printf -v "${pairs[$i]%%=*}" '%s' "${values[$i]}"; done
+has() {  # whether the flag $1 is among `args` (as `$1 VALUE` or `$1=VALUE`)
+  local k
+  for k in "${args[@]}"; do [[ "$k" == "$1" || "$k" == "$1="* ]] && return 0; done
+  return 1
+}
+
+# Read the config once, as every process will, before anything starts: a mistake in `args` is one
+# line (naming the closest valid key) and exit 2. Rewrites `args` with --config and the path options
+# absolute from the caller's directory (the processes run in the repository), and sets each shell
+# variable VAR to the effective value of KEY, all with one Python start. Usage: read_config VAR=KEY ...
+read_config() {
+  local text
+  text="$("$py" -m protocol.config_get "$prog" "$caller_dir" "$@" -- "${args[@]}")" || exit 2
+  eval "$text"
 }
 
 free_port() { "$py" -c 'from protocol.transport import free_tcp_port; print(free_tcp_port())'; }
 
-# Refuse unauthenticated plain TCP off the loopback interface (protocol.transport.
-# check_transport_security: transport.bind_host / learner_host, curve_dir,
-# curve_required_off_loopback) and, with CURVE, load the keys the processes will load. The learner
-# and the rollouts check this themselves too, the learner only after loading its model; this fails
-# in a second. Usage: check_transport learner | check_transport rollout INDEX...
-# Prints "on" or "off" (CURVE); exits 2, with the reason, when the transport or a key is refused.
-check_transport() {
+# Refuse in a second what the processes would refuse later (the learner only after loading its
+# model): a missing input (a model, the data, a reward function file...; for the learner also no
+# reward at all: protocol.config.check_inputs), and unauthenticated plain TCP off the loopback
+# interface (protocol.transport.check_transport_security: transport.bind_host / learner_host,
+# curve_dir, curve_required_off_loopback); with CURVE, load the keys the processes will load.
+# Usage: check_start learner [INDEX...] | check_start rollout INDEX... (INDEX: the rollouts started).
+# Prints "on" or "off" (CURVE); exits 2, with the reason, when something is refused.
+check_start() {
   local curve
-  curve="$("$py" - "$@" -- "${args[@]}" <<'PY'
-import argparse, sys
-from protocol.config import ConfigError, add_config_arguments, config_from_args
+  curve="$("$py" - "$prog" "$@" -- "${args[@]}" <<'PY'
+import sys
+from protocol.config import ConfigArgumentParser, ConfigError, check_inputs, config_from_args
 from protocol.keys import CurveKeyError, client_keys_from_dir, server_keys_from_dir
 from protocol.transport import check_transport_security
 split = sys.argv.index("--")
-role, indices, flags = sys.argv[1], sys.argv[2:split], sys.argv[split + 1:]
-parser = argparse.ArgumentParser(prog=f"launch/{role}")
-add_config_arguments(parser)
-cfg = config_from_args(parser.parse_args(flags))
+prog, role, indices, flags = sys.argv[1], sys.argv[2], sys.argv[3:split], sys.argv[split + 1:]
+cfg = config_from_args(ConfigArgumentParser(prog=prog).parse_args(flags))
 try:
+    check_inputs(cfg, role)
     curve = check_transport_security(cfg)
     if curve and role == "learner":
         server_keys_from_dir(cfg.transport.curve_dir)
     for i in indices if curve else ():
         client_keys_from_dir(cfg.transport.curve_dir, f"rollout-{i}")
 except (ConfigError, CurveKeyError) as exc:
-    sys.exit(f"{role}: refusing to start: {exc}")
+    sys.exit(f"{prog}: refusing to start the {role}: {exc}")
 print("on" if curve else "off")
 PY
   )" || exit 2
@@ -97,7 +119,10 @@ start_rollouts() {  # $1: first index, $2: count
 # One pass over the rollouts: a rollout that exited 0 was told to stop by the learner and stays
 # stopped; one that failed is restarted (the learner re-issues its unanswered work and sends it
 # the current weights) up to rollout.max_restarts times, after which the script exits with its
-# status. Sets `rollouts_alive` to the number still running.
+# status. One that failed before saying hello to the learner (status 3, rollout/main.py: its
+# engine, model, keys or config) would fail the same way again, and the learner would wait for it
+# (transport.min_rollouts) until transport.batch_timeout_s: the script exits at once with its error.
+# Sets `rollouts_alive` to the number still running.
 check_rollouts() {
   local i pid rc
   rollouts_alive=0
@@ -108,13 +133,17 @@ check_rollouts() {
     wait "$pid" && rc=0 || rc=$?
     rollout_pid[$i]=""
     [[ "$rc" -eq 0 ]] && continue  # told to stop by the learner
-    if [[ "${restarts[$i]}" -lt "$max_restarts" ]]; then
+    if [[ "$rc" -ne 3 && "${restarts[$i]}" -lt "$max_restarts" ]]; then
       restarts[$i]=$((restarts[$i] + 1))
       echo "rollout $i exited with status $rc; restarting it (${restarts[$i]}/$max_restarts)" >&2
       start_rollout "$i"
       rollouts_alive=$((rollouts_alive + 1))
     else
-      echo "rollout $i exited with status $rc after ${restarts[$i]} restart(s); last lines of its log:" >&2
+      if [[ "$rc" -eq 3 ]]; then
+        echo "rollout $i failed to start; stopping the run. Last lines of $run_dir/logs/rollout-$i.log:" >&2
+      else
+        echo "rollout $i exited with status $rc after ${restarts[$i]} restart(s); last lines of its log:" >&2
+      fi
       tail -n 20 "$run_dir/logs/rollout-$i.log" >&2
       exit "$rc"
     fi

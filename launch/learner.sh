@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# The learner of a multi-node run, alone; the rollouts run elsewhere (launch/rollouts.sh).
+# Usage: [NNODES=.. NODE_RANK=.. MASTER_ADDR=.. MASTER_PORT=.. | HOSTFILE=..] [DRY_RUN=1]
+#        launch/learner.sh --model.path M --data.path D --run_id ID --transport.port P [--section.key value ...]
+#
+# Starts the learner of a multi-node run, alone; the rollouts run elsewhere (launch/rollouts.sh).
 #
 #   launch/learner.sh --config run.yaml --run_id exp1 --transport.port 29400 \
 #       --transport.bind_host 10.0.0.1 --transport.curve_dir /shared/keys
@@ -9,7 +12,8 @@
 #   HOSTFILE=hosts launch/learner.sh ... --train.learner_ranks 4         # DeepSpeed launcher, all hosts
 #
 # Every rollout must get the same --run_id, --transport.port and model (launch/rollouts.sh with
-# --transport.learner_host set to this node's address), so both are required here (no port 0).
+# --transport.learner_host set to this node's address), so all are required here (no port 0), with
+# --data.path and a reward (--reward.function and/or --reward.model_path).
 # The learner binds transport.bind_host:transport.port (rank 0 only). Anything but a loopback
 # address needs CURVE (--transport.curve_dir, keys from `python -m protocol.keys generate`) unless
 # --transport.curve_required_off_loopback false; this is checked before anything starts.
@@ -27,26 +31,27 @@
 #     numactl where cores are bound to ranks (DEEPSPEED_ARGS=--bind_cores_to_rank). The first host
 #     runs rank 0, so bind_host must be one of its addresses.
 # DRY_RUN=1 prints the command instead of running it. Ctrl-C or TERM stops the learner's process
-# group. The exit status is the learner's.
+# group. The exit status is the learner's. No flags of its own besides -h/--help.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/launch/common.sh"
-launch_init
+launch_init "$@"
 
 args=("$@")
-die() { echo "launch/learner.sh: $*" >&2; exit 2; }
-[[ -n "$(config_value model.path)" && -n "$(config_value data.path)" ]] || \
+die() { echo "$prog: $*" >&2; exit 2; }
+read_config model_path=model.path data_path=data.path run_id=run_id port=transport.port \
+  ranks=train.learner_ranks bind_host=transport.bind_host
+[[ -n "$model_path" && -n "$data_path" ]] || \
   die "--model.path and --data.path (or a --config that sets them) are required; for the built-in task run" \
       "\`python -m learner.tasks.arithmetic prepare --out DIR\` on shared storage and pass its model and prompts"
-[[ -n "$(config_value run_id)" ]] || die "--run_id is required (the rollouts must be given the same one)"
-port="$(config_value transport.port)"
+[[ -n "$run_id" ]] || die "--run_id is required (the rollouts must be given the same one)"
 [[ "$port" != 0 ]] || die "--transport.port is required (the rollouts connect to it; 0 would pick one they cannot know)"
-curve="$(check_transport learner)" || exit 2
+curve="$(check_start learner)" || exit 2
 
-ranks="$(config_value train.learner_ranks)"
 nnodes="${NNODES:-1}"
 node_rank="${NODE_RANK:-0}"
 if [[ -n "${HOSTFILE:-}" ]]; then
+  [[ "$HOSTFILE" == /* ]] || HOSTFILE="$caller_dir/$HOSTFILE"  # relative to where this was run, as the flags
   [[ -f "$HOSTFILE" ]] || die "HOSTFILE $HOSTFILE does not exist"
   learner_cmd=("$(dirname "$py")/deepspeed" --hostfile "$HOSTFILE" --num_gpus "$ranks"
                ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} ${MASTER_PORT:+--master_port "$MASTER_PORT"}
@@ -63,8 +68,7 @@ elif [[ "$ranks" -gt 1 || "$nnodes" -gt 1 ]]; then
 else
   learner_cmd=("$py" -m learner)
 fi
-echo "learner: ${learner_cmd[*]} (listening on $(config_value transport.bind_host):$port, CURVE $curve," \
-     "run $(config_value run_id))"
+echo "learner: ${learner_cmd[*]} (listening on $bind_host:$port, CURVE $curve, run $run_id)"
 if [[ -n "${DRY_RUN:-}" ]]; then
   printf '%q ' "${learner_cmd[@]}" "${args[@]}"; echo
   exit 0

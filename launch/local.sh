@@ -1,38 +1,53 @@
 #!/usr/bin/env bash
-# All processes on this machine: one learner (N DeepSpeed ranks) and R rollout processes.
+# Usage: launch/local.sh [--config FILE.yaml] [--section.key value ...]
 #
-#   launch/local.sh                         # the default job: tiny model, A+B= task
-#   launch/local.sh --config my.yaml        # any Hugging Face model and prompt dataset
-#   launch/local.sh --train.num_steps 5     # any config key as a flag
+# Starts a whole run on this machine: one learner (train.learner_ranks DeepSpeed ranks, under
+# torchrun when more than one) and rollout.num_processes rollout processes (one vLLM engine each),
+# on disjoint CPU cores on a CPU machine. Ctrl-C, an error in any process, or the end of training
+# stops every process it started.
+#
+#   launch/local.sh                         # the default job: tiny built-in model, A+B= task (configs/tiny.yaml)
+#   launch/local.sh --train.num_steps 5     # ... with any config key changed
+#   launch/local.sh --config my.yaml        # your model, prompts and reward (see configs/*.yaml)
+#   launch/local.sh --model.path /models/qwen --data.path prompts.jsonl --reward.function my_reward.py:score
 #   launch/local.sh --train.learner_ranks 2 # a 2-rank data-parallel learner (torchrun)
 #
-# Without --model.path/--data.path it prepares the built-in task first (once; no download).
-# Ctrl-C, an error in any process, or the end of training stops every process it started.
+# Without --config and --model.path it runs configs/tiny.yaml; without a model.path it prepares the
+# built-in task first (once, no download, in $TASK_DIR, default runs/arithmetic) and uses its model,
+# and its prompts and reward unless data.path is given. Your own data needs a reward:
+# --reward.function and/or --reward.model_path. Outputs (metrics, logs, final model) go to
+# output.dir; rollout logs to <output.dir>/logs/rollout-I.log. No flags of its own besides -h/--help.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$root/launch/common.sh"  # has, config_value, cleanup, start_rollout(s), check_rollouts
-launch_init
+source "$root/launch/common.sh"  # launch_init, has, read_config, check_start, cleanup, start_rollout(s), check_rollouts
+launch_init "$@"
 
 args=("$@")
 if ! has --config && ! has --model.path; then
-  args=(--config configs/tiny.yaml "${args[@]}")
+  args=(--config "$root/configs/tiny.yaml" "${args[@]}")
+elif ! has --config; then  # say so: a key not given is not the tiny job's value either
+  echo "config: the defaults (python -m learner --help) and your flags; no --config file"
 fi
-config_values model_path=model.path data_path=data.path port=transport.port run_id=run_id \
-  rollouts=rollout.num_processes min_rollouts=transport.min_rollouts run_dir=output.dir \
+read_config model_path=model.path data_path=data.path reward_fn=reward.function reward_model=reward.model_path \
+  port=transport.port run_id=run_id rollouts=rollout.num_processes min_rollouts=transport.min_rollouts run_dir=output.dir \
   ranks=train.learner_ranks max_restarts=rollout.max_restarts
 if [[ -z "$model_path" ]]; then
   task_dir="${TASK_DIR:-runs/arithmetic}"
   prepared="$("$py" -m learner.tasks.arithmetic prepare --out "$task_dir" | tail -n 1)"
-  args+=(--model.path "$("$py" -c 'import json,sys; print(json.loads(sys.argv[1])["model"])' "$prepared")")
-  [[ -z "$data_path" ]] && \
-    args+=(--data.path "$("$py" -c 'import json,sys; print(json.loads(sys.argv[1])["prompts"])' "$prepared")")
+  task_path() { "$py" -c 'import json,os,sys; print(os.path.abspath(json.loads(sys.argv[1])[sys.argv[2]]))' "$prepared" "$1"; }
+  args+=(--model.path "$(task_path model)")
+  if [[ -z "$data_path" ]]; then  # the built-in task's prompts, and its reward (unless one is given)
+    args+=(--data.path "$(task_path prompts)")
+    [[ -z "$reward_fn$reward_model" ]] && args+=(--reward.function learner.tasks.arithmetic:arithmetic_reward)
+  fi
 fi
 [[ "$port" == 0 ]] && port="$(free_port)"
 [[ -z "$run_id" ]] && run_id="local-$(date +%s)-$$"
 args+=(--transport.port "$port" --run_id "$run_id")
 # the learner hands out work once every rollout started here is up (the first steps are shared)
 [[ "$min_rollouts" == 1 ]] && args+=(--transport.min_rollouts "$rollouts")
-check_transport learner $(seq 0 $((rollouts - 1))) >/dev/null  # off loopback only with CURVE keys
+# inputs present, a reward given, and off loopback only with CURVE keys
+check_start learner $(seq 0 $((rollouts - 1))) >/dev/null
 mkdir -p "$run_dir/logs"
 
 install_cleanup  # every process group started is stopped on exit, error or Ctrl-C

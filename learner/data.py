@@ -277,16 +277,15 @@ class PromptDataset:
                 self.num_filtered += 1
                 continue
             self._prompts.append(EncodedPrompt(prompt_id=row.index, token_ids=ids, label=row.label, text=text))
+        if not texts:
+            raise DatasetError("no prompts given")
         if self.num_filtered:
-            logger.warning(
-                "dropped %d of %d prompts longer than max_prompt_len=%d tokens",
-                self.num_filtered, len(texts), self.max_prompt_len,
-            )
-        if not self._prompts:
-            raise DatasetError(
-                f"no prompts left: all {len(texts)} prompts are longer than max_prompt_len={self.max_prompt_len}"
-                if texts else "no prompts given"
-            )
+            dropped = (f"dropped {self.num_filtered} of {len(texts)} prompts, longer than {self.max_prompt_len} "
+                       f"tokens (the longest has {max(map(len, token_ids))}): raise data.max_prompt_len and "
+                       f"rollout.max_model_len to keep them")
+            if not self._prompts:
+                raise DatasetError(f"no prompts left: {dropped}")
+            logger.warning(dropped)
         self._by_id = {p.prompt_id: p for p in self._prompts}
         self._epoch = 0
         self._offset = 0

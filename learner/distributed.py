@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -17,6 +16,8 @@ from learner.rollouts import StepSamples
 
 def init_distributed() -> None:
     """Join the process group started by torchrun / the DeepSpeed launcher, or make a 1-rank one."""
+    import deepspeed  # here, not at import: it announces its accelerator on import (`python -m learner --help`)
+
     if "RANK" not in os.environ:
         # port 0: the 1-rank store binds a port the OS picks (a port found free beforehand may be
         # taken by another process before the store binds it)

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -24,20 +25,21 @@ import torch
 import torch.distributed as dist
 
 from protocol.codec import DecodeLimits
-from protocol.config import RunConfig, add_config_arguments, config_from_args, config_from_dict, config_to_dict
+from protocol.config import (ConfigArgumentParser, ConfigError, RunConfig, check_inputs, config_from_args,
+                             config_from_dict, config_to_dict)
 from protocol.messages import SCHEMA_VERSION, PackedBatch
-from protocol.keys import server_keys_from_dir
+from protocol.keys import CurveKeyError, server_keys_from_dir
 from protocol.transport import LearnerEndpoint, check_transport_security
 
-from learner.data import PromptDataset, load_prompt_rows
+from learner.data import DatasetError, PromptDataset, load_prompt_rows
 from learner.checkpoint import CheckpointManager
 from learner.distributed import GroupDealer, StepBroadcaster, init_distributed, is_rank0, reduce_metrics
 from learner.grants import GrantPlanner
 from learner.hub import RolloutHub
-from learner.metrics import MetricsLogger
-from learner.recording import RecordingReader, RecordingWriter
+from learner.metrics import MetricsBackendError, MetricsLogger
+from learner.recording import RecordingError, RecordingReader, RecordingWriter
 from learner.replay import ReplayHub, reusable_batches
-from learner.rewards import load_reward_fn
+from learner.rewards import RewardFnError, load_reward_fn
 from learner.rollouts import StepSamples
 from learner.trainer import PPOTrainer
 from learner.weight_sync import WeightPublisher
@@ -77,10 +79,14 @@ class Learner:
         self.cfg = cfg
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path,
+                                                           trust_remote_code=cfg.model.trust_remote_code)
+        except OSError as exc:  # the first use of model.path: a Hub id that cannot be fetched, a broken directory
+            raise ConfigError(f"--model.path {cfg.model.path}: {exc}") from exc
         rows = load_prompt_rows(cfg.data.path, input_key=cfg.data.input_key, label_key=cfg.data.label_key)
         template = {"auto": None, "yes": True, "no": False}[cfg.data.apply_chat_template]
-        self.dataset = PromptDataset(rows, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+        self.dataset = PromptDataset(rows, self.tokenizer, max_prompt_len=cfg.prompt_len_limit,
                                      apply_chat_template=template, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
         self.stop_token_ids = list(cfg.rollout.stop_token_ids)
         reward_fn = load_reward_fn(cfg.reward.function) if cfg.reward.function else None
@@ -115,7 +121,7 @@ class Learner:
     def resume(self) -> None:
         path = self.checkpoints.latest()
         if path is None:
-            raise FileNotFoundError(f"--train.resume: no complete checkpoint under {self.checkpoints.directory}")
+            raise ConfigError(f"--train.resume: no complete checkpoint under {self.checkpoints.directory}")
         self.resume_state = self.checkpoints.load(path, self.trainer.engines)
         self.start_step = self.resume_state["step"] + 1
         recording = self.run_dir / "recording"
@@ -278,11 +284,41 @@ class FollowerHub:
         pass
 
 
+# Mistakes in what the user gave (config, data, reward function, keys, recording, logging backends):
+# reported as one line, the traceback going to the log.
+USER_ERRORS = (ConfigError, CurveKeyError, DatasetError, RewardFnError, RecordingError, MetricsBackendError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m learner", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
+    parser = ConfigArgumentParser(prog="python -m learner", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
+    try:
+        cfg = run_config(args)
+    except USER_ERRORS as exc:
+        parser.exit(2, f"error: {exc}\n")
+    init_distributed()
+    torch.set_num_threads(cfg.train.torch_threads)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s learner[{os.environ.get('RANK', '0')}] "
+                                                   "%(levelname)s %(message)s")
+    if is_rank0():
+        Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output.dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    try:
+        metrics = asyncio.run(train(cfg))
+    except USER_ERRORS as exc:
+        rank = os.environ.get("RANK", "0")
+        return report_user_error(exc, Path(cfg.output.dir) / "logs" / ("learner.log" if rank == "0" else
+                                                                       f"learner-{rank}.log"))
+    if is_rank0():
+        print(json.dumps({"final": {k: round(v, 4) for k, v in metrics.items()}}))
+    return 0
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The run's config from the flags (on top of a replayed recording's), checked before anything loads."""
     replay_path = vars(args).get("replay.path")
     if replay_path:
         # A replay starts from the recorded run's config; flags still override it.
@@ -294,24 +330,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = config_from_args(args)
     if not cfg.model.path or not cfg.data.path:
-        parser.error("--model.path and --data.path are required (launch/local.sh prepares the built-in task)")
+        raise ConfigError("--model.path and --data.path are required (launch/local.sh prepares the built-in task)")
+    check_inputs(cfg, "learner")
     if not cfg.run_id:
         cfg.run_id = uuid.uuid4().hex[:12]
-    init_distributed()
-    torch.set_num_threads(cfg.train.torch_threads)
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s learner[{os.environ.get('RANK', '0')}] "
-                                                   "%(levelname)s %(message)s")
-    if is_rank0():
-        Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output.dir) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-    metrics = asyncio.run(train(cfg))
-    if is_rank0():
-        print(json.dumps({"final": {k: round(v, 4) for k, v in metrics.items()}}))
-    return 0
+    return cfg
+
+
+def report_user_error(exc: Exception, log_path: Path) -> int:
+    """One line on stderr for the user; the traceback, for a bug report, appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log_file:
+        traceback.print_exception(exc, file=log_file)
+    print(f"error: {exc} (traceback in {log_path})", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

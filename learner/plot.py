@@ -120,7 +120,7 @@ def _empty(ax) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Draw a run's metrics.jsonl into a PNG.")
+    parser = argparse.ArgumentParser(prog="python -m learner.plot", description="Draw a run's metrics.jsonl into a PNG.")
     parser.add_argument("metrics", help="metrics.jsonl of a run")
     parser.add_argument("out", nargs="?", help="PNG to write (default: training.png next to the metrics)")
     parser.add_argument("--window", type=int, default=None, help="Rolling-mean width in steps.")

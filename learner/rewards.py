@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from protocol.config import is_file_spec
+
 __all__ = [
     "RewardFnError",
     "RewardFn",
@@ -56,7 +58,7 @@ def load_reward_fn(spec: str) -> RewardFn:
         raise RewardFnError(
             f"reward function spec {spec!r} must look like 'package.module:function' or 'path/to/file.py:function'"
         )
-    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
+    if is_file_spec(module_part):
         module = _load_file_module(module_part)
     else:
         module = _import_module(module_part)

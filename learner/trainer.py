@@ -18,7 +18,6 @@ import math
 import os
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -108,6 +107,8 @@ def _padded(flat: torch.Tensor, part: StepSamples, width: int) -> torch.Tensor:
 
 class PPOTrainer:
     def __init__(self, cfg: RunConfig, model_path: str, tokenizer, reward_fn):
+        import deepspeed  # here, not at import: it announces its accelerator on import (`python -m learner --help`)
+
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn
@@ -468,4 +469,6 @@ def gathered_state_dict(actor: Actor, zero_stage: int) -> dict[str, torch.Tensor
 
 def zero3_gather(params: list[torch.nn.Parameter]):
     """Make ZeRO-3 partitioned parameters whole on every rank for the duration of a `with` (collective)."""
+    import deepspeed
+
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

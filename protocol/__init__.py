@@ -27,7 +27,19 @@ from .messages import (
     numpy_storage_dtype,
     pack_weight_buckets,
 )
-from .transport import LearnerEndpoint, PeerUnreachableError, RolloutClient, free_tcp_port
+
+# Imported on first use: the transport imports protocol.keys, and a package that imports a module
+# as it starts makes `python -m protocol.keys` run a second copy of it (runpy's RuntimeWarning).
+_TRANSPORT = ("LearnerEndpoint", "PeerUnreachableError", "RolloutClient", "free_tcp_port")
+
+
+def __getattr__(name: str):
+    if name in _TRANSPORT:
+        from . import transport
+
+        return getattr(transport, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SCHEMA_VERSION",

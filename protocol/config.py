@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import importlib.util
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, Sequence
 
 import yaml
 
@@ -24,9 +27,18 @@ class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or inconsistent; the message says which."""
 
 
-def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
-    """A config field with its help text (and allowed values)."""
-    meta = {"help": help, "choices": choices}
+# Kinds of path-valued fields (the `path` of `opt`). A relative path is taken from the directory of
+# the YAML file that gives it, or (launch scripts, `cwd` of `load_config`) from the directory the
+# command was run from, so that it means the same in every process wherever that runs.
+MODEL = "model"  # a Hugging Face model directory, or a Hub id (`org/name`), kept as it is
+INPUT = "input"  # a file or directory that must exist
+OUTPUT = "output"  # a directory that is written
+FUNCTION = "function"  # `package.module:function`, or `path/to/file.py:function` whose file is a path
+
+
+def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None, path: str | None = None) -> Any:
+    """A config field with its help text (and allowed values, and what kind of path it holds)."""
+    meta = {"help": help, "choices": choices, "path": path}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -34,8 +46,9 @@ def opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str = opt("", "Hugging Face model directory of the actor (the initial policy). Empty: the "
-                        "built-in tiny model prepared by `python -m learner.tasks.arithmetic prepare`.")
+    path: str = opt("", "Hugging Face model directory of the actor (the initial policy), or a Hub id (org/name). "
+                        "Empty: launch/local.sh prepares the built-in tiny model "
+                        "(`python -m learner.tasks.arithmetic prepare`).", path=MODEL)
     dtype: str = opt("float32", "Learner parameter dtype.", ("float32", "bfloat16"))
     attn_implementation: str = opt("sdpa", "Attention kernel for the learner's forward passes; packed "
                                            "sequences use a block-diagonal mask with sdpa/eager and "
@@ -52,8 +65,8 @@ class ModelConfig:
 
 @dataclass
 class CriticConfig:
-    path: str = opt("", "Critic initialisation (Hugging Face directory). Empty: the actor's weights "
-                        "with a fresh value head. Used only when the advantage estimator is 'gae'.")
+    path: str = opt("", "Critic initialisation (Hugging Face directory or Hub id). Empty: the actor's weights "
+                        "with a fresh value head. Used only when the advantage estimator is 'gae'.", path=MODEL)
     value_head_prefix: str = opt("score", "Attribute name of the linear value head.")
     lr: float = opt(5e-4, "Critic learning rate (the peak of train.lr_schedule, which applies to it too).")
     value_clip: float = opt(0.2, "Clip range of the value loss around the old values; 0 disables.")
@@ -62,10 +75,12 @@ class CriticConfig:
 @dataclass
 class DataConfig:
     path: str = opt("", "Prompt dataset: JSONL, JSON list, Parquet or a saved `datasets` directory. "
-                        "Empty: the built-in arithmetic task's prompts.")
+                        "Empty: launch/local.sh uses the built-in arithmetic task's prompts.", path=INPUT)
     input_key: str = opt("prompt", "Field holding the prompt (a string or a list of chat messages).")
     label_key: str = opt("label", "Field holding the label passed to the reward function (optional).")
-    max_prompt_len: int = opt(128, "Prompts longer than this many tokens are dropped and counted.")
+    max_prompt_len: int = opt(0, "Prompts longer than this many tokens, or than the engine takes (rollout."
+                                 "max_model_len - 1), are dropped; the learner reports how many at start. 0: the "
+                                 "room rollout.max_model_len leaves after rollout.max_new_tokens.")
     apply_chat_template: str = opt("auto", "Wrap prompts in the tokenizer's chat template.",
                                    ("auto", "yes", "no"))
     shuffle: bool = opt(True, "Shuffle prompts each epoch (deterministically, from train.seed).")
@@ -73,12 +88,14 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    function: str = opt("learner.tasks.arithmetic:arithmetic_reward",
-                        "Reward function, `package.module:function` or `path/file.py:function`, called "
-                        "batched as fn(prompts, completions, labels) -> list of floats; empty: none.")
+    function: str = opt("", "Reward function, `package.module:function` or `path/file.py:function`, called "
+                            "batched as fn(prompts, completions, labels) -> list of floats; empty: none. A run "
+                            "needs this or reward.model_path (configs/tiny.yaml sets the arithmetic task's).",
+                        path=FUNCTION)
     function_weight: float = opt(1.0, "Weight of the reward function's score in the total reward.")
-    model_path: str = opt("", "Reward model directory (a value-head model, see learner.models.value_model), "
-                              "scored in the learner at the last token of each sequence; empty: none.")
+    model_path: str = opt("", "Reward model directory or Hub id (a value-head model, see "
+                              "learner.models.value_model), scored in the learner at the last token of each "
+                              "sequence; empty: none.", path=MODEL)
     model_weight: float = opt(1.0, "Weight of the reward model's score in the total reward.")
     value_head_prefix: str = opt("score", "Attribute name of the reward model's value head.")
     clip: float = opt(0.0, "Clip the total reward (overlong penalty included) to [-clip, clip]; 0 disables.")
@@ -99,13 +116,14 @@ class RolloutConfig:
     top_p: float = opt(1.0, "Nucleus sampling; below 1 the behaviour log-probs are those of the "
                             "truncated distribution (corrected by importance sampling).")
     top_k: int = opt(-1, "Top-k sampling; -1 disables.")
-    max_new_tokens: int = opt(8, "Maximum response length in tokens.")
+    max_new_tokens: int = opt(1024, "Maximum response length in tokens.")
     stop_token_ids: list = opt([], "Extra token ids that end a response (EOS always does).")
     engine_dtype: str = opt("float32", "vLLM engine dtype.", ("float32", "bfloat16", "float16"))
     tensor_parallel_size: int = opt(1, "vLLM tensor parallelism per rollout process.")
     gpu_memory_utilization: float = opt(0.5, "vLLM GPU memory fraction (GPU machines).")
     kv_cache_space_gib: int = opt(1, "vLLM KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE).")
-    max_model_len: int = opt(256, "vLLM maximum sequence length (prompt + response).")
+    max_model_len: int = opt(2048, "vLLM maximum sequence length (prompt + response); at most the model's "
+                                   "context length.")
     enforce_eager: bool = opt(True, "Disable CUDA graphs / torch.compile in vLLM (faster start-up).")
     omp_threads: int = opt(1, "CPU threads per rollout engine on the CPU backend when its cores are not chosen for "
                               "it (launch/rollouts.sh: rollout i takes omp_threads cores from i * omp_threads on).")
@@ -207,7 +225,7 @@ class TransportConfig:
     learner_host: str = opt("127.0.0.1", "Address rollouts connect to.")
     port: int = opt(0, "Learner port; 0 picks a free one (launch scripts pass it on).")
     weight_bucket_mb: int = opt(64, "Weights are published in buckets of this many MiB.")
-    weight_dir: str = opt("/dev/shm", "Where a rollout stages received weights for its engine.")
+    weight_dir: str = opt("/dev/shm", "Where a rollout stages received weights for its engine.", path=OUTPUT)
     weight_ack_timeout_s: float = opt(120.0, "Seconds to wait for every rollout to apply a weight version.")
     batch_timeout_s: float = opt(600.0, "Seconds the learner waits for a step's samples before failing.")
     min_rollouts: int = opt(1, "Rollouts that must have said hello before the learner hands out work, so that the "
@@ -222,7 +240,8 @@ class TransportConfig:
     curve_dir: str = opt("", "Directory of ZeroMQ CURVE key files; empty: CURVE off (plain TCP). The learner "
                              "uses learner.key_secret and admits only the clients whose public *.key files are "
                              "in it; rollout N uses learner.key and rollout-N.key_secret. Create them with "
-                             "`python -m protocol.keys generate DIR --name learner --name rollout-0 ...`.")
+                             "`python -m protocol.keys generate DIR --name learner --name rollout-0 ...`.",
+                         path=INPUT)
     curve_required_off_loopback: bool = opt(True, "Refuse to start when bind_host or learner_host is not a "
                                                    "loopback address and curve_dir is empty (unauthenticated "
                                                    "plain TCP on a network).")
@@ -230,7 +249,8 @@ class TransportConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = opt("runs/default", "Run directory: metrics.jsonl, logs and the final model.")
+    dir: str = opt("runs/default", "Run directory: metrics.jsonl, logs and the final model (the default is "
+                                   "relative to the repository, where the launch scripts run).", path=OUTPUT)
     save_final: bool = opt(True, "Save the trained actor as a Hugging Face directory at the end.")
     progress: bool = opt(True, "Show a progress bar.")
     record: bool = opt(False, "Record every accepted wire message and every optimizer step under "
@@ -251,7 +271,8 @@ class OutputConfig:
 @dataclass
 class ReplayConfig:
     path: str = opt("", "Replay a recording (<run dir>/recording of a run with output.record) instead of "
-                        "receiving from rollouts; the recorded run's config is the default for every key.")
+                        "receiving from rollouts; the recorded run's config is the default for every key.",
+                    path=INPUT)
     stop_after_step: int = opt(-1, "Stop after this step and dump its batch and metrics to "
                                    "<output.dir>/replay_step_<k>.json; -1 replays every recorded step.")
     verify: bool = opt(True, "Fail at the first step whose loss or weights differ from the recording.")
@@ -303,8 +324,6 @@ class RunConfig:
         if self.train.prompts_per_step % self.rollout.prompts_per_grant:
             raise ConfigError(f"train.prompts_per_step ({self.train.prompts_per_step}) must be a multiple of "
                               f"rollout.prompts_per_grant ({self.rollout.prompts_per_grant})")
-        if not self.reward.function and not self.reward.model_path:
-            raise ConfigError("no reward: set reward.function and/or reward.model_path")
         if self.algo.gamma != 1 and self.algo.advantage_estimator in ("grpo", "dr_grpo", "rloo"):
             raise ConfigError(f"algo.gamma {self.algo.gamma} is not used by algo.advantage_estimator "
                               f"'{self.algo.advantage_estimator}' (the group estimators take no discount): "
@@ -318,6 +337,7 @@ class RunConfig:
         self._validate_overlong_penalty()
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
+        self._check_prompt_room()
         return self
 
     def _validate_lr_schedule(self) -> None:
@@ -365,6 +385,22 @@ class RunConfig:
             raise ConfigError(f"algo.tis_level 'sequence_geometric' drops whole sequences, it has nothing to clamp: "
                               f"set algo.tis_mode mask (got '{a.tis_mode}')")
 
+    def _check_prompt_room(self) -> None:
+        if self.data.max_prompt_len < 0:
+            raise ConfigError(f"data.max_prompt_len must be >= 0 (0: what rollout.max_model_len leaves), "
+                              f"got {self.data.max_prompt_len}")
+        if self.prompt_len_limit < 1:
+            after = "" if self.data.max_prompt_len else f" after rollout.max_new_tokens ({self.rollout.max_new_tokens})"
+            raise ConfigError(f"rollout.max_model_len ({self.rollout.max_model_len}) leaves no room for a "
+                              f"prompt{after}: raise rollout.max_model_len")
+
+    @property
+    def prompt_len_limit(self) -> int:
+        """The longest prompt kept, in tokens: data.max_prompt_len, or (0) what a whole response leaves;
+        at most what the engine takes at all (vLLM rejects a prompt that fills rollout.max_model_len)."""
+        r = self.rollout
+        return min(self.data.max_prompt_len or r.max_model_len - r.max_new_tokens, r.max_model_len - 1)
+
     @property
     def uses_critic(self) -> bool:
         return self.algo.advantage_estimator == "gae"
@@ -408,21 +444,29 @@ def _parse_string(text: str, target: type, key: str, source: str) -> Any:
         raise ConfigError(f"{key} expects {target.__name__}, cannot parse {text!r} (from the {source})") from None
 
 
-def _apply(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+def _apply(obj: Any, updates: dict[str, Any], prefix: str, source: str, base_dir: Path | None = None) -> None:
+    """Set `updates` on `obj`; relative paths among them are taken from `base_dir` (None: left relative)."""
     names = {f.name: f for f in dataclasses.fields(obj)}
     hints = typing.get_type_hints(type(obj))
     for key, value in updates.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key '{full}' (from the {source}); "
+            raise ConfigError(f"unknown config key '{full}' (from the {source}){_did_you_mean(key, names)}; "
                               f"known keys here: {', '.join(sorted(names))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"'{full}' is a section and needs a mapping, got {value!r} (from the {source})")
-            _apply(current, value, f"{full}.", source)
+            _apply(current, value, f"{full}.", source, base_dir)
         else:
-            setattr(obj, key, _coerce(value, hints[key], full, source))
+            value = _coerce(value, hints[key], full, source)
+            kind = names[key].metadata.get("path")
+            setattr(obj, key, resolve_path(kind, value, base_dir) if kind and base_dir else value)
+
+
+def _did_you_mean(word: str, candidates: Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
@@ -437,11 +481,15 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                base: RunConfig | None = None) -> RunConfig:
-    """Defaults (or `base`), then the YAML file at `path`, then dotted `overrides` (strings parsed as YAML)."""
+                base: RunConfig | None = None, cwd: str | Path | None = None) -> RunConfig:
+    """Defaults (or `base`), then the YAML file at `path`, then dotted `overrides` (strings parsed as YAML).
+
+    Relative paths in the file are taken from the file's directory; `path` and relative paths in
+    `overrides` from `cwd` (None: left relative, i.e. to this process's working directory).
+    """
     config = base or RunConfig()
     if path:
-        path = Path(path)
+        path = Path(cwd or "", path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
@@ -450,9 +498,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        _apply(config, data, "", f"file {path}")
+        _apply(config, data, "", f"file {path}", Path(os.path.abspath(path.parent)))
     if overrides:
-        _apply(config, _nest(overrides), "", "command line")
+        _apply(config, _nest(overrides), "", "command line", Path(os.path.abspath(cwd)) if cwd else None)
     return config.validate()
 
 
@@ -466,9 +514,122 @@ def config_from_dict(data: dict[str, Any], source: str = "message") -> RunConfig
     return config.validate()
 
 
+# --------------------------------------------------------------------------- paths
+
+
+def resolve_path(kind: str, value: str, base: Path) -> str:
+    """`value` of a path field of `kind` with a relative path made absolute from `base` (Hub ids and
+    module names are not paths and stay as they are)."""
+    if not value:
+        return value
+    if kind == FUNCTION:
+        module, sep, name = value.rpartition(":")
+        return f"{_absolute(module, base)}:{name}" if sep and is_file_spec(module) else value
+    if kind == MODEL and not _looks_local(value, base):
+        return value
+    return _absolute(value, base)
+
+
+def is_file_spec(module: str) -> bool:
+    """Whether the part before ':' of a reward function spec names a file rather than a module."""
+    return module.endswith(".py") or "/" in module or "\\" in module
+
+
+def _absolute(path: str, base: Path) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
+def _looks_local(model: str, base: Path) -> bool:
+    """A model reference that names a directory rather than a Hugging Face Hub id (`name`, `org/name`)."""
+    return (model.startswith(("/", "./", "../", "~")) or model in (".", "..") or model.count("/") > 1
+            or os.path.isdir(os.path.join(base, model)))
+
+
+def path_fields(config: RunConfig) -> Iterator[tuple[str, str, str]]:
+    """(dotted key, path kind, value) of every path-valued field."""
+    for section in dataclasses.fields(config):
+        obj = getattr(config, section.name)
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                if f.metadata.get("path"):
+                    yield f"{section.name}.{f.name}", f.metadata["path"], getattr(obj, f.name)
+
+
+# What a rollout process reads; the learner reads every input.
+ROLLOUT_INPUTS = ("model.path", "transport.curve_dir")
+
+NO_REWARD = ("no reward: give --reward.function (package.module:function or path/to/file.py:function, called "
+             "batched as fn(prompts, completions, labels) -> list of floats, e.g. "
+             "learner.tasks.gsm8k:gsm8k_reward) and/or --reward.model_path (a value-head reward model)")
+
+
+def check_inputs(config: RunConfig, role: str) -> None:
+    """ConfigError, naming the option and the path, for an input of a `role` ('learner' or 'rollout')
+    process that is missing, and for a learner without a reward. Launch scripts check this before
+    starting any process, each process before it loads anything."""
+    for key, kind, value in path_fields(config):
+        if role == "rollout" and key not in ROLLOUT_INPUTS:
+            continue
+        problem = _input_problem(kind, value)
+        if problem:
+            raise ConfigError(f"--{key} {value}: {problem}")
+    if role == "learner" and not config.reward.function and not config.reward.model_path:
+        raise ConfigError(NO_REWARD)
+
+
+def _input_problem(kind: str, value: str) -> str | None:
+    if not value or kind == OUTPUT:
+        return None
+    if kind == INPUT:
+        return None if os.path.exists(value) else "no such file or directory"
+    if kind == MODEL:
+        if not _looks_local(value, Path.cwd()):
+            return None  # a Hub id: resolved (and downloaded) by the loaders
+        if not os.path.isdir(value):
+            return "no such directory"
+        if not os.path.isfile(os.path.join(value, "config.json")):
+            return "not a Hugging Face model directory (no config.json)"
+        return None
+    module = value.rpartition(":")[0]
+    if is_file_spec(module):
+        return None if os.path.isfile(module) else "no such file"
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else (f"no module named {module!r} (a file is given as path/to/file.py:function)")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class ConfigArgumentParser(argparse.ArgumentParser):
+    """The parser of every entry point that takes the run config: `--config FILE` and one
+    `--section.key` flag per field. Flags are spelled out (no abbreviations, as in a YAML file), and
+    errors are one line, with the closest valid flag for a mistyped one: the usage lists every key."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(allow_abbrev=False, **kwargs)
+        add_config_arguments(self)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flag = next((x for x in extras if x.startswith("-")), None)
+            if flag is None:
+                self.error(f"unexpected argument {extras[0]!r} (config keys are given as --section.key value)")
+            options = [s for action in self._actions for s in action.option_strings]
+            self.error(f"unknown option {flag}{_did_you_mean(flag.split('=')[0], options)}")
+        return namespace
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (every option: python -m learner --help)\n")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--config FILE` and one `--section.key` flag per field, with its default and help."""
-    parser.add_argument("--config", default=None, help="YAML config file (flags override it).")
+    parser.add_argument("--config", default=None, help="YAML config file (flags override it; relative paths in "
+                                                       "it are taken from its directory).")
     defaults = RunConfig()
 
     def walk(obj: Any, prefix: str) -> None:
@@ -494,7 +655,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     walk(defaults, "")
 
 
-def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    overrides = {k: v for k, v in vars(args).items() if "." in k or k == "run_id"}
-    return load_config(args.config, overrides, base)
+def _config_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if "." in k or k == "run_id"}
 
+
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None,
+                     cwd: str | Path | None = None) -> RunConfig:
+    """The config the flags give; `cwd`: take relative paths among them from there (see load_config)."""
+    return load_config(args.config, _config_flags(args), base, cwd)
+
+
+def absolute_flags(args: argparse.Namespace, cwd: str | Path) -> list[str]:
+    """The flags that give the same config as `args` in any working directory: `--config` and the
+    path options among them made absolute from `cwd` (for launch scripts, which change directory)."""
+    base = Path(os.path.abspath(cwd))
+    kinds = {key: kind for key, kind, _ in path_fields(RunConfig())}
+    flags = ["--config", _absolute(args.config, base)] if args.config else []
+    for key, value in _config_flags(args).items():
+        flags += [f"--{key}", resolve_path(kinds[key], value, base) if key in kinds else value]
+    return flags

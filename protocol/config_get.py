@@ -1,27 +1,36 @@
-"""Print effective config values: `python -m protocol.config_get KEY[,KEY...] [--config F] [--k v ...]`.
+"""The launch scripts' reading of the config: `python -m protocol.config_get PROG CWD [VAR=KEY ...] -- FLAG ...`.
 
-One line per key, in order. Launch scripts use it so that shell code reads the config through the
-same loader as Python (several keys at once: each Python start costs a few tenths of a second).
+Parses and validates the FLAGs as every process of the run will, so that a mistake is reported
+once, in one line naming the closest valid key, before anything starts. Prints shell assignments
+for the launcher to eval (one Python start for all of them): `args=(...)`, the FLAGs with
+`--config` and the path options among them made absolute from CWD (the directory the launcher was
+run from; it then changes to the repository), and `VAR=value` with the effective value of each KEY.
+Errors are one line, prefixed with PROG, and exit 2.
 """
 
-import argparse
-import dataclasses
+import shlex
 import sys
 
-from protocol.config import add_config_arguments, config_from_args
+from protocol.config import ConfigArgumentParser, ConfigError, absolute_flags, config_from_args
 
 
 def main() -> int:
-    key, argv = sys.argv[1], sys.argv[2:]
-    parser = argparse.ArgumentParser(prog="python -m protocol.config_get")
-    parser.add_argument("--index", help=argparse.SUPPRESS)
-    add_config_arguments(parser)
-    cfg = config_from_args(parser.parse_args(argv))
-    for name in key.split(","):
+    split = sys.argv.index("--")
+    prog, cwd, *wanted = sys.argv[1:split]
+    parser = ConfigArgumentParser(prog=prog)
+    args = parser.parse_args(sys.argv[split + 1:])
+    try:
+        cfg = config_from_args(args, cwd=cwd)
+    except ConfigError as exc:
+        parser.exit(2, f"{prog}: error: {exc}\n")
+    lines = [f"args=({shlex.join(absolute_flags(args, cwd))})"]
+    for pair in wanted:
+        var, key = pair.split("=")
         value = cfg
-        for part in name.split("."):
+        for part in key.split("."):
             value = getattr(value, part)
-        print(value if not dataclasses.is_dataclass(value) else dataclasses.asdict(value))
+        lines.append(f"{var}={shlex.quote(str(value))}")
+    print("\n".join(lines))
     return 0
 
 

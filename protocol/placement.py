@@ -25,7 +25,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from protocol.config import ConfigError, RunConfig, add_config_arguments, config_from_args
+from protocol.config import ConfigArgumentParser, ConfigError, RunConfig, config_from_args
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,8 @@ def plan(cfg: RunConfig, available: list[int]) -> Placement:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m protocol.placement", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
+    parser = ConfigArgumentParser(prog="python -m protocol.placement", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     try:
         placement = plan(config_from_args(parser.parse_args(argv)), sorted(os.sched_getaffinity(0)))
     except ConfigError as exc:

@@ -20,15 +20,22 @@ import os
 import socket
 import sys
 import time
+import traceback
 
-from protocol.config import RunConfig, add_config_arguments, config_from_args
+from protocol.config import ConfigArgumentParser, ConfigError, RunConfig, check_inputs, config_from_args
 from protocol.messages import (Heartbeat, Hello, RolloutError, Shutdown, WeightAck, WeightUpdate,
                                WorkGrant)
-from protocol.keys import client_keys_from_dir
+from protocol.keys import CurveKeyError, client_keys_from_dir
 from protocol.transport import RolloutClient, check_transport_security
 from rollout.engine import VLLMGenerator, configure_cpu_threads, timed
 
 log = logging.getLogger("rollout")
+
+# The exit status of a rollout that failed before saying hello to the learner: starting its engine,
+# loading its model or keys, or its config. Launch scripts do not restart it (a restart would fail
+# the same way) and stop the run at once instead of letting the learner wait for it.
+EXIT_FAILED_BEFORE_HELLO = 3
+USER_ERRORS = (ConfigError, CurveKeyError)  # reported as one line after the traceback
 
 
 class RolloutWorker:
@@ -40,6 +47,7 @@ class RolloutWorker:
         self.address = f"tcp://{cfg.transport.learner_host}:{cfg.transport.port}"
         self.grants: collections.deque[WorkGrant] = collections.deque()
         self.stopped = False
+        self.greeted = False  # its first hello has been sent
         self.last_heard = time.monotonic()
         # One sender at a time: sequence numbers must reach the learner in order.
         self.send_lock = asyncio.Lock()
@@ -69,6 +77,7 @@ class RolloutWorker:
                                  curve=curve) as client:
             self.client = client
             await self.send(self.hello())
+            self.greeted = True
             self.last_heard = time.monotonic()  # the learner's silence counts from here, not from engine start
             beating = asyncio.create_task(self.heartbeats())
             try:
@@ -152,20 +161,31 @@ class RolloutWorker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rollout", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ConfigArgumentParser(prog="python -m rollout", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", type=int, default=0, help="This rollout process's index (default: 0).")
-    add_config_arguments(parser)
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
-    check_transport_security(cfg)
-    if not cfg.run_id or not cfg.transport.port:
-        parser.error("--run_id and --transport.port are required (the launcher passes the learner's)")
-    if not cfg.model.path:
-        parser.error("--model.path is required (launch scripts pass the prepared model)")
+    try:
+        cfg = config_from_args(args)
+        check_transport_security(cfg)
+        if not cfg.run_id or not cfg.transport.port:
+            raise ConfigError("--run_id and --transport.port are required (the launcher passes the learner's)")
+        if not cfg.model.path:
+            raise ConfigError("--model.path is required (launch scripts pass the prepared model)")
+        check_inputs(cfg, "rollout")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED_BEFORE_HELLO
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rollout-{args.index} %(levelname)s %(message)s")
     start = time.perf_counter()
-    asyncio.run(RolloutWorker(cfg, args.index, cfg.model.path).run())
+    worker = RolloutWorker(cfg, args.index, cfg.model.path)
+    try:
+        asyncio.run(worker.run())
+    except Exception as exc:
+        traceback.print_exc()  # into the log (launch scripts send a rollout's output there)
+        if isinstance(exc, USER_ERRORS):
+            print(f"error: {exc}", file=sys.stderr)
+        return 1 if worker.greeted else EXIT_FAILED_BEFORE_HELLO
     log.info("rollout %d finished after %.1f s", args.index, time.perf_counter() - start)
     return 0
 

@@ -20,6 +20,7 @@ from learner.tasks.arithmetic import make_rows, score_answer
 
 MAX_OPERAND = 49
 MAX_NEW_TOKENS = 16
+MAX_MODEL_LEN = 128  # a prompt is a few tokens; the models hold 1024 positions (the default 2048 is too many)
 INTEGER_REWARD = 0.2
 REWARD = "learner.tasks.addition:addition_reward"
 
@@ -34,7 +35,8 @@ def prepare(out_dir: str | Path, *, size: str = "tiny", seed: int = 0) -> dict[s
     """Build (once) the `size` model initialised from `seed` and the prompt file under out_dir."""
     out = Path(out_dir)
     model, prompts, stamp = out / "model", out / "prompts.jsonl", out / "prepared.json"
-    info = {"model": str(model), "prompts": str(prompts), "reward": REWARD, "max_new_tokens": MAX_NEW_TOKENS}
+    info = {"model": str(model), "prompts": str(prompts), "reward": REWARD, "max_new_tokens": MAX_NEW_TOKENS,
+            "max_model_len": MAX_MODEL_LEN}
     settings = {"size": size, "seed": seed}
     if stamp.exists() and json.loads(stamp.read_text()) == settings and (model / "config.json").exists():
         return info

@@ -117,3 +117,19 @@ def test_killed_rollout_is_restarted_and_no_prompt_is_lost(run_local, tmp_path):
     assert min(versions) >= 8, f"the restarted rollout must start from the then-current weights: {versions}"
     assert result.summary["dropped_rollouts"] == 1
     assert not leftover_processes(result.run_id)
+
+
+def test_rollout_that_cannot_start_stops_the_run_at_once(run_local):
+    """A rollout whose engine cannot start (here: more positions than the model has) is not
+    restarted and does not leave the learner waiting transport.batch_timeout_s for its hello: the
+    launcher stops the run with the engine's error."""
+    import time
+
+    started = time.monotonic()
+    result = run_local("--rollout.max_model_len", "100000", "--transport.batch_timeout_s", "600", timeout=300)
+    assert result.returncode == 3, result.output[-3000:]
+    assert time.monotonic() - started < 120
+    assert "rollout 0 failed to start; stopping the run" in result.output
+    assert "max_model_len" in result.output  # vLLM's reason, from the tail of the rollout's log
+    assert "restarting" not in result.output
+    assert not leftover_processes(result.run_id)

@@ -12,13 +12,17 @@ from pathlib import Path
 import pytest
 
 from protocol.config import (
+    ConfigArgumentParser,
     ConfigError,
     RunConfig,
+    absolute_flags,
     add_config_arguments,
+    check_inputs,
     config_from_args,
     config_from_dict,
     config_to_dict,
     load_config,
+    path_fields,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -545,17 +549,171 @@ def test_every_flag_parses_its_own_default():
     assert cfg == RunConfig()
 
 
-def _config_get(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "protocol.config_get", *argv], cwd=REPO,
+def _config_get(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "protocol.config_get", "launch/x.sh", str(cwd), *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 
 def test_config_get_subprocess(tmp_path):
-    out = _config_get("train.lr", "--train.lr", "0.5")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "0.5"
+    """The launch scripts' reading: the flags rewritten with absolute paths, and the values asked for."""
     path = write_yaml(tmp_path, "rollout:\n  stop_token_ids: [3, 4]\n  temperature: 7e-1\n")
-    out = _config_get("rollout", "--config", str(path), "--rollout.top_k", "5")
+    out = _config_get(tmp_path, "lr=train.lr", "top_k=rollout.top_k", "stop=rollout.stop_token_ids", "data=data.path",
+                      "--", "--config", "run.yaml", "--train.lr", "0.5", "--rollout.top_k", "5",
+                      "--data.path", "p.jsonl")
     assert out.returncode == 0, out.stderr
-    assert "'stop_token_ids': [3, 4]" in out.stdout and "'top_k': 5" in out.stdout
-    assert "'temperature': 0.7" in out.stdout
+    shell = f"{out.stdout}\nprintf '%s\\n' \"${{args[@]}}\" \"$lr\" \"$top_k\" \"$stop\" \"$data\""
+    printed = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert printed == ["--config", str(path), "--train.lr", "0.5", "--rollout.top_k", "5",
+                       "--data.path", str(tmp_path / "p.jsonl"), "0.5", "5", "[3, 4]", str(tmp_path / "p.jsonl")]
+
+
+def test_config_get_reports_a_mistake_in_one_line(tmp_path):
+    out = _config_get(tmp_path, "--", "--train.num_stesp", "3")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["launch/x.sh: error: unknown option --train.num_stesp; did you mean "
+                                       "--train.num_steps? (every option: python -m learner --help)"]
+    out = _config_get(tmp_path, "--", "--train.num_steps", "many")
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
+    assert out.stderr.startswith("launch/x.sh: error: train.num_steps expects int")
+
+
+# --------------------------------------------------------------------------- mistyped flags and keys
+
+
+def test_mistyped_flag_is_one_line_naming_the_closest_key(capsys):
+    parser = ConfigArgumentParser(prog="prog")
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--train.num_stesp", "3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["prog: error: unknown option --train.num_stesp; did you mean --train.num_steps? "
+                                "(every option: python -m learner --help)"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--train.num_step", "3"])  # no abbreviations: a YAML file takes none either
+    assert "did you mean --train.num_steps?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train.lr", "3"])
+    assert capsys.readouterr().err.splitlines() == [
+        "prog: error: unexpected argument 'train.lr' (config keys are given as --section.key value) "
+        "(every option: python -m learner --help)"]
+
+
+def test_unknown_yaml_key_suggests_the_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train\.num_stesp'.*did you mean num_steps\?"):
+        load_config(write_yaml(tmp_path, "train:\n  num_stesp: 3\n"))
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def test_paths_in_a_yaml_file_are_taken_from_its_directory(tmp_path):
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    path = write_yaml(tmp_path, "model:\n  path: models/m\ndata:\n  path: prompts.jsonl\noutput:\n  dir: ../out\n"
+                                "reward:\n  function: rewards/r.py:score\n"
+                                "critic:\n  path: Qwen/Qwen2.5-0.5B\n", name="run.yaml")
+    cfg = load_config(path)
+    assert cfg.model.path == str(tmp_path / "models" / "m")  # an existing directory, not a Hub id
+    assert cfg.data.path == str(tmp_path / "prompts.jsonl")
+    assert cfg.output.dir == str(tmp_path.parent / "out")
+    assert cfg.reward.function == f"{tmp_path / 'rewards' / 'r.py'}:score"
+    assert cfg.critic.path == "Qwen/Qwen2.5-0.5B"  # a Hub id stays one
+
+
+def test_paths_in_flags_are_taken_from_cwd_when_given(tmp_path):
+    flags = ["--data.path", "p.jsonl", "--model.path", "./m", "--reward.function", "learner.tasks.gsm8k:gsm8k_reward",
+             "--replay.path", "/abs/rec", "--output.dir", "~/runs/x", "--transport.curve_dir", "keys"]
+    cfg = config_from_args(make_parser().parse_args(flags), cwd=tmp_path)
+    assert (cfg.data.path, cfg.model.path) == (str(tmp_path / "p.jsonl"), str(tmp_path / "m"))
+    assert cfg.reward.function == "learner.tasks.gsm8k:gsm8k_reward"  # a module, not a path
+    assert (cfg.replay.path, cfg.transport.curve_dir) == ("/abs/rec", str(tmp_path / "keys"))
+    assert cfg.output.dir == str(Path.home() / "runs" / "x")
+    # without cwd (a process started where the user is) they stay as given
+    assert config_from_args(make_parser().parse_args(flags)).data.path == "p.jsonl"
+
+
+def test_absolute_flags_give_the_same_config_anywhere(tmp_path):
+    args = make_parser().parse_args(["--config", "run.yaml", "--model.path", "org/name", "--train.lr", "0.5",
+                                     "--reward.function", "r.py:f", "--output.dir=out"])
+    write_yaml(tmp_path, "train:\n  num_steps: 3\n")
+    flags = absolute_flags(args, tmp_path)
+    assert flags == ["--config", str(tmp_path / "run.yaml"), "--model.path", "org/name", "--train.lr", "0.5",
+                     "--reward.function", f"{tmp_path / 'r.py'}:f", "--output.dir", str(tmp_path / "out")]
+    assert config_from_args(make_parser().parse_args(flags)) == config_from_args(args, cwd=tmp_path)
+
+
+def test_every_path_field_has_a_kind():
+    keys = {key for key, _, _ in path_fields(RunConfig())}
+    assert keys == {"model.path", "critic.path", "data.path", "reward.function", "reward.model_path",
+                    "transport.weight_dir", "transport.curve_dir", "output.dir", "replay.path"}
+
+
+def _model_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_check_inputs_names_the_option_and_the_path(tmp_path):
+    model, data = _model_dir(tmp_path / "m"), write_yaml(tmp_path, "", name="p.jsonl")
+    ok = dict(overrides={"model.path": str(model), "data.path": str(data),
+                         "reward.function": "learner.tasks.arithmetic:arithmetic_reward"})
+    check_inputs(load_config(**ok), "learner")
+    cases = {"data.path": (str(tmp_path / "nope.jsonl"), "no such file or directory"),
+             "model.path": ("/models/does-not-exist", "no such directory"),
+             "reward.model_path": (str(tmp_path), "not a Hugging Face model directory (no config.json)"),
+             "reward.function": (f"{tmp_path}/r.py:score", "no such file"),
+             "replay.path": (str(tmp_path / "rec"), "no such file or directory")}
+    for key, (value, problem) in cases.items():
+        cfg = load_config(overrides={**ok["overrides"], key: value})
+        with pytest.raises(ConfigError) as exc:
+            check_inputs(cfg, "learner")
+        assert str(exc.value) == f"--{key} {value}: {problem}"
+    with pytest.raises(ConfigError, match=r"--reward.function nomodule_xyz:f: no module named 'nomodule_xyz'"):
+        check_inputs(load_config(overrides={**ok["overrides"], "reward.function": "nomodule_xyz:f"}), "learner")
+    # a Hub id is not checked (the loaders resolve it); a rollout reads only the model and the keys
+    check_inputs(load_config(overrides={**ok["overrides"], "model.path": "Qwen/Qwen2.5-0.5B"}), "learner")
+    check_inputs(load_config(overrides={"model.path": str(model), "data.path": "nope.jsonl"}), "rollout")
+    with pytest.raises(ConfigError, match="--model.path ./missing: no such directory"):
+        check_inputs(load_config(overrides={"model.path": "./missing"}), "rollout")
+
+
+def test_a_learner_needs_a_reward(tmp_path):
+    """No silent reward: the default is none, and a run without one says how to give one."""
+    assert RunConfig().reward.function == "" and RunConfig().reward.model_path == ""
+    cfg = load_config(overrides={"model.path": str(_model_dir(tmp_path / "m"))})
+    with pytest.raises(ConfigError, match=r"^no reward: give --reward.function .*--reward.model_path"):
+        check_inputs(cfg, "learner")
+    check_inputs(cfg, "rollout")  # a rollout scores nothing
+    cfg.reward.model_path = cfg.model.path
+    check_inputs(cfg, "learner")
+
+
+# --------------------------------------------------------------------------- defaults for real models
+
+
+def test_defaults_fit_a_real_model_and_the_tiny_job_keeps_its_values():
+    cfg = RunConfig()
+    assert (cfg.rollout.max_new_tokens, cfg.rollout.max_model_len, cfg.data.max_prompt_len) == (1024, 2048, 0)
+    assert cfg.prompt_len_limit == 1024  # what a whole response leaves
+    tiny = load_config(REPO / "configs" / "tiny.yaml")
+    assert (tiny.rollout.max_new_tokens, tiny.rollout.max_model_len, tiny.prompt_len_limit) == (4, 64, 60)
+    assert tiny.reward.function == "learner.tasks.arithmetic:arithmetic_reward"
+    assert tiny.output.dir == str(REPO / "runs" / "tiny")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"rollout.max_new_tokens": "2048"},
+     r"rollout\.max_model_len \(2048\) leaves no room for a prompt after rollout\.max_new_tokens \(2048\)"),
+    ({"rollout.max_model_len": "1", "data.max_prompt_len": "8", "rollout.max_new_tokens": "1"},
+     r"rollout\.max_model_len \(1\) leaves no room for a prompt: raise"),
+    ({"data.max_prompt_len": "-1"}, r"data\.max_prompt_len must be >= 0"),
+])
+def test_a_prompt_must_have_room_in_the_engine(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_prompt_length_limit():
+    assert load_config(overrides={"rollout.max_new_tokens": "100"}).prompt_len_limit == 1948
+    assert load_config(overrides={"data.max_prompt_len": "1500"}).prompt_len_limit == 1500  # the response may be cut
+    assert load_config(overrides={"data.max_prompt_len": "4096"}).prompt_len_limit == 2047  # what vLLM takes

@@ -201,11 +201,13 @@ def test_filtering_counts_and_warns(tok, caplog):
     assert len(ds) == 2 and ds.num_filtered == 2
     assert [p.prompt_id for p in ds.next_batch(2)] == [0, 2]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "dropped 2 of 4" in warnings[0].getMessage()
+    assert len(warnings) == 1
+    assert warnings[0].getMessage() == ("dropped 2 of 4 prompts, longer than 5 tokens (the longest has 21): raise "
+                                        "data.max_prompt_len and rollout.max_model_len to keep them")
     assert ds.get(2).token_ids == tok("aaaa")["input_ids"]
     with pytest.raises(KeyError):
         ds.get(1)
-    with pytest.raises(DatasetError, match="no prompts left"):
+    with pytest.raises(DatasetError, match="no prompts left: dropped 4 of 4 prompts, longer than 2 tokens"):
         PromptDataset(rows, tok, max_prompt_len=2, seed=0)
 
 

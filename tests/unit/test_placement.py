@@ -48,3 +48,25 @@ def test_command_line_prints_one_line_per_process():
                           "--train.cpu_cores", str(core), "--rollout.cpu_cores", str(core)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [f"learner {core} 1 passive", f"rollout 0 {core}", f"rollout 1 {core}"]
+
+
+@pytest.mark.parametrize("preset", [{}, {"VLLM_CPU_OMP_THREADS_BIND": "0"}, {"VLLM_CPU_KVCACHE_SPACE": "7"},
+                                    {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "7"}])
+def test_rollout_sets_each_vllm_cpu_variable_unless_the_user_did(monkeypatch, preset):
+    """A binding chosen by the user (or launch/local.sh) must not skip the KV cache size: without it
+    vLLM reserves most of the machine's memory. Each variable is set on its own, a preset one kept."""
+    import torch
+
+    from rollout.engine import configure_cpu_threads
+
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in preset.items():
+        monkeypatch.setenv(name, value)
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    configure_cpu_threads(load_config(overrides={"rollout.kv_cache_space_gib": "3"}).rollout, process_index=0)
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == preset.get("VLLM_CPU_KVCACHE_SPACE", "3")
+    first_core = str(min(os.sched_getaffinity(0)))
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == preset.get("VLLM_CPU_OMP_THREADS_BIND", first_core)
+    assert threads == [1]  # one torch thread per bound core

@@ -104,7 +104,7 @@ def test_prepare_is_idempotent(tmp_path, monkeypatch):
     out = tmp_path / "addition"
     info = addition.prepare(out, size="tiny", seed=3)
     assert info == {"model": str(out / "model"), "prompts": str(out / "prompts.jsonl"),
-                    "reward": addition.REWARD, "max_new_tokens": 16}
+                    "reward": addition.REWARD, "max_new_tokens": 16, "max_model_len": 128}
     assert len((tmp_path / "addition" / "prompts.jsonl").read_text().splitlines()) == 2500
     config = json.loads((tmp_path / "addition" / "model" / "config.json").read_text())
     assert (config["vocab_size"], config["hidden_size"], config["tie_word_embeddings"]) == (512, 128, False)

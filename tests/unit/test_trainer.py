@@ -234,8 +234,9 @@ def test_gspo_reaches_the_policy_loss(model_dir, monkeypatch):
 
 
 def test_overlong_penalty_is_added_to_the_reward(model_dir):
-    # max_new_tokens 8 (the default), buffer 4: -0.5 * min(1, max(0, L - 4) / 4) for a response of L tokens
-    trainer = make_trainer(model_dir, **{"reward.overlong_buffer": "4", "reward.overlong_penalty": "0.5"})
+    # max_new_tokens 8, buffer 4: -0.5 * min(1, max(0, L - 4) / 4) for a response of L tokens
+    trainer = make_trainer(model_dir, **{"rollout.max_new_tokens": "8", "reward.overlong_buffer": "4",
+                                         "reward.overlong_penalty": "0.5"})
     parts = score_two_batches(trainer)
     penalised = trainer.make_experience(parts).metrics
     trainer.cfg.reward.overlong_buffer = 0
