@@ -5,7 +5,8 @@ times the arithmetic of generation (forward and backward over every token, again
 with a KV cache), so a learner confined to half the cores sets the pace while the rollout cores
 idle. `launch/local.sh` therefore runs the learner on every core (`train.cpu_cores`, default: all
 cores this process may use; one torch thread per core and rank) with passive OpenMP waits, and
-the rollouts on the second half (`rollout.cpu_cores`), split evenly among them. Where the two
+the rollouts on the second half (`rollout.cpu_cores`; with more rollouts than that, one core
+each from the last core down), split evenly among them. Where the two
 overlap, the learner's threads sleep instead of spinning when a rollout holds their core, so the
 learner gets the rollout cores whenever the engines idle. Disjoint lists give each side its own
 cores, as separate accelerators would be.
@@ -64,8 +65,8 @@ def plan(cfg: RunConfig, available: list[int]) -> Placement:
     learner = parse_cores(cfg.train.cpu_cores, "train.cpu_cores") if cfg.train.cpu_cores else available
     if cfg.rollout.cpu_cores:
         rollout = parse_cores(cfg.rollout.cpu_cores, "rollout.cpu_cores")
-    else:
-        rollout = available[len(available) // 2:]
+    else:  # the second half, or as many of the last cores as there are rollouts
+        rollout = available[max(0, min(len(available) // 2, len(available) - count)):]
     for key, cores in (("train.cpu_cores", learner), ("rollout.cpu_cores", rollout)):
         outside = sorted(set(cores) - set(available))
         if outside:

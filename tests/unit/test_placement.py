@@ -21,13 +21,16 @@ def test_learner_on_every_core_rollouts_on_the_second_half():
     # training needs most of the arithmetic: the learner also takes the rollout cores while they idle
     assert placed([0, 1]) == ([0, 1], 2, True, [[1]])
     assert placed(list(range(8)), **{"rollout.num_processes": 2}) == (list(range(8)), 8, True, [[4, 5], [6, 7]])
-    # more rollouts than rollout cores: they take turns
-    assert placed([0, 1], **{"rollout.num_processes": 3})[3] == [[1], [1], [1]]
+    # more rollouts than the second half has cores: one core each from the last down, then they take turns
+    assert placed([0, 1], **{"rollout.num_processes": 2})[3] == [[0], [1]]
+    assert placed(list(range(8)), **{"rollout.num_processes": 6})[3] == [[2], [3], [4], [5], [6], [7]]
+    assert placed([0, 1], **{"rollout.num_processes": 3})[3] == [[0], [1], [0]]
     assert placed([5], **{"rollout.num_processes": 2}) == ([5], 1, True, [[5], [5]])
 
 
 def test_learner_threads_are_split_among_its_ranks():
     assert placed([0, 1], **{"train.learner_ranks": 2}) == ([0, 1], 1, True, [[1]])
+    assert placed([0, 1], **{"train.learner_ranks": 2, "rollout.num_processes": 2})[3] == [[0], [1]]
     assert placed(list(range(8)), **{"train.learner_ranks": 4})[1] == 2
 
 
