@@ -128,7 +128,8 @@ class RolloutConfig:
     omp_threads: int = opt(1, "CPU threads per rollout engine on the CPU backend when its cores are not chosen for "
                               "it (launch/rollouts.sh: rollout i takes omp_threads cores from i * omp_threads on).")
     cpu_cores: str = opt("", "CPU machines, launch/local.sh: the cores the rollout processes share, split evenly among "
-                             "them (a list such as '4-7'); empty: the second half of the cores, or one core each from the last down when there are more rollouts.")
+                             "them (a list such as '4-7'); empty: the second half of the cores, or one core each "
+                             "from the last down when there are more rollouts.")
     seed: int = opt(0, "Sampling seed of the run: every sample of every prompt, grant and rollout draws from "
                        "its own seed derived from it (reproducible; no two samples share one).")
     max_restarts: int = opt(3, "Times launch scripts restart a rollout process that died, per process, before "
