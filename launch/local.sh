@@ -3,8 +3,9 @@
 #
 # Starts a whole run on this machine: one learner (train.learner_ranks DeepSpeed ranks, under
 # torchrun when more than one) and rollout.num_processes rollout processes (one vLLM engine each),
-# on disjoint CPU cores on a CPU machine. Ctrl-C, an error in any process, or the end of training
-# stops every process it started.
+# on a CPU machine the learner on every core and the rollouts on the second half of the cores
+# (protocol/placement.py). Ctrl-C, an error in any process, or the end of training stops every
+# process it started.
 #
 #   launch/local.sh                         # the default job: tiny built-in model, A+B= task (configs/tiny.yaml)
 #   launch/local.sh --train.num_steps 5     # ... with any config key changed
