@@ -9,9 +9,9 @@ Supported inputs (chosen by extension / shape):
 
 Each row has an input key (default ``"prompt"``) holding either a plain string or a list of chat
 messages ``[{"role": ..., "content": ...}, ...]``, and an optional label key (default ``"label"``)
-holding a string, a number (converted to ``str``) or null. Every other column whose value is JSON
-(null, a bool, a number, a string, or lists and objects of these) is kept with its prompt and handed
-to the reward functions as a keyword argument; a column holding anything else (bytes, an image...) is
+holding a string, a number (converted to ``str``) or null. Every column but the input key (the
+label's too, as it is) whose value is JSON (null, a bool, a number, a string, or lists and objects
+of these) is kept with its prompt and handed to the reward functions as a keyword argument; a column holding anything else (bytes, an image...) is
 left out, with a warning naming it. Every problem is reported as a :class:`DatasetError` naming the
 file, the row and what is wrong; bad rows are never skipped silently.
 """

@@ -227,11 +227,14 @@ async def _call_all(fns: list[RewardFn], prompts: Sequence[str], completions: Se
     """Each function's result, or the exception it raised."""
 
     async def call(fn: RewardFn) -> Any:
-        # copies: one function cannot change what the next one is given
-        result = fn(list(prompts), list(completions), list(labels), {k: list(v) for k, v in columns.items()})
-        return await result if inspect.isawaitable(result) else result
+        try:
+            # copies: one function cannot change what the next one is given
+            result = fn(list(prompts), list(completions), list(labels), {k: list(v) for k, v in columns.items()})
+            return await result if inspect.isawaitable(result) else result
+        except BaseException as e:  # SystemExit too: out of a task it would stop the loop, and the caller wait forever
+            return e
 
-    return await asyncio.gather(*(call(fn) for fn in fns), return_exceptions=True)
+    return await asyncio.gather(*(call(fn) for fn in fns))
 
 
 class _PrivateLoop:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import http.server
 import json
+import sys
 import threading
 import time
 
@@ -100,6 +101,10 @@ def test_the_first_failing_function_is_named_with_the_sample():
     with pytest.raises(RewardFnError, match=r"^reward function m:raising raised KeyError: 'k'$") as info:
         score_functions([fns[0], fns[2]], PROMPTS, COMPLETIONS, LABELS)
     assert isinstance(info.value.__cause__, KeyError)
+    exiting = RewardFn(lambda p, c, l: sys.exit(3), "m:exiting")  # stops neither the scoring loop nor the caller
+    with pytest.raises(RewardFnError, match=r"^reward function m:exiting raised SystemExit: 3$"):
+        score_functions([exiting], PROMPTS, COMPLETIONS, LABELS)
+    assert score_functions([fns[0]], PROMPTS, COMPLETIONS, LABELS) == [[1.0, 1.0]]
     nan = RewardFn(lambda p, c, l: [0.0, float("nan")], "m:nan")
     with pytest.raises(RewardFnError, match=r"^reward function m:nan returned non-finite reward nan at index 1 "
                                             r"\(completion: 'c1'\)$"):
