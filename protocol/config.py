@@ -77,7 +77,7 @@ class DataConfig:
     path: str = opt("", "Prompt dataset: JSONL, JSON list, Parquet or a saved `datasets` directory. "
                         "Empty: launch/local.sh uses the built-in arithmetic task's prompts.", path=INPUT)
     input_key: str = opt("prompt", "Field holding the prompt (a string or a list of chat messages).")
-    label_key: str = opt("label", "Field holding the label passed to the reward function (optional).")
+    label_key: str = opt("label", "Field holding the label passed to the reward functions (optional).")
     max_prompt_len: int = opt(0, "Prompts longer than this many tokens, or than the engine takes (rollout."
                                  "max_model_len - 1), are dropped; the learner reports how many at start. 0: the "
                                  "room rollout.max_model_len leaves after rollout.max_new_tokens.")
