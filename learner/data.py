@@ -11,9 +11,10 @@ Each row has an input key (default ``"prompt"``) holding either a plain string o
 messages ``[{"role": ..., "content": ...}, ...]``, and an optional label key (default ``"label"``)
 holding a string, a number (converted to ``str``) or null. Every column but the input key (the
 label's too, as it is) whose value is JSON (null, a bool, a number, a string, or lists and objects
-of these) is kept with its prompt and handed to the reward functions as a keyword argument; a column holding anything else (bytes, an image...) is
-left out, with a warning naming it. Every problem is reported as a :class:`DatasetError` naming the
-file, the row and what is wrong; bad rows are never skipped silently.
+of these) is kept with its prompt and handed to the reward functions as a keyword argument; a
+column holding anything else (bytes, an image...) is left out, with a warning naming it. Every
+problem is reported as a :class:`DatasetError` naming the file, the row and what is wrong; bad rows
+are never skipped silently.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 For one step's packed samples:
   1. `score` (as each batch arrives): one no-grad pass per model over its packed micro-batches:
-     the reward functions on the decoded texts (with their prompts' other dataset columns), the reference log-probs (if KL is used), the
-     critic's values (GAE), the reward model's scores, and the current policy's log-probs when
-     something before training needs them (see `PPOTrainer.policy_pass_in_score`)
+     the reward functions on the decoded texts (with their prompts' other dataset columns), the
+     reference log-probs (if KL is used), the critic's values (GAE), the reward model's scores,
+     and the current policy's log-probs when something before training needs them (see
+     `PPOTrainer.policy_pass_in_score`)
   2. `make_experience`: rewards, KL and advantages over the whole step (groups of n samples stay
      together)
   3. `optimize`: per micro-batch, truncated importance weights between behaviour (vLLM) and

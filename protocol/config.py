@@ -386,7 +386,8 @@ class RunConfig:
         if r.url and not r.url.startswith(("http://", "https://")):
             raise ConfigError(f"reward.url must be an http:// or https:// URL, got {r.url!r}")
         if not (math.isfinite(r.timeout_s) and r.timeout_s > 0) or r.retries < 0:
-            raise ConfigError(f"reward.timeout_s must be > 0 and reward.retries >= 0, got {r.timeout_s} and {r.retries}")
+            raise ConfigError(f"reward.timeout_s must be > 0 and reward.retries >= 0, got {r.timeout_s} and "
+                              f"{r.retries}")
 
     def _validate_overlong_penalty(self) -> None:
         r = self.reward
@@ -550,7 +551,7 @@ def config_from_dict(data: dict[str, Any], source: str = "message") -> RunConfig
 # --------------------------------------------------------------------------- paths
 
 
-def resolve_path(kind: str, value: str, base: Path) -> str:
+def resolve_path(kind: str, value: str | list, base: Path) -> str | list:
     """`value` of a path field of `kind` (or each of a list of them) with a relative path made absolute
     from `base` (Hub ids and module names are not paths and stay as they are)."""
     if isinstance(value, list):

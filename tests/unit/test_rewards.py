@@ -116,7 +116,8 @@ def test_the_first_failing_function_is_named_with_the_sample():
 
 def test_functions_and_weights_from_the_config(tmp_path):
     (tmp_path / "r.py").write_text("def score(p, c, l):\n    return [1.0] * len(c)\n"
-                                   "class K:\n    @staticmethod\n    def score(p, c, l):\n        return [2.0] * len(c)\n")
+                                   "class K:\n    @staticmethod\n    def score(p, c, l):\n"
+                                   "        return [2.0] * len(c)\n")
     specs = [f"{tmp_path}/r.py:score", "learner.tasks.arithmetic:arithmetic_reward"]
     fns = RewardFunctions.from_config(RewardConfig(function=specs, url="http://127.0.0.1:1/", url_weight=3.0))
     assert fns.names == ["score", "arithmetic_reward", "url"] and fns.weights == [1.0, 1.0, 3.0]
@@ -192,7 +193,8 @@ def test_failures_name_the_url_the_status_and_the_body(server):
     assert len(server.requests) == 3
     server.requests.clear()
     server.answers = [(400, '{"error": "no prompts"}', 0.0)]  # the same request would get the same answer
-    with pytest.raises(RewardServerError, match=r"answered status 400: '\{\"error\": \"no prompts\"\}' \(attempt 1 of 3\)"):
+    with pytest.raises(RewardServerError,
+                       match=r"answered status 400: '\{\"error\": \"no prompts\"\}' \(attempt 1 of 3\)"):
         post(server)
     assert len(server.requests) == 1
     server.answers = [(200, '{"score": [1, 2]}', 0.0)]
@@ -206,5 +208,6 @@ def test_a_server_that_does_not_answer_in_time_or_at_all(server):
     with pytest.raises(RewardServerError, match=rf"^reward server {server.url} did not answer: .*timed out"):
         post(server, retries=0, timeout_s=0.2)
     closed = f"http://127.0.0.1:{free_tcp_port()}/"
-    with pytest.raises(RewardServerError, match=rf"^reward server {closed} did not answer: .*refused.* \(attempt 2 of 2\)"):
+    with pytest.raises(RewardServerError,
+                       match=rf"^reward server {closed} did not answer: .*refused.* \(attempt 2 of 2\)"):
         asyncio.run(RewardServer(closed, 1.0, 1, backoff_s=0.01)(PROMPTS, COMPLETIONS, LABELS))
