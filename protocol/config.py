@@ -544,8 +544,21 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any], source: str = "message") -> RunConfig:
     config = RunConfig()
-    _apply(config, data, "", source)
+    _apply(config, _before_reward_lists(data), "", source)
     return config.validate()
+
+
+def _before_reward_lists(data: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config from before reward.function became a list: its one reward.function_weight
+    is that function's (the string function itself is read as a list of one)."""
+    reward = data.get("reward")
+    if not isinstance(reward, dict) or "function_weight" not in reward:
+        return data
+    reward = dict(reward)
+    weight = reward.pop("function_weight")
+    if reward.get("function"):
+        reward["function_weights"] = [weight]
+    return {**data, "reward": reward}
 
 
 # --------------------------------------------------------------------------- paths

@@ -129,6 +129,17 @@ def test_dict_round_trip():
     assert config_from_dict(json.loads(json.dumps(data))) == cfg
 
 
+def test_a_recorded_config_from_before_the_reward_lists_still_loads():
+    """Replays of recordings made when reward.function was one string with one reward.function_weight."""
+    old = config_to_dict(RunConfig())
+    old["reward"] = {**old["reward"], "function": "pkg.mod:f", "function_weight": 0.5}
+    del old["reward"]["function_weights"]
+    reward = config_from_dict(old).reward
+    assert (reward.function, reward.function_weights) == (["pkg.mod:f"], [0.5])
+    old["reward"].update(function="", function_weight=1.0)  # no function: no weight for it
+    assert config_from_dict(old).reward == RunConfig().reward
+
+
 # --------------------------------------------------------------------------- unknown keys / wrong types
 
 
