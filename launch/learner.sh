@@ -13,7 +13,7 @@
 #
 # Every rollout must get the same --run_id, --transport.port and model (launch/rollouts.sh with
 # --transport.learner_host set to this node's address), so all are required here (no port 0), with
-# --data.path and a reward (--reward.function and/or --reward.model_path).
+# --data.path and a reward (--reward.function, --reward.url and/or --reward.model_path).
 # The learner binds transport.bind_host:transport.port (rank 0 only). Anything but a loopback
 # address needs CURVE (--transport.curve_dir, keys from `python -m protocol.keys generate`) unless
 # --transport.curve_required_off_loopback false; this is checked before anything starts.

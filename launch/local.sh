@@ -29,7 +29,7 @@ if ! has --config && ! has --model.path; then
 elif ! has --config; then  # say so: a key not given is not the tiny job's value either
   echo "config: the defaults (python -m learner --help) and your flags; no --config file"
 fi
-read_config model_path=model.path data_path=data.path reward_fn=reward.function reward_model=reward.model_path \
+read_config model_path=model.path data_path=data.path reward_fn=reward.function reward_url=reward.url reward_model=reward.model_path \
   port=transport.port run_id=run_id rollouts=rollout.num_processes min_rollouts=transport.min_rollouts run_dir=output.dir \
   ranks=train.learner_ranks max_restarts=rollout.max_restarts
 if [[ -z "$model_path" ]]; then
@@ -39,7 +39,7 @@ if [[ -z "$model_path" ]]; then
   args+=(--model.path "$(task_path model)")
   if [[ -z "$data_path" ]]; then  # the built-in task's prompts, and its reward (unless one is given)
     args+=(--data.path "$(task_path prompts)")
-    [[ -z "$reward_fn$reward_model" ]] && args+=(--reward.function learner.tasks.arithmetic:arithmetic_reward)
+    [[ -z "$reward_fn$reward_url$reward_model" ]] && args+=(--reward.function learner.tasks.arithmetic:arithmetic_reward)
   fi
 fi
 [[ "$port" == 0 ]] && port="$(free_port)"

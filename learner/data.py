@@ -9,8 +9,12 @@ Supported inputs (chosen by extension / shape):
 
 Each row has an input key (default ``"prompt"``) holding either a plain string or a list of chat
 messages ``[{"role": ..., "content": ...}, ...]``, and an optional label key (default ``"label"``)
-holding a string, a number (converted to ``str``) or null. Every problem is reported as a
-:class:`DatasetError` naming the file, the row and what is wrong; bad rows are never skipped silently.
+holding a string, a number (converted to ``str``) or null. Every column but the input key (the
+label's too, as it is) whose value is JSON (null, a bool, a number, a string, or lists and objects
+of these) is kept with its prompt and handed to the reward functions as a keyword argument; a
+column holding anything else (bytes, an image...) is left out, with a warning naming it. Every
+problem is reported as a :class:`DatasetError` naming the file, the row and what is wrong; bad rows
+are never skipped silently.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -48,16 +52,21 @@ class PromptRow:
     index: int
     prompt: str | Messages
     label: str | None
+    columns: Mapping[str, Any] = field(default_factory=dict)  # the row's other JSON columns, by name
 
 
 @dataclass(frozen=True)
 class EncodedPrompt:
-    """A tokenised prompt. ``text`` is the exact text the model sees (chat template rendered if used)."""
+    """A tokenised prompt. ``text`` is the exact text the model sees (chat template rendered if used).
+
+    ``columns`` stay in the learner (reward functions' keyword arguments): only the prompt's index
+    goes to the rollouts, and the samples coming back are matched to their row by it."""
 
     prompt_id: int
     token_ids: list[int]
     label: str | None
     text: str
+    columns: Mapping[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,10 +97,14 @@ def load_prompt_rows(
                 "expected .jsonl, .json, .parquet or a datasets.save_to_disk directory"
             )
     rows: list[PromptRow] = []
+    left_out: set[str] = set()
     for where, record in records:
-        rows.append(_validate_row(p, where, len(rows), record, input_key, label_key))
+        rows.append(_validate_row(p, where, len(rows), record, input_key, label_key, left_out))
     if not rows:
         raise DatasetError(f"{p}: empty prompt file (no rows)")
+    if left_out:
+        logger.warning("%s: column(s) %s hold values that are not JSON; reward functions do not get them",
+                       p, ", ".join(sorted(left_out)))
     return rows
 
 
@@ -157,8 +170,9 @@ def _iter_hf_dir(p: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _validate_row(
-    p: Path, where: str, index: int, record: Any, input_key: str, label_key: str
+    p: Path, where: str, index: int, record: Any, input_key: str, label_key: str, left_out: set[str]
 ) -> PromptRow:
+    """The row as a PromptRow; names of its columns that are not JSON are added to ``left_out``."""
     if not isinstance(record, dict):
         raise DatasetError(f"{p}: {where}: row is not a JSON object (got {type(record).__name__})")
     if input_key not in record:
@@ -167,7 +181,26 @@ def _validate_row(
         )
     prompt = _validate_prompt(p, where, input_key, record[input_key])
     label = _validate_label(p, where, label_key, record.get(label_key))
-    return PromptRow(index=index, prompt=prompt, label=label)
+    columns = {}
+    for name, value in record.items():
+        if name == input_key:
+            continue
+        if isinstance(name, str) and _is_json(value):
+            columns[name] = value
+        else:
+            left_out.add(str(name))
+    return PromptRow(index=index, prompt=prompt, label=label, columns=columns)
+
+
+def _is_json(value: Any) -> bool:
+    """Whether ``value`` is what JSON holds (so reward functions and the reward server get plain data)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, list):
+        return all(_is_json(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    return False
 
 
 def _validate_prompt(p: Path, where: str, key: str, value: Any) -> str | Messages:
@@ -276,7 +309,8 @@ class PromptDataset:
             if len(ids) > self.max_prompt_len:
                 self.num_filtered += 1
                 continue
-            self._prompts.append(EncodedPrompt(prompt_id=row.index, token_ids=ids, label=row.label, text=text))
+            self._prompts.append(EncodedPrompt(prompt_id=row.index, token_ids=ids, label=row.label, text=text,
+                                               columns=row.columns))
         if not texts:
             raise DatasetError("no prompts given")
         if self.num_filtered:

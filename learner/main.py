@@ -39,7 +39,7 @@ from learner.hub import RolloutHub
 from learner.metrics import MetricsBackendError, MetricsLogger
 from learner.recording import RecordingError, RecordingReader, RecordingWriter
 from learner.replay import ReplayHub, reusable_batches
-from learner.rewards import RewardFnError, load_reward_fn
+from learner.rewards import RewardFnError, RewardFunctions
 from learner.rollouts import StepSamples
 from learner.trainer import PPOTrainer
 from learner.weight_sync import WeightPublisher
@@ -89,8 +89,9 @@ class Learner:
         self.dataset = PromptDataset(rows, self.tokenizer, max_prompt_len=cfg.prompt_len_limit,
                                      apply_chat_template=template, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
         self.stop_token_ids = list(cfg.rollout.stop_token_ids)
-        reward_fn = load_reward_fn(cfg.reward.function) if cfg.reward.function else None
-        self.trainer = PPOTrainer(cfg, cfg.model.path, self.tokenizer, reward_fn)
+        reward_fns = RewardFunctions.from_config(cfg.reward)
+        self.trainer = PPOTrainer(cfg, cfg.model.path, self.tokenizer, reward_fns,
+                                  columns_of=lambda prompt_id: self.dataset.get(prompt_id).columns)
         self.publisher = WeightPublisher(self.trainer.actor_module, engine_dtype=cfg.rollout.engine_dtype,
                                          bucket_bytes=cfg.transport.weight_bucket_mb << 20,
                                          zero_stage=cfg.train.zero_stage)

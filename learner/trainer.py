@@ -2,9 +2,10 @@
 
 For one step's packed samples:
   1. `score` (as each batch arrives): one no-grad pass per model over its packed micro-batches:
-     the reward function on the decoded texts, the reference log-probs (if KL is used), the
-     critic's values (GAE), the reward model's scores, and the current policy's log-probs when
-     something before training needs them (see `PPOTrainer.policy_pass_in_score`)
+     the reward functions on the decoded texts (with their prompts' other dataset columns), the
+     reference log-probs (if KL is used), the critic's values (GAE), the reward model's scores,
+     and the current policy's log-probs when something before training needs them (see
+     `PPOTrainer.policy_pass_in_score`)
   2. `make_experience`: rewards, KL and advantages over the whole step (groups of n samples stay
      together)
   3. `optimize`: per micro-batch, truncated importance weights between behaviour (vLLM) and
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -29,7 +31,7 @@ from learner.algo.kl import AdaptiveKLController, FixedKLController
 from learner.models.actor import Actor, LoraSpec
 from learner.models.packing import unpack_to_padded
 from learner.models.value_model import build_value_model
-from learner.rewards import clip_rewards, combine_rewards, score_batch
+from learner.rewards import RewardFunctions, clip_rewards, combine_rewards, score_functions
 from learner.rollouts import StepSamples
 
 
@@ -78,7 +80,7 @@ class ScoredPart:
     old: torch.Tensor | None  # None: taken from the first training forward (see policy_pass_in_score)
     ref: torch.Tensor | None
     values: torch.Tensor | None
-    function_scores: torch.Tensor
+    function_scores: torch.Tensor  # [b, F]: one column per reward function
     model_scores: torch.Tensor | None
 
 
@@ -106,12 +108,15 @@ def _padded(flat: torch.Tensor, part: StepSamples, width: int) -> torch.Tensor:
 
 
 class PPOTrainer:
-    def __init__(self, cfg: RunConfig, model_path: str, tokenizer, reward_fn):
+    def __init__(self, cfg: RunConfig, model_path: str, tokenizer, reward_fns: RewardFunctions,
+                 columns_of: Callable[[int], Mapping[str, Any]] = lambda prompt_id: {}):
+        """`columns_of(prompt_id)`: the prompt's other dataset columns, for the reward functions."""
         import deepspeed  # here, not at import: it announces its accelerator on import (`python -m learner --help`)
 
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.reward_fn = reward_fn
+        self.reward_fns = reward_fns
+        self.columns_of = columns_of
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         m = cfg.model
         lora = LoraSpec(m.lora_rank, m.lora_alpha, m.lora_dropout, list(m.lora_target_modules)) if m.lora_rank else None
@@ -168,19 +173,28 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ experience
     def function_scores(self, samples: StepSamples) -> torch.Tensor:
-        if self.reward_fn is None:
-            return torch.zeros(samples.num_sequences)
+        """Each reward function's scores of the samples, [B, F]."""
+        if not self.reward_fns.fns:
+            return torch.zeros(samples.num_sequences, 0)
         prompts, completions = samples.response_texts(self.tokenizer)
-        return torch.tensor(score_batch(self.reward_fn, prompts, completions, samples.labels), dtype=torch.float32)
+        scores = score_functions(self.reward_fns.fns, prompts, completions, samples.labels, self.columns(samples))
+        return torch.tensor(scores, dtype=torch.float32).T
+
+    def columns(self, samples: StepSamples) -> dict[str, list[Any]]:
+        """The samples' prompts' other dataset columns: name -> one value per sample (None where a
+        prompt's row lacks the column)."""
+        rows = [self.columns_of(int(prompt_id)) for prompt_id in samples.prompt_ids]
+        names = sorted({name for row in rows for name in row})
+        return {name: [row.get(name) for row in rows] for name in names}
 
     def total_reward(self, function_scores: torch.Tensor, model_scores: torch.Tensor | None,
                      overlong: torch.Tensor | None) -> torch.Tensor:
-        """Weighted sum of the reward function's and the reward model's scores, plus the overlong
+        """Weighted sum of the reward functions' and the reward model's scores, plus the overlong
         penalty (if any), clipped if asked."""
         r = self.cfg.reward
         components, weights = {}, {}
-        if self.reward_fn is not None:
-            components["function"], weights["function"] = function_scores.tolist(), r.function_weight
+        for column, (name, weight) in enumerate(zip(self.reward_fns.names, self.reward_fns.weights)):
+            components[f"function {name}"], weights[f"function {name}"] = function_scores[:, column].tolist(), weight
         if model_scores is not None:
             components["model"], weights["model"] = model_scores.tolist(), r.model_weight
         if overlong is not None:
@@ -258,7 +272,7 @@ class PPOTrainer:
         self.kl_controller.update(float(masked_mean(kl, mask)), samples.num_sequences)
         metrics = {
             "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
-            **({"reward_function_mean": float(function_scores.mean())} if self.reward_fn is not None else {}),
+            **self.function_metrics(function_scores),
             **({"reward_model_mean": float(model_scores.mean())} if model_scores is not None else {}),
             "response_len": float(mask.sum(1).float().mean()),
             "kl_ref": float(masked_mean(kl, mask)), "kl_coef": kl_coef,
@@ -268,6 +282,15 @@ class PPOTrainer:
         # Cut-off completions stay in their group's baseline above; here they leave every loss and its normaliser.
         loss_mask = mask & ~samples.truncated[:, None] if cfg.train.mask_truncated else mask
         return Experience(samples, loss_mask, old, behaviour, advantages, returns, ref, values, bounds, metrics, scores)
+
+    def function_metrics(self, function_scores: torch.Tensor) -> dict[str, float]:
+        """`reward_fn_<name>_mean` of each reward function, and `reward_function_mean` of their weighted sum."""
+        if not self.reward_fns.fns:
+            return {}
+        weighted = function_scores @ torch.tensor(self.reward_fns.weights, dtype=torch.float32)
+        means = function_scores.mean(0).tolist()
+        return {"reward_function_mean": float(weighted.mean()),
+                **{f"reward_fn_{name}_mean": mean for name, mean in zip(self.reward_fns.names, means)}}
 
     # ------------------------------------------------------------------ optimisation
     def _normalizer(self, exp: Experience) -> float:

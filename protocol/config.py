@@ -77,7 +77,7 @@ class DataConfig:
     path: str = opt("", "Prompt dataset: JSONL, JSON list, Parquet or a saved `datasets` directory. "
                         "Empty: launch/local.sh uses the built-in arithmetic task's prompts.", path=INPUT)
     input_key: str = opt("prompt", "Field holding the prompt (a string or a list of chat messages).")
-    label_key: str = opt("label", "Field holding the label passed to the reward function (optional).")
+    label_key: str = opt("label", "Field holding the label passed to the reward functions (optional).")
     max_prompt_len: int = opt(0, "Prompts longer than this many tokens, or than the engine takes (rollout."
                                  "max_model_len - 1), are dropped; the learner reports how many at start. 0: the "
                                  "room rollout.max_model_len leaves after rollout.max_new_tokens.")
@@ -88,11 +88,23 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    function: str = opt("", "Reward function, `package.module:function` or `path/file.py:function`, called "
-                            "batched as fn(prompts, completions, labels) -> list of floats; empty: none. A run "
-                            "needs this or reward.model_path (configs/tiny.yaml sets the arithmetic task's).",
+    function: list = opt([], "Reward functions, each `package.module:function` or `path/file.py:function`: a YAML "
+                             "list, or comma-separated on the command line (one may be a plain string). Each is "
+                             "called batched as fn(prompts, completions, labels, **columns) -> list of floats, with "
+                             "the dataset's other columns it names (all of them if it takes **kwargs) as keyword "
+                             "arguments, one entry per completion; `async def` ones are awaited, all of a batch's "
+                             "concurrently. Empty: none. A run needs a function, reward.url or reward.model_path "
+                             "(configs/tiny.yaml sets the arithmetic task's).",
                         path=FUNCTION)
-    function_weight: float = opt(1.0, "Weight of the reward function's score in the total reward.")
+    function_weights: list = opt([], "Weight of each reward function's score in the total reward, in the order of "
+                                     "reward.function; empty: 1 each.")
+    url: str = opt("", "HTTP reward server: each batch is POSTed as JSON {prompts, completions, labels, <column>: "
+                       "[...]} (every other dataset column) and answered with {\"rewards\": [one number per "
+                       "completion]}; scored as the reward function `url`. Empty: none.")
+    url_weight: float = opt(1.0, "Weight of the reward server's score in the total reward.")
+    timeout_s: float = opt(60.0, "Seconds one request to reward.url may take.")
+    retries: int = opt(2, "Times a failed request to reward.url (no connection, a timeout, status 429 or 5xx) is "
+                          "retried, after 1, 2, 4, ... seconds.")
     model_path: str = opt("", "Reward model directory or Hub id (a value-head model, see "
                               "learner.models.value_model), scored in the learner at the last token of each "
                               "sequence; empty: none.", path=MODEL)
@@ -336,6 +348,7 @@ class RunConfig:
         self._validate_importance_sampling()
         self._validate_policy_loss()
         self._validate_overlong_penalty()
+        self._validate_reward_sources()
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         self._check_prompt_room()
@@ -358,6 +371,24 @@ class RunConfig:
         if t.min_lr_ratio and t.lr_schedule == "constant":
             raise ConfigError(f"train.min_lr_ratio ({t.min_lr_ratio}) is where a decaying schedule ends, but "
                               f"train.lr_schedule is 'constant': choose linear or cosine, or leave min_lr_ratio at 0")
+
+    def _validate_reward_sources(self) -> None:
+        r = self.reward
+        for i, spec in enumerate(r.function):
+            if not isinstance(spec, str) or not spec:
+                raise ConfigError(f"reward.function entry {i + 1} must be a 'module:function' string, got {spec!r}")
+        weights_ok = all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                         for w in r.function_weights)
+        if not weights_ok:
+            raise ConfigError(f"reward.function_weights must be finite numbers, got {r.function_weights}")
+        if r.function_weights and len(r.function_weights) != len(r.function):
+            raise ConfigError(f"reward.function_weights has {len(r.function_weights)} weight(s) but reward.function "
+                              f"names {len(r.function)} function(s): give one weight per function (or none: 1 each)")
+        if r.url and not r.url.startswith(("http://", "https://")):
+            raise ConfigError(f"reward.url must be an http:// or https:// URL, got {r.url!r}")
+        if not (math.isfinite(r.timeout_s) and r.timeout_s > 0) or r.retries < 0:
+            raise ConfigError(f"reward.timeout_s must be > 0 and reward.retries >= 0, got {r.timeout_s} and "
+                              f"{r.retries}")
 
     def _validate_overlong_penalty(self) -> None:
         r = self.reward
@@ -439,7 +470,10 @@ def _parse_string(text: str, target: type, key: str, source: str) -> Any:
             return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}[text.lower()]
         if target is list:
             parsed = yaml.safe_load(text)
-            return parsed if isinstance(parsed, list) else [parsed] if text.strip() else []
+            if isinstance(parsed, list) or not text.strip():
+                return parsed or []
+            # a flag's list may be written without brackets: `a,b` is [a, b], `a` is [a]
+            return [yaml.safe_load(item) for item in text.split(",")]
         return target(text)
     except (KeyError, ValueError, yaml.YAMLError):
         raise ConfigError(f"{key} expects {target.__name__}, cannot parse {text!r} (from the {source})") from None
@@ -511,18 +545,33 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any], source: str = "message") -> RunConfig:
     config = RunConfig()
-    _apply(config, data, "", source)
+    _apply(config, _before_reward_lists(data), "", source)
     return config.validate()
+
+
+def _before_reward_lists(data: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config from before reward.function became a list: its one reward.function_weight
+    is that function's (the string function itself is read as a list of one)."""
+    reward = data.get("reward")
+    if not isinstance(reward, dict) or "function_weight" not in reward:
+        return data
+    reward = dict(reward)
+    weight = reward.pop("function_weight")
+    if reward.get("function"):
+        reward["function_weights"] = [weight]
+    return {**data, "reward": reward}
 
 
 # --------------------------------------------------------------------------- paths
 
 
-def resolve_path(kind: str, value: str, base: Path) -> str:
-    """`value` of a path field of `kind` with a relative path made absolute from `base` (Hub ids and
-    module names are not paths and stay as they are)."""
-    if not value:
-        return value
+def resolve_path(kind: str, value: str | list, base: Path) -> str | list:
+    """`value` of a path field of `kind` (or each of a list of them) with a relative path made absolute
+    from `base` (Hub ids and module names are not paths and stay as they are)."""
+    if isinstance(value, list):
+        return [resolve_path(kind, item, base) for item in value]
+    if not isinstance(value, str) or not value:
+        return value  # (validate reports an entry that is not a string)
     if kind == FUNCTION:
         module, sep, name = value.rpartition(":")
         return f"{_absolute(module, base)}:{name}" if sep and is_file_spec(module) else value
@@ -561,7 +610,8 @@ ROLLOUT_INPUTS = ("model.path", "transport.curve_dir")
 
 NO_REWARD = ("no reward: give --reward.function (package.module:function or path/to/file.py:function, called "
              "batched as fn(prompts, completions, labels) -> list of floats, e.g. "
-             "learner.tasks.gsm8k:gsm8k_reward) and/or --reward.model_path (a value-head reward model)")
+             "learner.tasks.gsm8k:gsm8k_reward; several comma-separated), --reward.url (an HTTP reward server) "
+             "and/or --reward.model_path (a value-head reward model)")
 
 
 def check_inputs(config: RunConfig, role: str) -> None:
@@ -571,10 +621,12 @@ def check_inputs(config: RunConfig, role: str) -> None:
     for key, kind, value in path_fields(config):
         if role == "rollout" and key not in ROLLOUT_INPUTS:
             continue
-        problem = _input_problem(kind, value)
-        if problem:
-            raise ConfigError(f"--{key} {value}: {problem}")
-    if role == "learner" and not config.reward.function and not config.reward.model_path:
+        for item in value if isinstance(value, list) else [value]:
+            problem = _input_problem(kind, item)
+            if problem:
+                raise ConfigError(f"--{key} {item}: {problem}")
+    r = config.reward
+    if role == "learner" and not r.function and not r.url and not r.model_path:
         raise ConfigError(NO_REWARD)
 
 
@@ -673,5 +725,13 @@ def absolute_flags(args: argparse.Namespace, cwd: str | Path) -> list[str]:
     kinds = {key: kind for key, kind, _ in path_fields(RunConfig())}
     flags = ["--config", _absolute(args.config, base)] if args.config else []
     for key, value in _config_flags(args).items():
-        flags += [f"--{key}", resolve_path(kinds[key], value, base) if key in kinds else value]
+        flags += [f"--{key}", _absolute_flag(key, kinds[key], value, base) if key in kinds else value]
     return flags
+
+
+def _absolute_flag(key: str, kind: str, text: str, base: Path) -> str:
+    """A path flag's text with its path(s) made absolute; a list (reward functions) comes back comma-separated."""
+    if kind != FUNCTION:
+        return resolve_path(kind, text, base)
+    specs = _parse_string(text, list, key, "command line")
+    return ",".join(str(resolve_path(kind, spec, base)) for spec in specs)

@@ -29,7 +29,8 @@ def main() -> int:
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        lines.append(f"{var}={shlex.quote(str(value))}")
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)  # as a flag gives it
+        lines.append(f"{var}={shlex.quote(text)}")
     print("\n".join(lines))
     return 0
 

@@ -129,6 +129,17 @@ def test_dict_round_trip():
     assert config_from_dict(json.loads(json.dumps(data))) == cfg
 
 
+def test_a_recorded_config_from_before_the_reward_lists_still_loads():
+    """Replays of recordings made when reward.function was one string with one reward.function_weight."""
+    old = config_to_dict(RunConfig())
+    old["reward"] = {**old["reward"], "function": "pkg.mod:f", "function_weight": 0.5}
+    del old["reward"]["function_weights"]
+    reward = config_from_dict(old).reward
+    assert (reward.function, reward.function_weights) == (["pkg.mod:f"], [0.5])
+    old["reward"].update(function="", function_weight=1.0)  # no function: no weight for it
+    assert config_from_dict(old).reward == RunConfig().reward
+
+
 # --------------------------------------------------------------------------- unknown keys / wrong types
 
 
@@ -220,7 +231,8 @@ def test_bool_strings(text, expected):
     assert load_config(overrides={"output.progress": text}).output.progress is expected
 
 
-@pytest.mark.parametrize("text,expected", [("[3,4]", [3, 4]), ("[3, 4]", [3, 4]), ("7", [7]), ("[]", []), ("", [])])
+@pytest.mark.parametrize("text,expected", [("[3,4]", [3, 4]), ("[3, 4]", [3, 4]), ("7", [7]), ("[]", []), ("", []),
+                                           ("3,4", [3, 4]), ("3, 4", [3, 4])])
 def test_list_strings(text, expected):
     assert load_config(overrides={"rollout.stop_token_ids": text}).rollout.stop_token_ids == expected
 
@@ -564,7 +576,7 @@ def test_config_get_subprocess(tmp_path):
     shell = f"{out.stdout}\nprintf '%s\\n' \"${{args[@]}}\" \"$lr\" \"$top_k\" \"$stop\" \"$data\""
     printed = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, check=True).stdout.splitlines()
     assert printed == ["--config", str(path), "--train.lr", "0.5", "--rollout.top_k", "5",
-                       "--data.path", str(tmp_path / "p.jsonl"), "0.5", "5", "[3, 4]", str(tmp_path / "p.jsonl")]
+                       "--data.path", str(tmp_path / "p.jsonl"), "0.5", "5", "3,4", str(tmp_path / "p.jsonl")]
 
 
 def test_config_get_reports_a_mistake_in_one_line(tmp_path):
@@ -615,7 +627,7 @@ def test_paths_in_a_yaml_file_are_taken_from_its_directory(tmp_path):
     assert cfg.model.path == str(tmp_path / "models" / "m")  # an existing directory, not a Hub id
     assert cfg.data.path == str(tmp_path / "prompts.jsonl")
     assert cfg.output.dir == str(tmp_path.parent / "out")
-    assert cfg.reward.function == f"{tmp_path / 'rewards' / 'r.py'}:score"
+    assert cfg.reward.function == [f"{tmp_path / 'rewards' / 'r.py'}:score"]
     assert cfg.critic.path == "Qwen/Qwen2.5-0.5B"  # a Hub id stays one
 
 
@@ -624,7 +636,7 @@ def test_paths_in_flags_are_taken_from_cwd_when_given(tmp_path):
              "--replay.path", "/abs/rec", "--output.dir", "~/runs/x", "--transport.curve_dir", "keys"]
     cfg = config_from_args(make_parser().parse_args(flags), cwd=tmp_path)
     assert (cfg.data.path, cfg.model.path) == (str(tmp_path / "p.jsonl"), str(tmp_path / "m"))
-    assert cfg.reward.function == "learner.tasks.gsm8k:gsm8k_reward"  # a module, not a path
+    assert cfg.reward.function == ["learner.tasks.gsm8k:gsm8k_reward"]  # a module, not a path
     assert (cfg.replay.path, cfg.transport.curve_dir) == ("/abs/rec", str(tmp_path / "keys"))
     assert cfg.output.dir == str(Path.home() / "runs" / "x")
     # without cwd (a process started where the user is) they stay as given
@@ -639,6 +651,32 @@ def test_absolute_flags_give_the_same_config_anywhere(tmp_path):
     assert flags == ["--config", str(tmp_path / "run.yaml"), "--model.path", "org/name", "--train.lr", "0.5",
                      "--reward.function", f"{tmp_path / 'r.py'}:f", "--output.dir", str(tmp_path / "out")]
     assert config_from_args(make_parser().parse_args(flags)) == config_from_args(args, cwd=tmp_path)
+
+
+def test_reward_functions_are_a_list_a_yaml_list_comma_separated_or_one_string(tmp_path):
+    path = write_yaml(tmp_path, "reward:\n  function: [r.py:a, pkg.mod:b]\n  function_weights: [0.5, 2]\n")
+    assert load_config(path).reward.function == [f"{tmp_path / 'r.py'}:a", "pkg.mod:b"]
+    flags = make_parser().parse_args(["--reward.function", "r.py:a,pkg.mod:b", "--reward.function_weights", "0.5,2"])
+    cfg = config_from_args(flags, cwd=tmp_path)
+    assert cfg.reward.function == [f"{tmp_path / 'r.py'}:a", "pkg.mod:b"] and cfg.reward.function_weights == [0.5, 2]
+    assert absolute_flags(flags, tmp_path)[:2] == ["--reward.function", f"{tmp_path / 'r.py'}:a,pkg.mod:b"]
+    single = write_yaml(tmp_path, "reward:\n  function: r.py:a\n", name="single.yaml")
+    assert load_config(single).reward.function == [f"{tmp_path / 'r.py'}:a"]  # as before the list
+    assert config_from_dict({"reward": {"function": "pkg.mod:b"}}).reward.function == ["pkg.mod:b"]  # old recordings
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"reward.function": "a:f,b:g", "reward.function_weights": "1"},
+     r"^reward\.function_weights has 1 weight\(s\) but reward\.function names 2 function\(s\)"),
+    ({"reward.function": "a:f", "reward.function_weights": "[.nan]"}, r"reward\.function_weights must be finite"),
+    ({"reward.function": "a:f,"}, r"reward\.function entry 2 must be a 'module:function' string, got None"),
+    ({"reward.url": "localhost:8000"}, r"reward\.url must be an http:// or https:// URL"),
+    ({"reward.timeout_s": "0"}, r"reward\.timeout_s must be > 0"),
+    ({"reward.retries": "-1"}, r"reward\.retries >= 0"),
+])
+def test_reward_options_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
 
 
 def test_every_path_field_has_a_kind():
@@ -679,13 +717,15 @@ def test_check_inputs_names_the_option_and_the_path(tmp_path):
 
 def test_a_learner_needs_a_reward(tmp_path):
     """No silent reward: the default is none, and a run without one says how to give one."""
-    assert RunConfig().reward.function == "" and RunConfig().reward.model_path == ""
+    assert RunConfig().reward.function == [] and RunConfig().reward.model_path == ""
     cfg = load_config(overrides={"model.path": str(_model_dir(tmp_path / "m"))})
     with pytest.raises(ConfigError, match=r"^no reward: give --reward.function .*--reward.model_path"):
         check_inputs(cfg, "learner")
     check_inputs(cfg, "rollout")  # a rollout scores nothing
     cfg.reward.model_path = cfg.model.path
     check_inputs(cfg, "learner")
+    check_inputs(load_config(overrides={"model.path": cfg.model.path, "reward.url": "http://127.0.0.1:1/"}),
+                 "learner")
 
 
 # --------------------------------------------------------------------------- defaults for real models
@@ -697,7 +737,7 @@ def test_defaults_fit_a_real_model_and_the_tiny_job_keeps_its_values():
     assert cfg.prompt_len_limit == 1024  # what a whole response leaves
     tiny = load_config(REPO / "configs" / "tiny.yaml")
     assert (tiny.rollout.max_new_tokens, tiny.rollout.max_model_len, tiny.prompt_len_limit) == (4, 64, 60)
-    assert tiny.reward.function == "learner.tasks.arithmetic:arithmetic_reward"
+    assert tiny.reward.function == ["learner.tasks.arithmetic:arithmetic_reward"]
     assert tiny.output.dir == str(REPO / "runs" / "tiny")
 
 

@@ -67,9 +67,9 @@ def test_jsonl_skips_blank_lines_and_converts_labels(tmp_path):
     )
     rows = load_prompt_rows(p)
     assert rows == [
-        PromptRow(0, "1+1=", "2"),
-        PromptRow(1, [{"role": "user", "content": "hi"}], None),
-        PromptRow(2, "x", "1.5"),
+        PromptRow(0, "1+1=", "2", {"label": 2}),
+        PromptRow(1, [{"role": "user", "content": "hi"}], None, {"label": None}),
+        PromptRow(2, "x", "1.5", {"label": 1.5, "extra": True}),
         PromptRow(3, "no label", None),
     ]
 
@@ -78,13 +78,28 @@ def test_json_list_and_custom_keys(tmp_path):
     p = tmp_path / "p.json"
     p.write_text(json.dumps([{"question": "a", "answer": "A"}, {"question": "b", "answer": 3}]))
     rows = load_prompt_rows(p, input_key="question", label_key="answer")
-    assert rows == [PromptRow(0, "a", "A"), PromptRow(1, "b", "3")]
+    assert rows == [PromptRow(0, "a", "A", {"answer": "A"}), PromptRow(1, "b", "3", {"answer": 3})]
 
 
 def test_parquet(tmp_path):
     p = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["a", "bb"], "label": ["x", None]}), p)
-    assert load_prompt_rows(p) == [PromptRow(0, "a", "x"), PromptRow(1, "bb", None)]
+    assert load_prompt_rows(p) == [PromptRow(0, "a", "x", {"label": "x"}), PromptRow(1, "bb", None, {"label": None})]
+
+
+def test_other_json_columns_travel_with_their_prompt_and_others_are_left_out(tmp_path, tok, caplog):
+    """Every column but the prompt is kept (for the reward functions' keyword arguments) when it is
+    JSON; a column of bytes is left out with a warning naming it."""
+    p = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "solution": ["1", "2"], "tests": [[1, 2], []],
+                             "meta": [{"k": 1.5}, {"k": None}], "image": [b"\x00", b"\x01"]}), p)
+    with caplog.at_level(logging.WARNING, logger="learner.data"):
+        rows = load_prompt_rows(p)
+    assert [r.columns for r in rows] == [{"solution": "1", "tests": [1, 2], "meta": {"k": 1.5}},
+                                         {"solution": "2", "tests": [], "meta": {"k": None}}]
+    assert "column(s) image hold values that are not JSON" in caplog.text
+    dataset = PromptDataset(rows, tok, max_prompt_len=16, seed=0)
+    assert dataset.get(1).columns == {"solution": "2", "tests": [], "meta": {"k": None}}
 
 
 def test_parquet_missing_column_names_row_and_keys(tmp_path):

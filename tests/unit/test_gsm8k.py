@@ -137,11 +137,11 @@ def test_prepare_rejects_bad_rows(tmp_path):
 
 def test_recipe_config_loads():
     cfg = load_config(REPO / "configs" / "qwen2.5-0.5b-gsm8k.yaml")
-    assert cfg.reward.function == "learner.tasks.gsm8k:gsm8k_reward"
+    assert cfg.reward.function == ["learner.tasks.gsm8k:gsm8k_reward"]
     assert (cfg.model.dtype, cfg.rollout.engine_dtype) == ("bfloat16", "bfloat16")
     assert (cfg.data.max_prompt_len, cfg.rollout.max_new_tokens, cfg.rollout.max_model_len) == (512, 512, 1024)
     assert (cfg.rollout.n_samples_per_prompt, cfg.train.prompts_per_step, cfg.train.lr) == (8, 64, 1e-6)
     assert (cfg.algo.advantage_estimator, cfg.algo.kl_coef, cfg.algo.kl_mode) == ("grpo", 0.001, "loss")
     assert (cfg.train.zero_stage, cfg.train.max_staleness, cfg.train.save_every) == (2, 1, 50)
     assert cfg.rollout.enforce_eager is False and cfg.rollout.gpu_memory_utilization == 0.4
-    load_reward_fn(cfg.reward.function)
+    load_reward_fn(cfg.reward.function[0])

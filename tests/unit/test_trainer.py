@@ -21,6 +21,7 @@ import learner.trainer
 from learner.algo import approx_kl
 from learner.checkpoint import CheckpointManager
 from learner.distributed import init_distributed
+from learner.rewards import RewardFn, RewardFunctions
 from learner.rollouts import StepSamples
 from learner.tiny import build_tiny_model, build_tokenizer
 from learner.trainer import NonFiniteLossError, PPOTrainer, ScoredPart, require_finite_loss
@@ -66,7 +67,8 @@ def make_trainer(model_dir: str, **overrides) -> PPOTrainer:
     cfg = load_config(overrides={"model.path": model_dir, "rollout.n_samples_per_prompt": "4", "train.lr": "0.01",
                                  "train.micro_batch_tokens": "64", **overrides})
     torch.manual_seed(0)
-    return PPOTrainer(cfg, model_dir, build_tokenizer(), random_reward)
+    reward_fns = RewardFunctions([RewardFn(random_reward, "tests:random_reward")], [1.0])
+    return PPOTrainer(cfg, model_dir, build_tokenizer(), reward_fns)
 
 
 def two_batches() -> list[PackedBatch]:
@@ -248,6 +250,29 @@ def test_overlong_penalty_is_added_to_the_reward(model_dir):
     assert penalised["reward_mean"] - plain["reward_mean"] == pytest.approx(sum(expected) / len(expected))
     assert penalised["reward_function_mean"] == plain["reward_function_mean"]  # the function's own scores
     assert "overlong_penalty_mean" not in plain
+
+
+def test_each_reward_function_is_weighted_gets_its_columns_and_has_its_metric(model_dir):
+    """Two functions, weights 2 and 0.5: `one` (plain, no columns) scores 1; `bonus` (async) returns
+    its prompt's `bonus` column, the prompt id: grant 0 has prompts 0-3, grant 1 prompts 10-13, 4
+    samples each, so its mean is (0+1+2+3+10+11+12+13) / 8 = 6.5 and the weighted sum's 2 + 3.25."""
+    def one(prompts, completions, labels):
+        return [1.0] * len(completions)
+
+    async def bonus(prompts, completions, labels, *, bonus, tag="unset"):
+        assert set(tag) == {"t"}  # the columns it names, and only those
+        return bonus
+
+    trainer = make_trainer(model_dir)
+    trainer.reward_fns = RewardFunctions([RewardFn(one, "m:one"), RewardFn(bonus, "m:bonus")], [2.0, 0.5])
+    trainer.columns_of = lambda prompt_id: {"bonus": float(prompt_id), "tag": "t", "other": [1]}
+    parts = score_two_batches(trainer)
+    assert parts[0].function_scores.shape[1] == 2
+    exp = trainer.make_experience(parts)
+    assert exp.metrics["reward_fn_one_mean"] == 1.0 and exp.metrics["reward_fn_bonus_mean"] == 6.5
+    assert exp.metrics["reward_function_mean"] == exp.metrics["reward_mean"] == pytest.approx(5.25)
+    prompt_ids = exp.samples.prompt_ids.double()
+    torch.testing.assert_close(exp.scores.double(), 2.0 + 0.5 * prompt_ids)
 
 
 def cut_off_every_third(batches: list[PackedBatch]) -> list[PackedBatch]:
