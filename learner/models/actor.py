@@ -120,6 +120,11 @@ _LOGIT_TRANSFORM_ATTRS = ("logit_scale", "final_logit_softcapping", "attn_logit_
                           "width_multiplier", "output_logits_scaling")
 
 
+# Rows per chunk of the hidden-state path: about this many logits (256 MiB in fp32) per workspace,
+# whatever the vocabulary (441 rows at V = 151936; a whole micro-batch for the tiny models).
+HIDDEN_CHUNK_ELEMENTS = 1 << 26
+
+
 def _is_peft(model: nn.Module) -> bool:
     try:
         from peft import PeftModel
@@ -163,6 +168,7 @@ class Actor(nn.Module):
         # logits never exist; else from the model's logits.
         self.logprobs_from_hidden = bool(logprobs_from_hidden)
         self._hidden_path_reason: str | None = None
+        self.hidden_chunk_rows: int | None = None  # None: HIDDEN_CHUNK_ELEMENTS // vocab (tests set it)
         # Packs under sdpa/eager run as padded forwards over groups of similar lengths with at most
         # this much padding (see `forward_in_length_buckets`); None: one forward per call (ZeRO-3).
         self.max_padding: float | None = 0.25
@@ -290,6 +296,7 @@ class Actor(nn.Module):
         cs = self.logprobs_chunk_size
         if path is not None:
             backbone, head = path
+            cs = self.hidden_chunk_rows or max(16, HIDDEN_CHUNK_ELEMENTS // head.out_features)
             hidden = backbone(**model_kwargs, use_cache=False).last_hidden_state  # [B, L, H]
             if drop_last:
                 hidden = hidden[:, :-1]

@@ -135,7 +135,8 @@ def _on_equals_off(a, call, shape):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_actor_hidden_equals_logits_packed_and_padded(seqs, tied):
-    a = Actor(_lm(tie_word_embeddings=tied), logprobs_chunk_size=4)  # chunks smaller than a sequence
+    a = Actor(_lm(tie_word_embeddings=tied), logprobs_chunk_size=4)
+    a.hidden_chunk_rows = 4  # chunks smaller than a sequence
     a.train()
     if tied:
         assert a.model.get_output_embeddings().weight is a.model.get_input_embeddings().weight
@@ -152,6 +153,7 @@ def test_actor_hidden_equals_logits_varlen_path(seqs, monkeypatch):
     orig = actor_mod.packed_model_kwargs
     monkeypatch.setattr(actor_mod, "packed_model_kwargs", lambda t, cu, impl: orig(t, cu, "flash_attention_2"))
     a = Actor(_lm(), logprobs_chunk_size=3)
+    a.hidden_chunk_rows = 3
     s = seqs[2]
     cu = torch.tensor([0, len(s)], dtype=torch.int32)
     _on_equals_off(a, lambda m: m._varlen_forward(s, cu, 1.3, True), s.shape)
