@@ -147,7 +147,7 @@ class Actor(nn.Module):
         lora: LoraSpec | None = None,
         gradient_checkpointing: bool = False,
         logprobs_chunk_size: int = 4096,
-        logprobs_from_hidden: bool = False,
+        logprobs_from_hidden: bool = True,
     ):
         super().__init__()
         if getattr(getattr(model, "config", None), "use_cache", None):
@@ -187,7 +187,7 @@ class Actor(nn.Module):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         logprobs_chunk_size: int = 4096,
-        logprobs_from_hidden: bool = False,
+        logprobs_from_hidden: bool = True,
     ) -> "Actor":
         """Load a causal LM from ``path``.
 
