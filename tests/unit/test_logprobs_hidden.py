@@ -185,3 +185,21 @@ def test_option_in_config():
     from protocol.config import ModelConfig
 
     assert ModelConfig().logprobs_from_hidden is True  # exact and not slower on the task models (README)
+
+
+def test_actor_hidden_close_to_logits_in_bf16(seqs):
+    a = Actor(_lm().to(torch.bfloat16))
+    a.hidden_chunk_rows = 4
+    tokens, cu = pack(seqs)
+    outs = []
+    for on in (False, True):
+        a.logprobs_from_hidden = on
+        a.zero_grad()
+        out = a(tokens, cu_seqlens=cu, return_entropy=True)
+        (out["log_probs"].sum() + out["entropy"].sum()).backward()
+        outs.append((out["log_probs"].detach(), out["entropy"].detach(), a.model.lm_head.weight.grad.float()))
+    (lp0, e0, g0), (lp1, e1, g1) = outs
+    assert lp1.dtype == torch.float32
+    torch.testing.assert_close(lp1, lp0, atol=2e-2, rtol=0)
+    torch.testing.assert_close(e1, e0, atol=2e-2, rtol=0)
+    torch.testing.assert_close(g1, g0, atol=2e-2 * g0.abs().max().item(), rtol=2e-2)
