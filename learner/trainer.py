@@ -123,7 +123,8 @@ class PPOTrainer:
         actor = Actor.from_pretrained(model_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
                                       lora=lora, load_in_4bit=m.load_in_4bit,
                                       gradient_checkpointing=m.gradient_checkpointing,
-                                      trust_remote_code=m.trust_remote_code)
+                                      trust_remote_code=m.trust_remote_code,
+                                      logprobs_from_hidden=m.logprobs_from_hidden)
         if cfg.train.zero_stage == 3:
             # every forward gathers the partitioned parameters collectively: one per micro-batch on
             # every rank, not one per length bucket (the ranks' buckets differ)
@@ -135,7 +136,8 @@ class PPOTrainer:
         self.ref = None
         if cfg.algo.kl_coef > 0:
             self.ref = Actor.from_pretrained(model_path, dtype=m.dtype, attn_implementation=m.attn_implementation,
-                                             trust_remote_code=m.trust_remote_code).eval().requires_grad_(False)
+                                             trust_remote_code=m.trust_remote_code,
+                                             logprobs_from_hidden=m.logprobs_from_hidden).eval().requires_grad_(False)
         self.reward_model = None
         if cfg.reward.model_path:
             self.reward_model = build_value_model(

@@ -56,6 +56,13 @@ class ModelConfig:
                                    ("sdpa", "eager", "flash_attention_2"))
     trust_remote_code: bool = opt(False, "Allow model code shipped with the checkpoint.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    logprobs_from_hidden: bool = opt(True, "Compute log-probs and entropies from the last hidden states through "
+                                           "the output layer chunk by chunk, forward and backward, so the "
+                                           "[tokens, vocab] logits never exist (one extra output-layer matmul in "
+                                           "backward; same log-probs, as fast on the built-in models). Falls back "
+                                           "to the logits, with a warning, when the output layer is not a plain "
+                                           "Linear (LoRA on it, quantised, ZeRO-3) or the model scales/caps its "
+                                           "logits.")
     lora_rank: int = opt(0, "LoRA rank; 0 trains all weights.")
     lora_alpha: int = opt(16, "LoRA alpha (scale = alpha / rank).")
     lora_dropout: float = opt(0.0, "LoRA dropout.")

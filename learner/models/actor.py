@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .logprobs import entropy_from_logits, log_probs_from_logits
+from .logprobs import entropy_from_logits, log_probs_from_hidden, log_probs_from_logits
 from .packing import (
     VARLEN_ATTN_IMPLEMENTATIONS,
     forward_in_length_buckets,
@@ -110,6 +110,21 @@ class LoraSpec:
         )
 
 
+# Config attributes of models whose logits are not just ``output_layer(last_hidden_state)`` (Cohere's
+# logit_scale, Gemma 2/3's final_logit_softcapping, Granite's logits_scaling, MiniCPM's width
+# scaling, ...): with any of them set to something other than None / 1 the log-probs come from the
+# model's own logits.
+_LOGIT_TRANSFORM_ATTRS = ("logit_scale", "final_logit_softcapping", "attn_logit_softcapping_final",
+                          "logits_scaling", "logit_softcapping", "output_multiplier_scale",
+                          "lm_head_multiplier", "scale_width", "dim_model_base", "mup_width_multiplier",
+                          "width_multiplier", "output_logits_scaling")
+
+
+# Rows per chunk of the hidden-state path: about this many logits (256 MiB in fp32) per workspace,
+# whatever the vocabulary (441 rows at V = 151936; a whole micro-batch for the tiny models).
+HIDDEN_CHUNK_ELEMENTS = 1 << 26
+
+
 def _is_peft(model: nn.Module) -> bool:
     try:
         from peft import PeftModel
@@ -132,6 +147,7 @@ class Actor(nn.Module):
         lora: LoraSpec | None = None,
         gradient_checkpointing: bool = False,
         logprobs_chunk_size: int = 4096,
+        logprobs_from_hidden: bool = True,
     ):
         super().__init__()
         if getattr(getattr(model, "config", None), "use_cache", None):
@@ -147,6 +163,12 @@ class Actor(nn.Module):
             model = get_peft_model(model, lora.to_peft())
         self.model = model
         self.logprobs_chunk_size = int(logprobs_chunk_size)
+        # Log-probs from the backbone's hidden states through the output layer chunk by chunk
+        # (`log_probs_from_hidden`) where the model allows it (see `hidden_path`), so the [T, V]
+        # logits never exist; else from the model's logits.
+        self.logprobs_from_hidden = bool(logprobs_from_hidden)
+        self._hidden_path_reason: str | None = None
+        self.hidden_chunk_rows: int | None = None  # None: HIDDEN_CHUNK_ELEMENTS // vocab (tests set it)
         # Packs under sdpa/eager run as padded forwards over groups of similar lengths with at most
         # this much padding (see `forward_in_length_buckets`); None: one forward per call (ZeRO-3).
         self.max_padding: float | None = 0.25
@@ -165,6 +187,7 @@ class Actor(nn.Module):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         logprobs_chunk_size: int = 4096,
+        logprobs_from_hidden: bool = True,
     ) -> "Actor":
         """Load a causal LM from ``path``.
 
@@ -193,6 +216,7 @@ class Actor(nn.Module):
             lora=lora,
             gradient_checkpointing=gradient_checkpointing,
             logprobs_chunk_size=logprobs_chunk_size,
+            logprobs_from_hidden=logprobs_from_hidden,
         )
 
     # ------------------------------------------------------------------ properties
@@ -221,6 +245,72 @@ class Actor(nn.Module):
 
     def gradient_checkpointing_disable(self):
         self.model.gradient_checkpointing_disable()
+
+    def hidden_path(self) -> tuple[nn.Module, nn.Linear] | str:
+        """``(backbone, output_layer)`` when the log-probs can come from hidden states, else why not.
+
+        Needs a Transformers causal LM (not remote code) whose logits are exactly
+        ``output_layer(backbone(...).last_hidden_state)``: the output layer a plain ``nn.Linear``
+        (not LoRA-wrapped, not quantised, not ZeRO-3 partitioned) and no logit scaling or
+        soft-capping in the config.
+        """
+        base = self.model.get_base_model() if self.is_lora else self.model
+        if not type(base).__module__.startswith("transformers.models."):
+            return f"{type(base).__name__} is not a Transformers model class"
+        cfg = getattr(base, "config", None)
+        for name in _LOGIT_TRANSFORM_ATTRS:
+            val = getattr(cfg, name, None)
+            if val not in (None, False, 1, 1.0):
+                return f"config.{name} = {val!r} transforms the logits"
+        get_head = getattr(base, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if type(head) is not nn.Linear:
+            return f"the output layer is {type(head).__name__}, not a plain nn.Linear (LoRA-wrapped?)"
+        w = head.weight
+        if not w.dtype.is_floating_point or w.dim() != 2 or hasattr(w, "ds_id") or hasattr(w, "quant_state"):
+            return "the output layer's weight is quantised or partitioned (ZeRO-3)"
+        backbone = getattr(base, getattr(base, "base_model_prefix", "") or "model", None)
+        if not isinstance(backbone, nn.Module) or backbone is base:
+            return f"{type(base).__name__} has no backbone attribute {base.base_model_prefix!r}"
+        return backbone, head
+
+    def _use_hidden_path(self) -> tuple[nn.Module, nn.Linear] | None:
+        if not self.logprobs_from_hidden:
+            return None
+        path = self.hidden_path()
+        if isinstance(path, str):
+            if self._hidden_path_reason != path:
+                logger.warning("model.logprobs_from_hidden: using the logits instead (%s)", path)
+                self._hidden_path_reason = path
+            return None
+        return path
+
+    def _scores(self, model_kwargs: dict, labels: torch.Tensor, temperature: float, return_entropy: bool,
+                drop_last: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropies) of ``labels [B, L]`` under the distributions at each position.
+
+        ``drop_last``: score positions ``[:, :-1]`` only (their labels being ``labels[:, :-1]``);
+        else every position (the caller drops what it does not need). Returns ``[B, L']`` fp32.
+        """
+        path = self._use_hidden_path()
+        cs = self.logprobs_chunk_size
+        if path is not None:
+            backbone, head = path
+            cs = self.hidden_chunk_rows or max(16, HIDDEN_CHUNK_ELEMENTS // head.out_features)
+            hidden = backbone(**model_kwargs, use_cache=False).last_hidden_state  # [B, L, H]
+            if drop_last:
+                hidden = hidden[:, :-1]
+            b, l = labels.shape[0], hidden.shape[1]
+            lp, ent = log_probs_from_hidden(hidden.reshape(b * l, -1), head.weight, head.bias,
+                                            labels[:, :l].reshape(-1), temperature, cs, return_entropy)
+            return lp.view(b, l), (ent.view(b, l) if ent is not None else None)
+        logits = self.model(**model_kwargs, use_cache=False).logits  # [B, L, V]
+        if drop_last:
+            logits = logits[:, :-1]
+        lab = labels[:, : logits.shape[1]]
+        lp = log_probs_from_logits(logits, lab, temperature, cs)
+        ent = entropy_from_logits(logits, temperature, cs) if return_entropy else None
+        return lp, ent
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -258,20 +348,18 @@ class Actor(nn.Module):
     def _padded_forward(self, input_ids, attention_mask, temperature: float, return_entropy: bool) -> dict:
         """``[B, L]`` in, ``[B, L]`` out (see `forward`)."""
         position_ids = padded_position_ids(attention_mask)
-        logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).logits  # [B, L, V]
         valid = padded_action_mask(attention_mask)
         # Scored at every position (the last one's label is a dummy) rather than on logits[:, :-1]:
         # a strided view would be processed row by row, a contiguous [B*L, V] block in one go.
         next_ids = F.pad(input_ids[:, 1:], (0, 1))
-        lp = log_probs_from_logits(logits, next_ids, temperature, self.logprobs_chunk_size)[:, :-1]
+        lp, ent = self._scores(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids),
+                               next_ids, temperature, return_entropy, drop_last=False)
+        lp = lp[:, :-1]
         zero = lp.new_zeros(lp.shape[0], 1)
         # torch.where (not a product) so a non-finite value at a pad can never leak into the output
         out = {"log_probs": torch.where(valid, torch.cat([zero, lp], 1), 0.0)}
         if return_entropy:
-            ent = entropy_from_logits(logits, temperature, self.logprobs_chunk_size)[:, :-1]
-            out["entropy"] = torch.where(valid, torch.cat([zero, ent], 1), 0.0)
+            out["entropy"] = torch.where(valid, torch.cat([zero, ent[:, :-1]], 1), 0.0)
         return out
 
     def _bucketed_forward(self, tokens, cu_seqlens, temperature: float, return_entropy: bool) -> dict:
@@ -284,15 +372,13 @@ class Actor(nn.Module):
     def _varlen_forward(self, tokens, cu_seqlens, temperature: float, return_entropy: bool) -> dict:
         """Packed ``[T]`` in and out in one forward (flash-attention's varlen kernels)."""
         kw = packed_model_kwargs(tokens, cu_seqlens, self.attn_implementation)
-        logits = self.model(**kw, use_cache=False).logits[0]  # [T, V]
         tokens = kw["input_ids"][0]
         starts = sequence_start_mask(cu_seqlens.to(tokens.device), tokens.shape[0])
-        lp = log_probs_from_logits(logits[:-1], tokens[1:], temperature, self.logprobs_chunk_size)
+        lp, ent = self._scores(kw, kw["input_ids"][:, 1:], temperature, return_entropy, drop_last=True)
         zero = lp.new_zeros(1)
-        out = {"log_probs": torch.cat([zero, lp]).masked_fill(starts, 0.0)}
+        out = {"log_probs": torch.cat([zero, lp[0]]).masked_fill(starts, 0.0)}
         if return_entropy:
-            ent = entropy_from_logits(logits[:-1], temperature, self.logprobs_chunk_size)
-            out["entropy"] = torch.cat([zero, ent]).masked_fill(starts, 0.0)
+            out["entropy"] = torch.cat([zero, ent[0]]).masked_fill(starts, 0.0)
         return out
 
     # ------------------------------------------------------------------ saving

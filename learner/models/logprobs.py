@@ -1,4 +1,4 @@
-"""Memory-bounded log-probabilities and entropies from logits.
+"""Memory-bounded log-probabilities and entropies, from logits or from hidden states.
 
 With a realistic vocabulary (Qwen: V = 151936) the naive
 ``log_softmax(logits.float() / t).gather(-1, labels)`` materialises several full ``[N, V]`` fp32
@@ -15,6 +15,14 @@ functions here work on row chunks instead:
   into a single ``[..., V]`` tensor of the logits' dtype, which is the unavoidable size of a
   gradient w.r.t. the logits. No ``[N, V]`` activations are kept between forward and backward.
 
+:func:`log_probs_from_hidden` goes one step further and starts from the last hidden states
+``[N, H]`` and the output layer ``weight [V, H]`` (+ ``bias``): each chunk's logits are computed,
+used and dropped, in forward and again in backward, so no ``[N, V]`` tensor exists at all, not even
+the gradient w.r.t. the logits (backward produces ``grad_hidden [N, H]`` and ``grad_weight [V, H]``
+directly). The price is one extra ``[N, H] x [H, V]`` matmul (the recomputation in backward).
+
+Both paths share the per-chunk math (:func:`_chunk_stats`, :func:`_chunk_grad_`).
+
 Double backward is not supported.
 """
 
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["log_probs_from_logits", "entropy_from_logits"]
+__all__ = ["log_probs_from_logits", "entropy_from_logits", "log_probs_from_hidden"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,6 +106,73 @@ def _n_rows(logits: torch.Tensor) -> int:
     return n
 
 
+# ------------------------------------------------------------------ per-chunk math (one home)
+# Both paths (from logits, from hidden states) turn a chunk of rows into scaled fp32 logits
+# ``z = logits / t`` in a workspace and then call these two helpers.
+
+
+def _chunk_stats(
+    z: torch.Tensor, labels: torch.Tensor | None, with_entropy: bool, pbuf: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Forward statistics of one chunk of scaled logits ``z [n, V]`` (fp32, overwritten).
+
+    Returns ``(log_p_label [n] or None, lse [n], entropy [n] or None)`` with
+    ``lse = logsumexp_j z_j``, ``log_p_label = z_y - lse`` (when ``labels [n]`` is given) and
+    ``H = lse - sum_j p_j z_j``, ``p = softmax(z)`` (when ``with_entropy``; ``pbuf`` is a second
+    workspace of at least ``n`` rows then).
+    """
+    picked = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) if labels is not None else None
+    m = z.amax(-1, keepdim=True)
+    if not with_entropy:
+        # logsumexp in place: m + log(sum(exp(z - m)))
+        lse = z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+        return (None if picked is None else picked - lse), lse, None
+    e = torch.sub(z, m, out=pbuf[: z.shape[0]]).exp_()
+    s = e.sum(-1, keepdim=True)
+    lse = (s.log() + m).squeeze(-1)
+    ent = lse - e.mul_(z).sum(-1) / s.squeeze(-1)
+    return (None if picked is None else picked - lse), lse, ent
+
+
+def _chunk_grad_(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+    labels: torch.Tensor | None = None,
+    g_lp: torch.Tensor | None = None,
+    ent: torch.Tensor | None = None,
+    g_ent: torch.Tensor | None = None,
+    pbuf: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient w.r.t. the *unscaled* logits of one chunk, written into ``z [n, V]`` and returned.
+
+    ``z`` holds the scaled fp32 logits ``logits / t``; ``lse [n]`` their logsumexp. With
+    ``p = softmax(z)``, ``log p = z - lse``:
+
+    * log-prob of label ``y`` (``labels [n]``, upstream ``g_lp [n]``):
+      ``d log p_y / d z_j = onehot_j(y) - p_j``
+    * entropy (``ent [n]`` from forward, upstream ``g_ent [n]``; needs ``pbuf``):
+      ``dH / d z_j = -p_j (log p_j + H)``
+
+    and ``d z / d logits = 1 / t``. Either term may be absent (``g_lp`` / ``g_ent`` None).
+    """
+    n = z.shape[0]
+    logp = z.sub_(lse.unsqueeze(-1))
+    if g_ent is None:
+        g = g_lp.to(z.dtype).unsqueeze(-1)
+        out = logp.exp_().mul_(-g).scatter_add_(-1, labels.unsqueeze(-1), g)  # g (onehot - p)
+    else:
+        p = torch.exp(logp, out=pbuf[:n])
+        out = logp.add_(ent.unsqueeze(-1)).mul_(p).mul_(-g_ent.to(z.dtype).unsqueeze(-1))
+        if g_lp is not None:
+            g = g_lp.to(z.dtype).unsqueeze(-1)
+            out.sub_(p.mul_(g)).scatter_add_(-1, labels.unsqueeze(-1), g)
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out
+
+
+# ------------------------------------------------------------------ from logits
 class _ChunkedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature, chunk_size):
@@ -111,12 +186,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
             for off, c in _chunks(logits, chunk_size):
                 n = c.shape[0]
                 z = _load_scaled(buf, c, temperature)
-                picked = z.gather(-1, flat_labels[off : off + n].unsqueeze(-1)).squeeze(-1)
-                m = z.amax(-1, keepdim=True)
-                # logsumexp in place: m + log(sum(exp(z - m)))
-                l = z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
+                lp, l, _ = _chunk_stats(z, flat_labels[off : off + n], False, None)
                 lse[off : off + n] = l
-                out[off : off + n] = picked - l
+                out[off : off + n] = lp
             del buf
         ctx.save_for_backward(logits, labels, lse)
         ctx.temperature = temperature
@@ -128,7 +200,6 @@ class _ChunkedLogProbs(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits, labels, lse = ctx.saved_tensors
         t, cs = ctx.temperature, ctx.chunk_size
-        # d/dz_j [z_y - lse(z)] = onehot_j(y) - softmax_j(z);  z = logits / t
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad2d = grad.view(-1, grad.shape[-1])
         g_flat = grad_out.reshape(-1)
@@ -136,12 +207,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
         buf = _workspace(logits, cs)
         for off, c in _chunks(logits, cs):
             n = c.shape[0]
-            p = _load_scaled(buf, c, t).sub_(lse[off : off + n].unsqueeze(-1)).exp_()  # softmax
-            g = g_flat[off : off + n].to(p.dtype).unsqueeze(-1)
-            p.mul_(-g).scatter_add_(-1, flat_labels[off : off + n].unsqueeze(-1), g)
-            if t != 1.0:
-                p.div_(t)
-            grad2d[off : off + n].copy_(p)
+            sl = slice(off, off + n)
+            z = _load_scaled(buf, c, t)
+            grad2d[sl].copy_(_chunk_grad_(z, lse[sl], t, labels=flat_labels[sl], g_lp=g_flat[sl]))
         return grad, None, None, None
 
 
@@ -157,12 +225,8 @@ class _ChunkedEntropy(torch.autograd.Function):
             for off, c in _chunks(logits, chunk_size):
                 n = c.shape[0]
                 z = _load_scaled(zbuf, c, temperature)
-                m = z.amax(-1, keepdim=True)
-                e = torch.sub(z, m, out=pbuf[:n]).exp_()
-                s = e.sum(-1, keepdim=True)
-                l = (s.log() + m).squeeze(-1)
-                # H = lse - sum_j p_j z_j,  p = e / s
-                out[off : off + n] = l - e.mul_(z).sum(-1) / s.squeeze(-1)
+                _, l, e = _chunk_stats(z, None, True, pbuf)
+                out[off : off + n] = e
                 lse[off : off + n] = l
             del zbuf, pbuf
         ctx.save_for_backward(logits, lse, out)
@@ -175,21 +239,102 @@ class _ChunkedEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits, lse, ent = ctx.saved_tensors
         t, cs = ctx.temperature, ctx.chunk_size
-        # dH/dz_j = -p_j (log p_j + H);  z = logits / t
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         grad2d = grad.view(-1, grad.shape[-1])
         g_flat = grad_out.reshape(-1)
         lbuf, pbuf = _workspace(logits, cs), _workspace(logits, cs)
         for off, c in _chunks(logits, cs):
             n = c.shape[0]
-            logp = _load_scaled(lbuf, c, t).sub_(lse[off : off + n].unsqueeze(-1))
-            p = torch.exp(logp, out=pbuf[:n])
-            logp.add_(ent[off : off + n].unsqueeze(-1)).mul_(p)
-            logp.mul_(-g_flat[off : off + n].to(logp.dtype).unsqueeze(-1))
-            if t != 1.0:
-                logp.div_(t)
-            grad2d[off : off + n].copy_(logp)
+            sl = slice(off, off + n)
+            z = _load_scaled(lbuf, c, t)
+            grad2d[sl].copy_(_chunk_grad_(z, lse[sl], t, ent=ent[sl], g_ent=g_flat[sl], pbuf=pbuf))
         return grad, None, None
+
+
+# ------------------------------------------------------------------ from hidden states
+def _head_chunk(
+    buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """``buf[:n] = (h @ weight.T + bias).float() / t`` for one chunk ``h [n, H]``.
+
+    The matmul runs in the weight's dtype (as the model's own output layer would), straight into
+    the fp32 workspace when that dtype is fp32, else through one ``[n, V]`` temporary.
+    """
+    z = buf[: h.shape[0]]
+    if z.dtype == weight.dtype:
+        if bias is None:
+            torch.mm(h, weight.t(), out=z)
+        else:
+            torch.addmm(bias, h, weight.t(), out=z)
+    else:
+        z.copy_(torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t()))
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+class _HiddenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, chunk_size, with_entropy):
+        n_rows, v = hidden.shape[0], weight.shape[0]
+        cdt = _compute_dtype(weight.dtype)
+        dev = hidden.device
+        out = torch.empty(n_rows, dtype=cdt, device=dev)
+        lse = torch.empty(n_rows, dtype=cdt, device=dev)
+        ent = torch.empty(n_rows if with_entropy else 0, dtype=cdt, device=dev)
+        rows = max(1, min(chunk_size, n_rows))
+        with torch.no_grad():
+            zbuf = torch.empty(rows, v, dtype=cdt, device=dev)
+            pbuf = torch.empty(rows, v, dtype=cdt, device=dev) if with_entropy else None
+            for s in range(0, n_rows, chunk_size):
+                sl = slice(s, min(s + chunk_size, n_rows))
+                z = _head_chunk(zbuf, hidden[sl], weight, bias, temperature)
+                lp, l, e = _chunk_stats(z, labels[sl], with_entropy, pbuf)
+                out[sl], lse[sl] = lp, l
+                if with_entropy:
+                    ent[sl] = e
+            del zbuf, pbuf
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+        return out, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        t, cs, with_entropy = ctx.temperature, ctx.chunk_size, ctx.with_entropy
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n_rows, v = hidden.shape[0], weight.shape[0]
+        cdt = _compute_dtype(weight.dtype)
+        dev = hidden.device
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros(v, dtype=cdt, device=dev) if need_b and bias is not None else None
+        if not (need_h or need_w or grad_b is not None) or n_rows == 0:
+            return grad_h, grad_w, grad_b, None, None, None, None
+        rows = max(1, min(cs, n_rows))
+        zbuf = torch.empty(rows, v, dtype=cdt, device=dev)
+        use_ent = with_entropy and g_ent is not None
+        pbuf = torch.empty(rows, v, dtype=cdt, device=dev) if use_ent else None
+        for s in range(0, n_rows, cs):
+            sl = slice(s, min(s + cs, n_rows))
+            h = hidden[sl]
+            z = _head_chunk(zbuf, h, weight, bias, t)
+            gz = _chunk_grad_(
+                z, lse[sl], t,
+                labels=labels[sl], g_lp=None if g_lp is None else g_lp[sl],
+                ent=ent[sl] if use_ent else None, g_ent=g_ent[sl] if use_ent else None, pbuf=pbuf,
+            )  # fp32 [n, V]: dL / d logits
+            if grad_b is not None:
+                grad_b += gz.sum(0)
+            gz = gz.to(weight.dtype)
+            if need_h:
+                torch.mm(gz, weight, out=grad_h[sl]) if grad_h.dtype == gz.dtype else grad_h[sl].copy_(gz @ weight)
+            if need_w:
+                grad_w.addmm_(gz.t(), h.to(weight.dtype))
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def log_probs_from_logits(
@@ -236,3 +381,61 @@ def entropy_from_logits(
     """
     _check(logits, temperature, chunk_size)
     return _ChunkedEntropy.apply(logits, float(temperature), int(chunk_size))
+
+
+def log_probs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Label log-probs (and entropies) of ``softmax((hidden @ weight.T + bias) / temperature)``
+    without ever materialising the ``[N, V]`` logits, in forward or backward.
+
+    Args:
+        hidden: ``[N, H]`` last hidden states (any float dtype; kept by reference for backward,
+            made contiguous first).
+        weight: ``[V, H]`` output layer weight (a tied input embedding is fine: its gradient is
+            accumulated like any other use). The matmul runs in ``weight.dtype``; ``hidden`` is
+            cast to it.
+        bias: ``[V]`` or None.
+        labels: ``[N]`` integer ids in ``[0, V)``.
+        temperature: > 0; the logits are divided by it (in fp32, after the matmul).
+        chunk_size: rows per chunk; one ``[chunk_size, V]`` fp32 workspace (two with the entropy)
+            plus, for a non-fp32 weight, one ``[chunk_size, V]`` matmul output exist at a time.
+        with_entropy: also return the entropy of each row's distribution.
+
+    Returns:
+        ``(log_probs [N], entropy [N] or None)``, float32 (float64 for an fp64 weight), with
+        ``log_probs[i] = z_i[labels[i]] - logsumexp(z_i)``, ``entropy[i] = -sum_j p_ij log p_ij``,
+        ``z_i = (hidden[i] @ weight.T + bias).float() / t``, ``p_i = softmax(z_i)``.
+
+    Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``. Forward keeps references to its
+    inputs, the labels and one (two with the entropy) fp32 value per row; backward recomputes each
+    chunk's logits and softmax, forms ``dL/dlogits`` for the chunk (see :func:`_chunk_grad_`) and
+    accumulates ``grad_hidden[chunk] = dL/dlogits @ weight``, ``grad_weight += dL/dlogits.T @
+    hidden[chunk]`` (in ``weight.dtype``, one rounding per chunk for bf16) and
+    ``grad_bias += dL/dlogits.sum(0)``.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if not weight.dtype.is_floating_point or not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden and weight must be floating point, got {hidden.dtype} / {weight.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if labels.shape != (hidden.shape[0],):
+        raise ValueError(f"labels must be [N] = [{hidden.shape[0]}], got {tuple(labels.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    hidden = hidden.to(weight.dtype).contiguous()
+    labels = labels.to(device=hidden.device, dtype=torch.long)
+    lp, ent = _HiddenLogProbs.apply(
+        hidden, weight, bias, labels, float(temperature), int(chunk_size), bool(with_entropy)
+    )
+    return lp, (ent if with_entropy else None)
