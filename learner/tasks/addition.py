@@ -12,10 +12,10 @@ Reward (`addition_reward`): 1.0 if the completion's first whitespace-separated w
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from learner.tasks import add_size_argument, prepare_parser
 from learner.tasks.arithmetic import make_rows, score_answer
 
 MAX_OPERAND = 49
@@ -52,12 +52,9 @@ def prepare(out_dir: str | Path, *, size: str = "tiny", seed: int = 0) -> dict[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Prepare the cold-start addition task.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="Build the random model and the prompts (idempotent).")
-    p.add_argument("--out", default="runs/addition", help="Output directory (default: runs/addition).")
-    p.add_argument("--size", default="tiny", help="Model size: tiny, small or medium (default: tiny).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the model's initialisation (default: 0).")
+    parser, p = prepare_parser("addition", "Prepare the cold-start addition task.",
+                               "Build the random model and the prompts (idempotent).")
+    add_size_argument(p)
     args = parser.parse_args()
     print(json.dumps(prepare(args.out, size=args.size, seed=args.seed)))
 

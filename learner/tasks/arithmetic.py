@@ -7,11 +7,12 @@ warmed up by a short supervised pass on part of the task, so that RL starts some
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 from pathlib import Path
+
+from learner.tasks import prepare_parser
 
 EXACT_REWARD = 1.0
 WELL_FORMED_REWARD = 0.1
@@ -66,13 +67,10 @@ def prepare(out_dir: str | Path, *, max_operand: int = 9, sft_steps: int = 100,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Prepare the built-in arithmetic task.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="Build the tiny model, prompts and warmed-up policy (idempotent).")
-    p.add_argument("--out", default="runs/arithmetic", help="Output directory (default: runs/arithmetic).")
+    parser, p = prepare_parser("arithmetic", "Prepare the built-in arithmetic task.",
+                               "Build the tiny model, prompts and warmed-up policy (idempotent).")
     p.add_argument("--max-operand", type=int, default=9, help="Largest operand (default: 9).")
     p.add_argument("--sft-steps", type=int, default=100, help="Supervised warm-up steps (default: 100).")
-    p.add_argument("--seed", type=int, default=0, help="Seed (default: 0).")
     args = parser.parse_args()
     paths = prepare(args.out, max_operand=args.max_operand, sft_steps=args.sft_steps, seed=args.seed)
     print(json.dumps(paths))

@@ -23,13 +23,13 @@ spacing normalised and blank lines ignored.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 from typing import NamedTuple
 
 from learner.bpe import MAX_NUMBER_TOKEN, NOUNS
+from learner.tasks import add_size_argument, prepare_parser
 
 PARTIAL_CREDIT = 0.5
 MAX_REPEATS = MAX_NUMBER_TOKEN  # every count is one token
@@ -120,12 +120,9 @@ def prepare(out_dir: str | Path, *, size: str = "tiny", seed: int = 0,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Prepare the long-tail response-length task.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="Build the prompts, the model and the warmed-up policy (idempotent).")
-    p.add_argument("--out", default="runs/longtail", help="Output directory (default: runs/longtail).")
-    p.add_argument("--size", default="tiny", help="Model size: tiny, small or medium (default: tiny).")
-    p.add_argument("--seed", type=int, default=0, help="Seed (default: 0).")
+    parser, p = prepare_parser("longtail", "Prepare the long-tail response-length task.",
+                               "Build the prompts, the model and the warmed-up policy (idempotent).")
+    add_size_argument(p)
     p.add_argument("--sft-steps", type=int, default=None,
                    help="Supervised warm-up steps (default: per size, " +
                         ", ".join(f"{size} {w.steps}" for size, w in WARMUP.items()) + ").")
