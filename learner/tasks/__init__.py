@@ -3,6 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+STAMP = "prepared.json"  # in a task's directory: the settings of its last finished build
+
+
+def already_prepared(out: Path, settings: dict, model: Path) -> bool:
+    """Whether `out` holds a finished build with these settings (and its model directory)."""
+    stamp = out / STAMP
+    return stamp.exists() and json.loads(stamp.read_text()) == settings and (model / "config.json").exists()
+
+
+@contextlib.contextmanager
+def preparing(out: Path, settings: dict) -> Iterator[None]:
+    """Around a task's build in `out`: the stamp goes first, so that a build that stops half way
+    does not look done, and is written with `settings` once the build has finished."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STAMP).unlink(missing_ok=True)
+    yield
+    (out / STAMP).write_text(json.dumps(settings))
 
 
 def prepare_parser(task: str, description: str, prepare_help: str) -> tuple[argparse.ArgumentParser,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from learner.tasks import add_size_argument, prepare_parser
+from learner.tasks import add_size_argument, already_prepared, prepare_parser, preparing
 from learner.tasks.arithmetic import make_rows, score_answer
 
 MAX_OPERAND = 49
@@ -34,20 +34,18 @@ def addition_reward(prompts: list[str], completions: list[str], labels: list[str
 def prepare(out_dir: str | Path, *, size: str = "tiny", seed: int = 0) -> dict[str, str | int]:
     """Build (once) the `size` model initialised from `seed` and the prompt file under out_dir."""
     out = Path(out_dir)
-    model, prompts, stamp = out / "model", out / "prompts.jsonl", out / "prepared.json"
+    model, prompts = out / "model", out / "prompts.jsonl"
     info = {"model": str(model), "prompts": str(prompts), "reward": REWARD, "max_new_tokens": MAX_NEW_TOKENS,
             "max_model_len": MAX_MODEL_LEN}
     settings = {"size": size, "seed": seed}
-    if stamp.exists() and json.loads(stamp.read_text()) == settings and (model / "config.json").exists():
+    if already_prepared(out, settings, model):
         return info
     # imported only when something must be built: torch and transformers take seconds to load
     from learner.tiny import build_tiny_model, sized_spec
 
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.unlink(missing_ok=True)  # a build that stops half way must not look done
-    build_tiny_model(model, sized_spec(size, seed))
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in make_rows(MAX_OPERAND)))
-    stamp.write_text(json.dumps(settings))
+    with preparing(out, settings):
+        build_tiny_model(model, sized_spec(size, seed))
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in make_rows(MAX_OPERAND)))
     return info
 
 

@@ -12,7 +12,7 @@ import random
 import re
 from pathlib import Path
 
-from learner.tasks import prepare_parser
+from learner.tasks import already_prepared, prepare_parser, preparing
 
 EXACT_REWARD = 1.0
 WELL_FORMED_REWARD = 0.1
@@ -48,21 +48,18 @@ def prepare(out_dir: str | Path, *, max_operand: int = 9, sft_steps: int = 100,
     out = Path(out_dir)
     base, policy, prompts = out / "base", out / "policy", out / "prompts.jsonl"
     settings = {"max_operand": max_operand, "sft_steps": sft_steps, "sft_fraction": sft_fraction, "seed": seed}
-    stamp = out / "prepared.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == settings and (policy / "config.json").exists():
+    if already_prepared(out, settings, policy):
         return {"model": str(policy), "prompts": str(prompts)}
     # imported only when something must be built: the launcher calls `prepare` on every start
     from learner.sft import supervised_warmup
     from learner.tiny import TinyModelSpec, build_tiny_model
 
-    out.mkdir(parents=True, exist_ok=True)
-    build_tiny_model(base, TinyModelSpec(seed=seed))
-    rows = make_rows(max_operand)
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rng = random.Random(seed)
-    seen = rng.sample(rows, int(len(rows) * sft_fraction))
-    supervised_warmup(base, [(r["prompt"], r["label"]) for r in seen], policy, steps=sft_steps, seed=seed)
-    stamp.write_text(json.dumps(settings))
+    with preparing(out, settings):
+        build_tiny_model(base, TinyModelSpec(seed=seed))
+        rows = make_rows(max_operand)
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        seen = random.Random(seed).sample(rows, int(len(rows) * sft_fraction))
+        supervised_warmup(base, [(r["prompt"], r["label"]) for r in seen], policy, steps=sft_steps, seed=seed)
     return {"model": str(policy), "prompts": str(prompts)}
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from learner.bpe import MAX_NUMBER_TOKEN, NOUNS
-from learner.tasks import add_size_argument, prepare_parser
+from learner.tasks import add_size_argument, already_prepared, prepare_parser, preparing
 
 PARTIAL_CREDIT = 0.5
 MAX_REPEATS = MAX_NUMBER_TOKEN  # every count is one token
@@ -98,24 +98,23 @@ def prepare(out_dir: str | Path, *, size: str = "tiny", seed: int = 0,
     warmup = WARMUP[size]
     steps = warmup.steps if sft_steps is None else sft_steps
     out = Path(out_dir)
-    base, policy, prompts, stamp = out / "base", out / "policy", out / "prompts.jsonl", out / "prepared.json"
+    base, policy, prompts = out / "base", out / "policy", out / "prompts.jsonl"
     info = {"model": str(policy), "prompts": str(prompts), "reward": REWARD,
             "max_new_tokens": MAX_NEW_TOKENS, "max_model_len": MAX_MODEL_LEN}
     settings = {"size": size, "seed": seed, "sft_steps": steps}
-    if stamp.exists() and json.loads(stamp.read_text()) == settings and (policy / "config.json").exists():
+    if already_prepared(out, settings, policy):
         return info
     # imported only when something must be built: torch and transformers take seconds to load
     from learner.sft import supervised_warmup
     from learner.tiny import build_tiny_model, sized_spec
 
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.unlink(missing_ok=True)  # a build that stops half way must not look done
-    build_tiny_model(base, sized_spec(size, seed))
-    rows = make_rows(seed)
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    supervised_warmup(base, [(r["prompt"], "\n" + r["label"]) for r in rows], policy, steps=steps,
-                      batch_size=warmup.batch_size, lr=warmup.lr, seed=seed, micro_batch_tokens=MICRO_BATCH_TOKENS)
-    stamp.write_text(json.dumps(settings))
+    with preparing(out, settings):
+        build_tiny_model(base, sized_spec(size, seed))
+        rows = make_rows(seed)
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        supervised_warmup(base, [(r["prompt"], "\n" + r["label"]) for r in rows], policy, steps=steps,
+                          batch_size=warmup.batch_size, lr=warmup.lr, seed=seed,
+                          micro_batch_tokens=MICRO_BATCH_TOKENS)
     return info
 
 
