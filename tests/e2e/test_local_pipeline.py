@@ -86,14 +86,16 @@ def test_killed_rollout_is_restarted_and_no_prompt_is_lost(run_local, tmp_path):
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+            # early in the run: on a fast machine the last steps take well under a second
+            steps_done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if steps_done >= 2:
                 for line in processes_mentioning("-m rollout --index 0"):
                     pid = int(line.split(":")[0])
                     if str(tmp_path) not in line:
                         continue
                     if os.getpgid(pid) == pid:  # the rollout process itself (its engine runs beside it)
                         os.kill(pid, signal.SIGKILL)
-                        killed["pid"] = pid
+                        killed["pid"], killed["steps_done"] = pid, steps_done
                         return
             time.sleep(0.2)
 
@@ -114,7 +116,7 @@ def test_killed_rollout_is_restarted_and_no_prompt_is_lost(run_local, tmp_path):
         assert sorted(ids[start: start + 100]) == list(range(100)), f"epoch starting at sample {start}"
     (producer, versions), = result.summary["applied_versions"].items()  # only the restarted process is left
     assert producer.startswith("rollout-0@") and not producer.endswith(f":{killed['pid']}")
-    assert min(versions) >= 8, f"the restarted rollout must start from the then-current weights: {versions}"
+    assert min(versions) >= killed["steps_done"], f"the restarted rollout must start from the then-current weights: {versions}"
     assert result.summary["dropped_rollouts"] == 1
     assert not leftover_processes(result.run_id)
 
