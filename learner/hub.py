@@ -4,6 +4,12 @@ Runs on learner rank 0 inside its asyncio loop. `serve()` keeps receiving while 
 in a thread, so batches, acknowledgements and heartbeats are taken in as they arrive.
 Every PackedBatch is checked against the grant it answers (right peer, right prompts, enough
 samples, weights recent enough and acknowledged) before it is accepted.
+
+Liveness means progress, not heartbeats: a rollout that holds work it could generate but sends
+no batch and applies no weights within `progress_timeout_s`, or that does not apply a published
+version within `ack_timeout_s`, is dropped like a dead one (its work re-issued) and told to rejoin.
+A grant held longer than `straggler_timeout_s` is also handed to an idle rollout; the first answer
+is trained on, any later one discarded.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Peer:
     producer_id: str
     connected_at: float
     last_seen: float
+    last_progress: float  # a batch accepted, a version applied, or work received while idle
     applied_version: int = -1
     acked_versions: list[int] = field(default_factory=list)
     grants: dict[int, WorkGrant] = field(default_factory=dict)
@@ -57,6 +64,7 @@ class PublishedVersion:
 
 class RolloutHub:
     def __init__(self, endpoint: LearnerEndpoint, *, ack_timeout_s: float, peer_timeout_s: float = 60.0,
+                 progress_timeout_s: float = 300.0, straggler_timeout_s: float = 0.0, min_live_rollouts: int = 0,
                  recorder: RecordingWriter | None = None):
         self.endpoint = endpoint
         self.recorder = recorder
@@ -68,7 +76,14 @@ class RolloutHub:
             endpoint.on_accept = self._record
         self.ack_timeout_s = ack_timeout_s
         self.peer_timeout_s = peer_timeout_s
+        self.progress_timeout_s = progress_timeout_s
+        self.straggler_timeout_s = straggler_timeout_s
+        self.min_live_rollouts = min_live_rollouts
+        self.too_few_since: float | None = None  # when the connected rollouts fell below min_live_rollouts
         self.peers: dict[bytes, Peer] = {}
+        self.handed_out_at: dict[int, float] = {}  # grant id -> when it first went to a rollout
+        self.duplicated: set[int] = set()  # grants also handed to a second rollout (stragglers), until answered
+        self.answered: set[int] = set()  # duplicated grants answered once: a later answer is discarded
         self.pending: collections.deque[WorkGrant] = collections.deque()
         self.batches: dict[int, list[PackedBatch]] = collections.defaultdict(list)
         self.published: dict[int, PublishedVersion] = {}
@@ -129,7 +144,8 @@ class RolloutHub:
             async with self.changed:
                 while len(self.batches[step]) <= yielded:
                     self._raise_if_failed()
-                    self._expire_silent_peers()
+                    await self._drop_peers_without_progress()
+                    self._check_enough_rollouts()
                     await self._dispatch()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -141,7 +157,6 @@ class RolloutHub:
             for batch in arrived:
                 yielded += 1
                 yield batch
-        self._check_acks()
         batches = sorted(self.batches.pop(step), key=lambda b: b.grant_id)
         if self.recorder is not None:
             self.consumed[step] = {"consumed": [self.record_of_grant.pop(b.grant_id) for b in batches],
@@ -180,6 +195,7 @@ class RolloutHub:
                 "weight_apply_s": float(np.mean(applies)) if applies else 0.0,
                 "rejected_messages": float(sum(self.endpoint.rejections.values())),
                 "discarded_batches": float(sum(self.discarded.values())),
+                "duplicate_answers": float(self.discarded["duplicate_answer"]),
                 "dropped_rollouts": float(self.dropped_peers),
                 "reused_recorded_batches": float(self.reused)}
 
@@ -205,7 +221,8 @@ class RolloutHub:
             if isinstance(message, Hello):
                 await self._on_hello(identity, envelope.producer_id)
             elif peer is None:
-                self._discard("unknown_peer", f"{envelope.kind} from {identity!r} before hello")
+                # before its hello, or after it was dropped (it is told to rejoin)
+                self._discard("unknown_peer", f"{envelope.kind} from {identity!r}, not a connected rollout")
                 continue
             else:
                 peer.last_seen = time.monotonic()
@@ -229,12 +246,16 @@ class RolloutHub:
         if identity in self.peers:
             # A restarted process with the same identity: its old grants go back to the queue.
             self.pending.extendleft(reversed(list(self.peers[identity].grants.values())))
-        peer = self.peers[identity] = Peer(identity, producer_id, now, now)
+        peer = self.peers[identity] = Peer(identity, producer_id, now, now, now)
         log.info("rollout %s connected (%d total)", producer_id, len(self.peers))
         if self.latest is not None:
             await self._send(peer, self.latest)
 
     def _on_batch(self, peer: Peer, batch: PackedBatch) -> None:
+        if batch.grant_id in self.answered:  # a straggler's grant that another rollout answered first
+            self.answered.discard(batch.grant_id)
+            self._discard("duplicate_answer", f"{peer.producer_id} answered grant {batch.grant_id} after another rollout")
+            return
         grant = peer.grants.get(batch.grant_id)
         if grant is None:
             self._discard("unknown_grant", f"batch for grant {batch.grant_id} that {peer.producer_id} does not hold")
@@ -245,6 +266,13 @@ class RolloutHub:
             self.failure = RolloutFailure(f"{peer.producer_id}, grant {grant.grant_id}: {problem}")
             return
         del peer.grants[batch.grant_id]
+        peer.last_progress = time.monotonic()
+        self.handed_out_at.pop(batch.grant_id, None)
+        if batch.grant_id in self.duplicated:
+            self.duplicated.discard(batch.grant_id)
+            self.answered.add(batch.grant_id)
+            for other in self.peers.values():  # the other holder is free for new work
+                other.grants.pop(batch.grant_id, None)
         if self.recorder is not None:
             self.record_of_grant[batch.grant_id] = self.last_record
             self.seed_of_grant[batch.grant_id] = grant.request_seed(0)
@@ -261,6 +289,7 @@ class RolloutHub:
                 f"expected {published.fingerprint}: the weights it loaded are not the ones sent")
             return
         peer.applied_version = max(peer.applied_version, ack.version)
+        peer.last_progress = time.monotonic()
         peer.acked_versions.append(ack.version)
         published.ack_latency[peer.producer_id] = time.monotonic() - published.sent_at
         published.apply_seconds[peer.producer_id] = ack.apply_seconds
@@ -268,10 +297,35 @@ class RolloutHub:
     # ------------------------------------------------------------------ helpers
     async def _dispatch(self) -> None:
         for peer in sorted(self.peers.values(), key=lambda p: len(p.grants)):
-            while self.pending and len(peer.grants) < MAX_GRANTS_PER_PEER and peer.identity in self.peers:
-                grant = self.pending.popleft()
+            while len(peer.grants) < MAX_GRANTS_PER_PEER and peer.identity in self.peers:
+                if self.pending:
+                    grant = self.pending.popleft()
+                    self.handed_out_at[grant.grant_id] = time.monotonic()
+                else:
+                    grant = self._straggling_grant(peer)
+                    if grant is None:
+                        break
+                if not peer.grants:
+                    peer.last_progress = time.monotonic()  # an idle rollout's clock starts with its work
                 peer.grants[grant.grant_id] = grant
                 await self._send(peer, grant)
+
+    def _straggling_grant(self, idle: Peer) -> WorkGrant | None:
+        """The oldest grant another rollout has held for longer than straggler_timeout_s and that no
+        second rollout holds yet (None when stragglers are not re-issued or there is none)."""
+        if not self.straggler_timeout_s:
+            return None
+        now = time.monotonic()
+        held = [(self.handed_out_at[g], grant) for p in self.peers.values() if p is not idle
+                for g, grant in p.grants.items() if g not in self.duplicated and g not in idle.grants]
+        old = [(t, grant) for t, grant in held if now - t > self.straggler_timeout_s]
+        if not old:
+            return None
+        grant = min(old, key=lambda item: item[0])[1]
+        self.duplicated.add(grant.grant_id)
+        log.warning("grant %d held for %.0f s (transport.straggler_timeout_s): also handing it to %s",
+                    grant.grant_id, now - self.handed_out_at[grant.grant_id], idle.producer_id)
+        return grant
 
     async def _next_change(self, remaining: float) -> None:
         """Wait (holding `changed`) for the next accepted message, at most `remaining` seconds and
@@ -288,30 +342,56 @@ class RolloutHub:
             self._drop(peer, "is unreachable")
 
     def _drop(self, peer: Peer, why: str) -> None:
-        """Forget a rollout; the grants it had not answered go back to the front of the queue."""
+        """Forget a rollout; the grants it had not answered (and no other rollout holds) go back to
+        the front of the queue."""
         log.error("rollout %s %s; re-issuing its %d unanswered grant(s)", peer.producer_id, why, len(peer.grants))
         self.peers.pop(peer.identity, None)
-        self.pending.extendleft(reversed(list(peer.grants.values())))
+        held_elsewhere = {g for p in self.peers.values() for g in p.grants}
+        self.duplicated -= held_elsewhere & set(peer.grants)  # the other holder's answer is now the only one
+        self.pending.extendleft(reversed([g for g in peer.grants.values() if g.grant_id not in held_elsewhere]))
         peer.grants.clear()
         self.dropped_peers += 1
 
-    def _expire_silent_peers(self) -> None:
+    async def _drop_peers_without_progress(self) -> None:
+        """Drop rollouts that are silent, hold work they could generate but make no progress, or do not
+        apply a published version in time. The live but stuck ones are told to rejoin: they abandon
+        their work and say hello again, catching up on the current weights."""
         now = time.monotonic()
         for peer in list(self.peers.values()):
             if now - peer.last_seen > self.peer_timeout_s:
                 self._drop(peer, f"has been silent for {now - peer.last_seen:.0f} s")
-
-    def _check_acks(self) -> None:
-        """Every rollout must acknowledge each version within the timeout (a lost update is an error)."""
-        now = time.monotonic()
-        for pv in self.published.values():
-            if now - pv.sent_at < self.ack_timeout_s:
                 continue
-            for peer in self.peers.values():
-                if peer.connected_at < pv.sent_at and pv.version not in peer.acked_versions \
-                        and peer.applied_version < pv.version:
-                    raise RolloutFailure(f"{peer.producer_id} did not apply weight version {pv.version} "
-                                         f"within {self.ack_timeout_s:.0f} s")
+            why = self._why_stuck(peer, now)
+            if why:
+                self._drop(peer, why)
+                with contextlib.suppress(PeerUnreachableError):
+                    await self.endpoint.send(peer.identity, Shutdown(reason=f"dropped: {why}", rejoin=True),
+                                             weight_version=self.latest.version if self.latest else -1)
+
+    def _why_stuck(self, peer: Peer, now: float) -> str | None:
+        runnable = any(g.min_weight_version <= peer.applied_version for g in peer.grants.values())
+        if runnable and now - peer.last_progress > self.progress_timeout_s:
+            return (f"made no progress for {now - peer.last_progress:.0f} s on work it could generate "
+                    f"(transport.progress_timeout_s {self.progress_timeout_s:g})")
+        for pv in reversed(self.published.values()):
+            if pv.version <= peer.applied_version:
+                break
+            if now - pv.sent_at > self.ack_timeout_s and peer.connected_at < pv.sent_at:
+                return (f"did not apply weight version {pv.version} within {self.ack_timeout_s:g} s "
+                        f"(transport.weight_ack_timeout_s)")
+        return None
+
+    def _check_enough_rollouts(self) -> None:
+        """Stop the run when fewer than min_live_rollouts stay connected for longer than peer_timeout_s."""
+        if len(self.peers) >= self.min_live_rollouts:
+            self.too_few_since = None
+            return
+        self.too_few_since = self.too_few_since or time.monotonic()
+        if time.monotonic() - self.too_few_since > self.peer_timeout_s:
+            self.failure = RolloutFailure(
+                f"only {len(self.peers)} rollout(s) connected for {self.peer_timeout_s:g} s, fewer than "
+                f"transport.min_live_rollouts {self.min_live_rollouts}")
+            raise self.failure
 
     def _discard(self, reason: str, detail: str) -> None:
         """Count a discarded message; log the first few of each reason, then at powers of two, so a

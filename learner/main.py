@@ -183,7 +183,8 @@ class Learner:
                              rcvhwm=t.receive_queue) as endpoint:
             log.info("learner listening on %s", endpoint.address)
             hub = RolloutHub(endpoint, ack_timeout_s=t.weight_ack_timeout_s, peer_timeout_s=t.peer_timeout_s,
-                             recorder=recorder)
+                             progress_timeout_s=t.progress_timeout_s, straggler_timeout_s=t.straggler_timeout_s,
+                             min_live_rollouts=t.min_live_rollouts, recorder=recorder)
             hub.reuse(self.reusable)
             tasks = [asyncio.create_task(hub.serve()), asyncio.create_task(hub.heartbeats(t.heartbeat_s))]
             try:

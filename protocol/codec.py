@@ -463,6 +463,7 @@ def _validate_heartbeat(msg: Heartbeat, limits: DecodeLimits) -> None:
 
 def _validate_shutdown(msg: Shutdown, limits: DecodeLimits) -> None:
     _str("shutdown.reason", msg.reason, limits)
+    _bool("shutdown.rejoin", msg.rejoin)
 
 
 def _validate_rollout_error(msg: RolloutError, limits: DecodeLimits) -> None:
@@ -565,7 +566,7 @@ _ENCODERS: dict[type, Callable[[Any], tuple[dict, _Arrays]]] = {
     WeightUpdate: _enc_weight_update,
     WeightAck: _enc_weight_ack,
     Heartbeat: lambda m: ({"state": m.state}, []),
-    Shutdown: lambda m: ({"reason": m.reason}, []),
+    Shutdown: lambda m: ({"reason": m.reason, "rejoin": bool(m.rejoin)}, []),
     RolloutError: lambda m: ({"message": m.message, "fatal": bool(m.fatal)}, []),
 }
 
@@ -804,7 +805,7 @@ _DECODERS: dict[str, Callable[[_Fields, _ArrayFrames], Any]] = {
     "weight_update": _dec_weight_update,
     "weight_ack": lambda f, a: WeightAck(version=f["version"], fingerprint=f["fingerprint"], apply_seconds=f["apply_seconds"]),
     "heartbeat": lambda f, a: Heartbeat(state=f["state"]),
-    "shutdown": lambda f, a: Shutdown(reason=f["reason"]),
+    "shutdown": lambda f, a: Shutdown(reason=f["reason"], rejoin=f["rejoin"]),
     "rollout_error": lambda f, a: RolloutError(message=f["message"], fatal=f["fatal"]),
 }
 assert set(_DECODERS) == set(MESSAGE_TYPES)

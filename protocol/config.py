@@ -139,6 +139,10 @@ class RolloutConfig:
     stop_token_ids: list = opt([], "Extra token ids that end a response (EOS always does).")
     engine_dtype: str = opt("float32", "vLLM engine dtype.", ("float32", "bfloat16", "float16"))
     tensor_parallel_size: int = opt(1, "vLLM tensor parallelism per rollout process.")
+    engine_process: bool = opt(False, "Run vLLM's engine core in a process of its own, as vLLM does by default "
+                                      "(always so with tensor_parallel_size > 1). Off: with one worker the engine "
+                                      "runs inside the rollout process, which saves a core that vLLM's "
+                                      "shared-memory queue would keep spinning.")
     gpu_memory_utilization: float = opt(0.5, "vLLM GPU memory fraction (GPU machines).")
     kv_cache_space_gib: int = opt(1, "vLLM KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE).")
     max_model_len: int = opt(2048, "vLLM maximum sequence length (prompt + response); at most the model's "
@@ -246,7 +250,8 @@ class TransportConfig:
     port: int = opt(0, "Learner port; 0 picks a free one (launch scripts pass it on).")
     weight_bucket_mb: int = opt(64, "Weights are published in buckets of this many MiB.")
     weight_dir: str = opt("/dev/shm", "Where a rollout stages received weights for its engine.", path=OUTPUT)
-    weight_ack_timeout_s: float = opt(120.0, "Seconds to wait for every rollout to apply a weight version.")
+    weight_ack_timeout_s: float = opt(120.0, "Seconds each rollout has to apply a weight version; one that takes "
+                                             "longer is dropped and told to rejoin (see progress_timeout_s).")
     batch_timeout_s: float = opt(600.0, "Seconds the learner waits for a step's samples before failing.")
     min_rollouts: int = opt(1, "Rollouts that must have said hello before the learner hands out work, so that the "
                                "first steps are shared by all of them (waited for up to batch_timeout_s; "
@@ -254,6 +259,18 @@ class TransportConfig:
     heartbeat_s: float = opt(5.0, "Rollout heartbeat interval.")
     peer_timeout_s: float = opt(60.0, "A rollout silent for this long is presumed dead: dropped, and its "
                                       "unanswered work re-issued to the others.")
+    progress_timeout_s: float = opt(300.0, "A rollout that holds work it could generate but has sent no batch and "
+                                           "applied no weights for this long is dropped like a dead peer (its "
+                                           "heartbeats alone prove nothing: a hung engine's process still sends "
+                                           "them): its work goes to the others and it is told to rejoin. Also "
+                                           "applies weight_ack_timeout_s to each weight version. Keep it above "
+                                           "the longest time one grant takes to generate.")
+    straggler_timeout_s: float = opt(0.0, "Hand a grant held this long by one rollout to an idle rollout as well; "
+                                          "the first answer is trained on, the later one discarded (counted). "
+                                          "0: off.")
+    min_live_rollouts: int = opt(0, "Stop the run when fewer rollouts than this stay connected for longer than "
+                                    "peer_timeout_s (a dropped or restarted rollout rejoins within that). 0: "
+                                    "never; the learner then waits up to batch_timeout_s for work.")
     max_message_mb: int = opt(256, "Largest accepted message (bigger ones are rejected unread).")
     receive_queue: int = opt(64, "Messages ZeroMQ queues per rollout before it holds the sender back (high-water "
                                  "mark); with max_message_mb it bounds what a flood can make the learner hold.")
@@ -339,6 +356,11 @@ class RunConfig:
                               f"{self.output.log_samples_every} and {self.output.log_samples}")
         if self.transport.min_rollouts < 1:
             raise ConfigError(f"transport.min_rollouts must be >= 1, got {self.transport.min_rollouts}")
+        t = self.transport
+        if t.min_live_rollouts < 0 or t.progress_timeout_s <= 0 or t.straggler_timeout_s < 0:
+            raise ConfigError(f"transport.min_live_rollouts must be >= 0, transport.progress_timeout_s > 0 and "
+                              f"transport.straggler_timeout_s >= 0 (0: off), got {t.min_live_rollouts}, "
+                              f"{t.progress_timeout_s} and {t.straggler_timeout_s}")
         if self.train.max_staleness < 0:
             raise ConfigError(f"train.max_staleness must be >= 0, got {self.train.max_staleness}")
         if self.train.prompts_per_step % self.rollout.prompts_per_grant:

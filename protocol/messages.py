@@ -173,8 +173,12 @@ class Heartbeat(_Message):
 
 @dataclass(frozen=True, eq=False)
 class Shutdown(_Message):
+    """learner -> rollout: stop. With ``rejoin`` the learner dropped this rollout (it made no
+    progress in time): it abandons its work and says hello again instead of exiting."""
+
     KIND: ClassVar[str] = "shutdown"
     reason: str
+    rejoin: bool = False
 
 
 @dataclass(frozen=True, eq=False)

@@ -81,7 +81,7 @@ class VLLMGenerator:
         # through a shared-memory queue that spins for 1 s after every message, so an engine that
         # generates a third of the time would hold a whole core; here it uses the CPU only while
         # it works, and updates reach it as tensors, not files.
-        self.in_process = cfg.tensor_parallel_size == 1
+        self.in_process = cfg.tensor_parallel_size == 1 and not cfg.engine_process
         if self.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             kwargs["distributed_executor_backend"] = "uni"

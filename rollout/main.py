@@ -131,6 +131,8 @@ class RolloutWorker:
                 await self.send(WeightAck(version=message.version, fingerprint=fingerprint, apply_seconds=seconds))
             elif isinstance(message, Heartbeat):
                 pass
+            elif isinstance(message, Shutdown) and message.rejoin:
+                await self.rejoin(f"the learner dropped this rollout ({message.reason})")
             elif isinstance(message, Shutdown):
                 log.info("%s: shutdown requested (%s)", self.producer_id, message.reason)
                 self.stopped = True
@@ -143,11 +145,15 @@ class RolloutWorker:
         lost = f"no message from the learner at {self.address} for {silent:.0f} s (transport.peer_timeout_s)"
         if self.cfg.rollout.on_learner_lost == "exit":
             raise TimeoutError(f"{lost}; giving up")
-        # A resumed learner plans its own work (recorded batches answer what it already had) and
-        # sends its weights on hello: the old grants are void, the engine stays loaded.
+        await self.rejoin(f"{lost} (rollout.on_learner_lost=wait)")
+
+    async def rejoin(self, why: str) -> None:
+        """Abandon every grant and say hello again. A resumed learner plans its own work (recorded
+        batches answer what it already had), one that dropped us re-issued ours; either sends its
+        current weights on hello, so the engine stays loaded and catches up."""
         cancelled = await self.in_engine_thread(self.engine.cancel_all)
-        log.warning("%s; dropping %d grant(s) (%d generating) and saying hello again (rollout.on_learner_lost=wait)",
-                    lost, len(self.grants) + cancelled, cancelled)
+        log.warning("%s; dropping %d grant(s) (%d generating) and saying hello again",
+                    why, len(self.grants) + cancelled, cancelled)
         self.grants.clear()
         self.last_heard = time.monotonic()
         await self.send(self.hello())

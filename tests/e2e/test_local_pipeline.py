@@ -89,9 +89,9 @@ def test_killed_rollout_is_restarted_and_no_prompt_is_lost(run_local, tmp_path):
             # early in the run: on a fast machine the last steps take well under a second
             steps_done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
             if steps_done >= 2:
-                for line in processes_mentioning("-m rollout --index 0"):
+                for line in processes_mentioning(str(tmp_path)):  # the line shown is cut at 200 characters
                     pid = int(line.split(":")[0])
-                    if str(tmp_path) not in line:
+                    if "-m rollout --index 0" not in line:
                         continue
                     if os.getpgid(pid) == pid:  # the rollout process itself (its engine runs beside it)
                         os.kill(pid, signal.SIGKILL)
@@ -134,4 +134,71 @@ def test_rollout_that_cannot_start_stops_the_run_at_once(run_local):
     assert "rollout 0 failed to start; stopping the run" in result.output
     assert "max_model_len" in result.output  # vLLM's reason, from the tail of the rollout's log
     assert "restarting" not in result.output
+    assert not leftover_processes(result.run_id)
+
+
+def test_rollout_whose_engine_hangs_is_dropped_and_the_run_goes_on(run_local, tmp_path):
+    """Freeze rollout 1's vLLM engine process (SIGSTOP) mid-run while the rollout process itself
+    keeps sending heartbeats: the learner drops it when it makes no progress, re-issues its work to
+    rollout 0 and finishes; after SIGCONT the frozen one rejoins or leaves cleanly. Every prompt is
+    still trained on exactly once per epoch."""
+    import contextlib
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    from tests.e2e.conftest import processes_mentioning
+
+    steps, frozen = 24, {}
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+        return found
+
+    def freeze_then_thaw_engine():
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and "at_step" not in frozen:
+            steps_done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if steps_done >= 2:
+                for line in processes_mentioning(str(tmp_path)):  # the line shown is cut at 200 characters
+                    pid = int(line.split(":")[0])
+                    if "-m rollout --index 1" in line and os.getpgid(pid) == pid and (engines := children(pid)):
+                        for engine in engines:
+                            os.kill(engine, signal.SIGSTOP)
+                        frozen.update(at_step=steps_done, engines=engines)
+                        break
+            time.sleep(0.2)
+        while time.monotonic() < deadline:  # training goes on without it, then it wakes up
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= frozen.get("at_step", steps) + 4:
+                break
+            time.sleep(0.2)
+        for engine in frozen.get("engines", []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(engine, signal.SIGCONT)
+
+    hanger = threading.Thread(target=freeze_then_thaw_engine, daemon=True)
+    hanger.start()
+    result = run_local("--train.num_steps", str(steps), "--rollout.num_processes", "2",
+                       "--rollout.engine_process", "true", "--transport.weight_ack_timeout_s", "8",
+                       "--transport.progress_timeout_s", "8", "--output.save_final", "false")
+    hanger.join(timeout=30)
+    assert frozen.get("engines"), "the test never found rollout 1's engine process"
+    assert result.returncode == 0, result.output[-3000:]
+    assert len(result.metrics) == steps
+    assert result.summary["dropped_rollouts"] >= 1
+    assert "did not apply weight version" in result.output or "made no progress" in result.output
+    consumed = [json.loads(line) for line in (result.run_dir / "steps.jsonl").read_text().splitlines()]
+    ids = [p for step in consumed for p in step["prompt_ids"]]
+    assert len(ids) == steps * 16
+    for start in range(0, len(ids) - 99, 100):
+        assert sorted(ids[start: start + 100]) == list(range(100)), f"epoch starting at sample {start}"
     assert not leftover_processes(result.run_id)

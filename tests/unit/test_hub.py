@@ -409,19 +409,99 @@ async def test_silent_rollout_is_dropped_and_its_work_reissued(env):
     assert [b.grant_id for b in await asyncio.wait_for(collecting, TIMEOUT)] == [0]
 
 
-async def test_unacknowledged_weights_past_ack_timeout_fail_collect(env):
+async def test_rollout_that_does_not_apply_weights_in_time_is_dropped_and_told_to_rejoin(env):
     endpoint, hub, connect = env
     hub.ack_timeout_s = 0.2
-    worker, silent = await connect("worker"), await connect("silent")
+    worker, frozen = await connect("worker"), await connect("frozen")
     await hub.publish(make_update(0))
     await worker.receive_and_ack()
-    await silent.recv_kind(WeightUpdate)  # received, never applied
+    await frozen.recv_kind(WeightUpdate)  # received, never applied (its engine hangs)
+    hub.offer([make_grant(0), make_grant(1), make_grant(2)])
+    collecting = start_collect(hub, 0, 3)
+    for _ in range(3):  # the worker ends up with all three, the frozen one's after it was dropped
+        await worker.send(answer(await worker.recv_kind(WorkGrant), 0))
+    assert sorted(b.grant_id for b in await asyncio.wait_for(collecting, TIMEOUT)) == [0, 1, 2]
+    # the learner told the frozen one to rejoin; its heartbeats no longer count until it says hello
+    while not isinstance(message := await frozen.recv(), Shutdown):
+        assert isinstance(message, WorkGrant)
+    assert message.rejoin and "did not apply weight version 0" in message.reason
+    assert hub.dropped_peers == 1 and b"frozen" not in hub.peers
+    await frozen.hello()
+    assert (await frozen.recv_kind(WeightUpdate)).version == 0, "it catches up on the current weights"
+
+
+async def test_rollout_holding_work_without_progress_is_dropped_despite_heartbeats(env):
+    endpoint, hub, connect = env
+    hub.progress_timeout_s = 0.4
+    await hub.publish(make_update(0))
+    stuck = await connect("stuck")
+    await stuck.receive_and_ack()
+    hub.offer([make_grant(0, min_version=0), make_grant(1, min_version=1)])
+    collecting = start_collect(hub, 0, 1)
+    assert {(await stuck.recv_kind(WorkGrant)).grant_id for _ in range(2)} == {0, 1}
+    for _ in range(8):  # alive, but its engine makes no progress
+        await stuck.send(Heartbeat(state="generating"))
+        await asyncio.sleep(0.1)
+    assert (await stuck.recv_kind(Shutdown)).rejoin
+    worker = await connect("worker")
+    await worker.receive_and_ack()
+    grants = {(g := await worker.recv_kind(WorkGrant)).grant_id: g for _ in range(2)}
+    assert set(grants) == {0, 1}, "both of the stuck rollout's grants are re-issued"
+    await stuck.send(answer(grants[0], 0))  # too late: no longer a connected rollout
+    await worker.send(answer(grants[0], 0))
+    assert [b.grant_id for b in await asyncio.wait_for(collecting, TIMEOUT)] == [0]
+    assert hub.discarded["unknown_peer"] >= 1
+
+
+async def test_rollout_waiting_for_weights_is_not_stuck(env):
+    """Work it cannot start yet (its minimum weight version is not out) does not run the clock."""
+    endpoint, hub, connect = env
+    hub.progress_timeout_s = 0.2
+    await hub.publish(make_update(0))
+    waiting = await connect("waiting")
+    await waiting.receive_and_ack()
+    hub.offer([make_grant(0, min_version=1)])
+    collecting = start_collect(hub, 0, 1)
+    grant = await waiting.recv_kind(WorkGrant)
+    await asyncio.sleep(0.6)
+    assert b"waiting" in hub.peers
+    await hub.publish(make_update(1))
+    await waiting.receive_and_ack()
+    await waiting.send(answer(grant, 1))
+    assert [b.grant_id for b in await asyncio.wait_for(collecting, TIMEOUT)] == [0]
+    assert hub.dropped_peers == 0
+
+
+async def test_straggler_grant_goes_to_an_idle_rollout_and_is_trained_once(env):
+    endpoint, hub, connect = env
+    hub.straggler_timeout_s = 0.2
+    await hub.publish(make_update(0))
+    slow = await connect("slow")
+    await slow.receive_and_ack()
     hub.offer([make_grant(0)])
     collecting = start_collect(hub, 0, 1)
-    held = await worker.recv_kind(WorkGrant)  # worker connected first
-    await asyncio.sleep(0.3)
-    await worker.send(answer(held, 0))
-    await expect_failure(collecting, "silent", "version 0")
+    held = await slow.recv_kind(WorkGrant)
+    fast = await connect("fast")
+    await fast.receive_and_ack()
+    await fast.expect_nothing(0.1)  # not yet a straggler
+    again = await fast.recv_kind(WorkGrant)
+    assert again.grant_id == held.grant_id
+    await fast.send(answer(again, 0))
+    assert [b.grant_id for b in await asyncio.wait_for(collecting, TIMEOUT)] == [0]
+    await slow.send(answer(held, 0))  # the straggler's late answer
+    await eventually(lambda: hub.discarded["duplicate_answer"] == 1)
+    assert hub.stats()["duplicate_answers"] == 1 and not hub.batches[0]
+    assert not hub.peers[b"slow"].grants, "the straggler is free for new work"
+
+
+async def test_too_few_rollouts_for_longer_than_peer_timeout_stops_the_run(env):
+    endpoint, hub, connect = env
+    hub.min_live_rollouts, hub.peer_timeout_s = 2, 0.3
+    await hub.publish(make_update(0))
+    only = await connect("only")
+    await only.receive_and_ack()
+    hub.offer([make_grant(0)])
+    await expect_failure(start_collect(hub, 0, 1), "rollout(s) connected for 0.3 s", "transport.min_live_rollouts 2")
 
 
 async def test_collect_timeout_message_gives_counts(env):

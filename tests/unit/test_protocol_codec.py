@@ -232,6 +232,7 @@ def test_pack_weight_buckets_rejects_bad_input():
         WeightAck(version=5, fingerprint={"sha": "abc"}, apply_seconds=0.25),
         Heartbeat(state="generating"),
         Shutdown(reason="done"),
+        Shutdown(reason="dropped: no progress", rejoin=True),
         RolloutError(message="CUDA OOM", fatal=True),
         RolloutError(message="retrying", fatal=False),
     ],
