@@ -31,7 +31,7 @@ from protocol.messages import SCHEMA_VERSION, PackedBatch
 from protocol.keys import CurveKeyError, server_keys_from_dir
 from protocol.transport import LearnerEndpoint, check_transport_security
 
-from learner.data import DatasetError, PromptDataset, load_prompt_rows
+from learner.data import DatasetError, DataSpec, PromptDataset, load_prompts
 from learner.checkpoint import CheckpointManager
 from learner.distributed import GroupDealer, StepBroadcaster, init_distributed, is_rank0, reduce_metrics
 from learner.grants import GrantPlanner
@@ -84,10 +84,11 @@ class Learner:
                                                            trust_remote_code=cfg.model.trust_remote_code)
         except OSError as exc:  # the first use of model.path: a Hub id that cannot be fetched, a broken directory
             raise ConfigError(f"--model.path {cfg.model.path}: {exc}") from exc
-        rows = load_prompt_rows(cfg.data.path, input_key=cfg.data.input_key, label_key=cfg.data.label_key)
+        data = DataSpec.of(cfg.data)
         template = {"auto": None, "yes": True, "no": False}[cfg.data.apply_chat_template]
-        self.dataset = PromptDataset(rows, self.tokenizer, max_prompt_len=cfg.prompt_len_limit,
-                                     apply_chat_template=template, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        self.dataset = PromptDataset(load_prompts(data), self.tokenizer, max_prompt_len=cfg.prompt_len_limit,
+                                     apply_chat_template=template, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
+                                     weights=data.weights)
         self.stop_token_ids = list(cfg.rollout.stop_token_ids)
         reward_fns = RewardFunctions.from_config(cfg.reward)
         self.trainer = PPOTrainer(cfg, cfg.model.path, self.tokenizer, reward_fns,

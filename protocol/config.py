@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import glob
 import importlib.util
 import json
 import math
@@ -32,6 +33,7 @@ class ConfigError(ValueError):
 # command was run from, so that it means the same in every process wherever that runs.
 MODEL = "model"  # a Hugging Face model directory, or a Hub id (`org/name`), kept as it is
 INPUT = "input"  # a file or directory that must exist
+DATASET = "dataset"  # a data file, a glob of them or a directory; or a Hub dataset id (`name`, `org/name`), kept as it is
 OUTPUT = "output"  # a directory that is written
 FUNCTION = "function"  # `package.module:function`, or `path/to/file.py:function` whose file is a path
 
@@ -81,8 +83,21 @@ class CriticConfig:
 
 @dataclass
 class DataConfig:
-    path: str = opt("", "Prompt dataset: JSONL, JSON list, Parquet or a saved `datasets` directory. "
-                        "Empty: launch/local.sh uses the built-in arithmetic task's prompts.", path=INPUT)
+    path: list = opt([], "Prompt datasets, one or more (a YAML list, or comma-separated on the command line): each "
+                         "a JSONL, JSON (a list of rows), Parquet or CSV file, a glob of such files ('data/*.jsonl'), "
+                         "a directory of data files or of datasets' save_to_disk, or a Hugging Face Hub dataset id "
+                         "(name or org/name; loaded by datasets.load_dataset and cached, offline too with "
+                         "HF_HUB_OFFLINE=1). Empty: launch/local.sh uses the built-in arithmetic task's prompts.",
+                      path=DATASET)
+    split: list = opt(["train"], "Split of each data.path (one for all, or one per path) in datasets' syntax: 'test', "
+                                 "'train[:1000]', 'train[1000:]+test'. A file or glob has one split, 'train'; a "
+                                 "directory's splits come from its file names (train.jsonl, test.jsonl, ...).")
+    subset: list = opt([], "Subset (configuration name, e.g. 'main' of openai/gsm8k) of each Hub dataset or "
+                           "dataset directory in data.path: one for all, or one per path ('' for none); empty: none.")
+    weights: list = opt([], "Mix the data.path datasets: one weight > 0 per path; each prompt is drawn from dataset i "
+                            "with probability weights[i] / sum(weights) (deterministic from train.seed), and each "
+                            "dataset goes through its own shuffled epochs (every prompt once per epoch of its "
+                            "dataset). Empty: the datasets are concatenated into one.")
     input_key: str = opt("prompt", "Field holding the prompt (a string or a list of chat messages).")
     label_key: str = opt("label", "Field holding the label passed to the reward functions (optional).")
     max_prompt_len: int = opt(0, "Prompts longer than this many tokens, or than the engine takes (rollout."
@@ -378,6 +393,7 @@ class RunConfig:
         self._validate_policy_loss()
         self._validate_overlong_penalty()
         self._validate_reward_sources()
+        self._validate_data_sources()
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         self._check_prompt_room()
@@ -418,6 +434,28 @@ class RunConfig:
         if not (math.isfinite(r.timeout_s) and r.timeout_s > 0) or r.retries < 0:
             raise ConfigError(f"reward.timeout_s must be > 0 and reward.retries >= 0, got {r.timeout_s} and "
                               f"{r.retries}")
+
+    def _validate_data_sources(self) -> None:
+        d = self.data
+        for key, values in (("path", d.path), ("split", d.split)):
+            if not all(isinstance(v, str) and v for v in values):
+                raise ConfigError(f"data.{key} entries must be non-empty strings, got {values}")
+        if not d.split:
+            raise ConfigError("data.split needs a split ('train' for a file)")
+        if not all(v is None or isinstance(v, str) for v in d.subset):
+            raise ConfigError(f"data.subset entries must be strings ('' for none), got {d.subset}")
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                   for w in d.weights):
+            raise ConfigError(f"data.weights must be finite numbers > 0, got {d.weights}")
+        if not d.path:
+            return  # (launch/local.sh fills it in; checked again then)
+        counts = (("split", d.split, (1,), "one split for all, or one per dataset"),
+                  ("subset", d.subset, (0, 1), "none, one for all, or one per dataset"),
+                  ("weights", d.weights, (0,), "one weight per dataset, or none (concatenated)"))
+        for key, values, allowed, what in counts:
+            if len(values) not in (*allowed, len(d.path)):
+                raise ConfigError(f"data.{key} has {len(values)} entries but data.path names {len(d.path)} "
+                                  f"dataset(s): give {what}")
 
     def _validate_overlong_penalty(self) -> None:
         r = self.reward
@@ -498,14 +536,25 @@ def _parse_string(text: str, target: type, key: str, source: str) -> Any:
         if target is bool:
             return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}[text.lower()]
         if target is list:
-            parsed = yaml.safe_load(text)
+            parsed = _yaml_or_text(text)
             if isinstance(parsed, list) or not text.strip():
                 return parsed or []
-            # a flag's list may be written without brackets: `a,b` is [a, b], `a` is [a]
-            return [yaml.safe_load(item) for item in text.split(",")]
+            # a flag's list may be written without brackets: `a,b` is [a, b], `a` is [a]; each a number,
+            # a bool or a string (`Answer:` is the string, not a YAML mapping)
+            return [_yaml_or_text(item, scalar=True) for item in text.split(",")]
         return target(text)
     except (KeyError, ValueError, yaml.YAMLError):
         raise ConfigError(f"{key} expects {target.__name__}, cannot parse {text!r} (from the {source})") from None
+
+
+def _yaml_or_text(text: str, scalar: bool = False) -> Any:
+    """`text` read as YAML (numbers, lists), or as the plain string when it is not YAML (a glob `*.jsonl`)
+    or, with `scalar`, when YAML reads something else than a number, a bool or a string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text.strip()
+    return text.strip() if scalar and not isinstance(value, (str, int, float, bool)) else value
 
 
 def _apply(obj: Any, updates: dict[str, Any], prefix: str, source: str, base_dir: Path | None = None) -> None:
@@ -606,6 +655,8 @@ def resolve_path(kind: str, value: str | list, base: Path) -> str | list:
         return f"{_absolute(module, base)}:{name}" if sep and is_file_spec(module) else value
     if kind == MODEL and not _looks_local(value, base):
         return value
+    if kind == DATASET and not is_local_dataset(value, base):
+        return value
     return _absolute(value, base)
 
 
@@ -620,8 +671,27 @@ def _absolute(path: str, base: Path) -> str:
 
 def _looks_local(model: str, base: Path) -> bool:
     """A model reference that names a directory rather than a Hugging Face Hub id (`name`, `org/name`)."""
-    return (model.startswith(("/", "./", "../", "~")) or model in (".", "..") or model.count("/") > 1
-            or os.path.isdir(os.path.join(base, model)))
+    return _written_as_path(model) or os.path.isdir(os.path.join(base, model))
+
+
+# Suffixes of the data files a dataset path may name (learner.data reads them).
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def is_local_dataset(ref: str, base: Path) -> bool:
+    """A dataset reference that names local data (a file, a glob, a directory) rather than a Hugging Face
+    Hub dataset id (`name`, `org/name`): written as a path, a glob, a data file name, or existing in `base`."""
+    return (_written_as_path(ref) or is_glob(ref) or ref.lower().endswith(DATA_FILE_SUFFIXES)
+            or os.path.exists(os.path.join(base, ref)))
+
+
+def is_glob(ref: str) -> bool:
+    return any(c in ref for c in "*?[")
+
+
+def _written_as_path(ref: str) -> bool:
+    """Written as a local path; a Hub id has the form `name` or `org/name`."""
+    return ref.startswith(("/", "./", "../", "~")) or ref in (".", "..") or ref.count("/") > 1
 
 
 def path_fields(config: RunConfig) -> Iterator[tuple[str, str, str]]:
@@ -663,6 +733,12 @@ def _input_problem(kind: str, value: str) -> str | None:
     if not value or kind == OUTPUT:
         return None
     if kind == INPUT:
+        return None if os.path.exists(value) else "no such file or directory"
+    if kind == DATASET:
+        if not is_local_dataset(value, Path.cwd()):
+            return None  # a Hub dataset id: loaded (and downloaded) by learner.data
+        if is_glob(value):
+            return None if glob.glob(value, recursive=True) else "no file matches this pattern"
         return None if os.path.exists(value) else "no such file or directory"
     if kind == MODEL:
         if not _looks_local(value, Path.cwd()):
@@ -751,16 +827,17 @@ def absolute_flags(args: argparse.Namespace, cwd: str | Path) -> list[str]:
     """The flags that give the same config as `args` in any working directory: `--config` and the
     path options among them made absolute from `cwd` (for launch scripts, which change directory)."""
     base = Path(os.path.abspath(cwd))
-    kinds = {key: kind for key, kind, _ in path_fields(RunConfig())}
+    kinds = {key: (kind, isinstance(default, list)) for key, kind, default in path_fields(RunConfig())}
     flags = ["--config", _absolute(args.config, base)] if args.config else []
     for key, value in _config_flags(args).items():
-        flags += [f"--{key}", _absolute_flag(key, kinds[key], value, base) if key in kinds else value]
+        flags += [f"--{key}", _absolute_flag(key, *kinds[key], value, base) if key in kinds else value]
     return flags
 
 
-def _absolute_flag(key: str, kind: str, text: str, base: Path) -> str:
-    """A path flag's text with its path(s) made absolute; a list (reward functions) comes back comma-separated."""
-    if kind != FUNCTION:
+def _absolute_flag(key: str, kind: str, is_list: bool, text: str, base: Path) -> str:
+    """A path flag's text with its path(s) made absolute; a list (reward functions, datasets) comes back
+    comma-separated."""
+    if not is_list:
         return resolve_path(kind, text, base)
-    specs = _parse_string(text, list, key, "command line")
-    return ",".join(str(resolve_path(kind, spec, base)) for spec in specs)
+    items = _parse_string(text, list, key, "command line")
+    return ",".join(str(resolve_path(kind, item, base)) for item in items)

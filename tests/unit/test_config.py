@@ -625,7 +625,7 @@ def test_paths_in_a_yaml_file_are_taken_from_its_directory(tmp_path):
                                 "critic:\n  path: Qwen/Qwen2.5-0.5B\n", name="run.yaml")
     cfg = load_config(path)
     assert cfg.model.path == str(tmp_path / "models" / "m")  # an existing directory, not a Hub id
-    assert cfg.data.path == str(tmp_path / "prompts.jsonl")
+    assert cfg.data.path == [str(tmp_path / "prompts.jsonl")]  # a data file, though it does not exist (yet)
     assert cfg.output.dir == str(tmp_path.parent / "out")
     assert cfg.reward.function == [f"{tmp_path / 'rewards' / 'r.py'}:score"]
     assert cfg.critic.path == "Qwen/Qwen2.5-0.5B"  # a Hub id stays one
@@ -635,12 +635,39 @@ def test_paths_in_flags_are_taken_from_cwd_when_given(tmp_path):
     flags = ["--data.path", "p.jsonl", "--model.path", "./m", "--reward.function", "learner.tasks.gsm8k:gsm8k_reward",
              "--replay.path", "/abs/rec", "--output.dir", "~/runs/x", "--transport.curve_dir", "keys"]
     cfg = config_from_args(make_parser().parse_args(flags), cwd=tmp_path)
-    assert (cfg.data.path, cfg.model.path) == (str(tmp_path / "p.jsonl"), str(tmp_path / "m"))
+    assert (cfg.data.path, cfg.model.path) == ([str(tmp_path / "p.jsonl")], str(tmp_path / "m"))
     assert cfg.reward.function == ["learner.tasks.gsm8k:gsm8k_reward"]  # a module, not a path
     assert (cfg.replay.path, cfg.transport.curve_dir) == ("/abs/rec", str(tmp_path / "keys"))
     assert cfg.output.dir == str(Path.home() / "runs" / "x")
     # without cwd (a process started where the user is) they stay as given
-    assert config_from_args(make_parser().parse_args(flags)).data.path == "p.jsonl"
+    assert config_from_args(make_parser().parse_args(flags)).data.path == ["p.jsonl"]
+
+
+def test_data_sources_are_lists_with_one_split_subset_and_weight_per_path_or_one_for_all():
+    cfg = load_config(overrides={"data.path": "a.jsonl,org/name", "data.split": "train[:10]",
+                                 "data.subset": "[null, main]", "data.weights": "1,3"})
+    assert (cfg.data.path, cfg.data.split, cfg.data.subset, cfg.data.weights) == (
+        ["a.jsonl", "org/name"], ["train[:10]"], [None, "main"], [1, 3])
+    assert load_config(overrides={"data.path": "*.jsonl"}).data.path == ["*.jsonl"]  # not a YAML alias
+    cases = [({"data.weights": "1,2,3"}, r"data.weights has 3 entries but data.path names 2 dataset\(s\): give one "
+                                          r"weight per dataset, or none \(concatenated\)"),
+             ({"data.split": "a,b,c"}, "data.split has 3 entries .* one split for all, or one per dataset"),
+             ({"data.subset": "a,b,c"}, "data.subset has 3 entries .* none, one for all, or one per dataset"),
+             ({"data.weights": "1,0"}, r"data.weights must be finite numbers > 0, got \[1, 0\]"),
+             ({"data.split": "[]"}, "data.split needs a split"),
+             ({"data.subset": "[3]"}, "data.subset entries must be strings")]
+    for extra, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config(overrides={"data.path": "a.jsonl,b.jsonl", **extra})
+
+
+def test_dataset_paths_keep_hub_ids_and_resolve_files_and_globs(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    flags = ["--data.path", "openai/gsm8k,data/*.jsonl,p.csv,corpus,squad"]
+    cfg = config_from_args(make_parser().parse_args(flags), cwd=tmp_path)
+    assert cfg.data.path == ["openai/gsm8k", str(tmp_path / "data" / "*.jsonl"), str(tmp_path / "p.csv"),
+                             str(tmp_path / "corpus"), "squad"]
+    assert absolute_flags(make_parser().parse_args(flags), tmp_path) == ["--data.path", ",".join(cfg.data.path)]
 
 
 def test_absolute_flags_give_the_same_config_anywhere(tmp_path):
@@ -669,7 +696,7 @@ def test_reward_functions_are_a_list_a_yaml_list_comma_separated_or_one_string(t
     ({"reward.function": "a:f,b:g", "reward.function_weights": "1"},
      r"^reward\.function_weights has 1 weight\(s\) but reward\.function names 2 function\(s\)"),
     ({"reward.function": "a:f", "reward.function_weights": "[.nan]"}, r"reward\.function_weights must be finite"),
-    ({"reward.function": "a:f,"}, r"reward\.function entry 2 must be a 'module:function' string, got None"),
+    ({"reward.function": "a:f,"}, r"reward\.function entry 2 must be a 'module:function' string, got ''"),
     ({"reward.url": "localhost:8000"}, r"reward\.url must be an http:// or https:// URL"),
     ({"reward.timeout_s": "0"}, r"reward\.timeout_s must be > 0"),
     ({"reward.retries": "-1"}, r"reward\.retries >= 0"),
@@ -710,6 +737,9 @@ def test_check_inputs_names_the_option_and_the_path(tmp_path):
         check_inputs(load_config(overrides={**ok["overrides"], "reward.function": "nomodule_xyz:f"}), "learner")
     # a Hub id is not checked (the loaders resolve it); a rollout reads only the model and the keys
     check_inputs(load_config(overrides={**ok["overrides"], "model.path": "Qwen/Qwen2.5-0.5B"}), "learner")
+    check_inputs(load_config(overrides={**ok["overrides"], "data.path": f"openai/gsm8k,{tmp_path}/*.jsonl"}), "learner")
+    with pytest.raises(ConfigError, match=rf"^--data.path {tmp_path}/d/\*.jsonl: no file matches this pattern$"):
+        check_inputs(load_config(overrides={**ok["overrides"], "data.path": f"{tmp_path}/d/*.jsonl"}), "learner")
     check_inputs(load_config(overrides={"model.path": str(model), "data.path": "nope.jsonl"}), "rollout")
     with pytest.raises(ConfigError, match="--model.path ./missing: no such directory"):
         check_inputs(load_config(overrides={"model.path": "./missing"}), "rollout")

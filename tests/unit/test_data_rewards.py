@@ -109,20 +109,6 @@ def test_parquet_missing_column_names_row_and_keys(tmp_path):
         load_prompt_rows(p)
 
 
-def test_hf_directory_without_datasets_package(tmp_path):
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        d = tmp_path / "saved"
-        d.mkdir()
-        with pytest.raises(DatasetError, match=r"saved.*pip install datasets"):
-            load_prompt_rows(d)
-    else:  # the package is installed: a saved directory loads
-        d = tmp_path / "saved"
-        datasets.Dataset.from_dict({"prompt": ["a"], "label": [1]}).save_to_disk(str(d))
-        assert load_prompt_rows(d) == [PromptRow(0, "a", "1")]
-
-
 # ---------------------------------------------------------------------------- load errors
 
 
@@ -170,9 +156,9 @@ def test_empty_files(tmp_path, name, content):
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(DatasetError, match=r"nope\.jsonl: prompt file not found"):
         load_prompt_rows(tmp_path / "nope.jsonl")
-    p = tmp_path / "p.csv"
+    p = tmp_path / "p.txt"
     p.write_text("prompt\na\n")
-    with pytest.raises(DatasetError, match=r"p\.csv: unsupported prompt file type '\.csv'"):
+    with pytest.raises(DatasetError, match=r"p\.txt: unsupported prompt file type '\.txt'; expected one of \.jsonl"):
         load_prompt_rows(p)
 
 
