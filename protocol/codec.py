@@ -249,6 +249,9 @@ def _validate_sampling(path: str, sp: Any, limits: DecodeLimits) -> None:
             )
     if sp.seed is not None:
         _int(f"{path}.seed", sp.seed)
+    for i, text in enumerate(_list(f"{path}.stop_strings", sp.stop_strings, limits.max_array_len)):
+        if not _str(f"{path}.stop_strings[{i}]", text, limits):
+            raise ProtocolError("bad_value", f"{path}.stop_strings[{i}]: expected a non-empty string")
 
 
 def _validate_work_grant(msg: WorkGrant, limits: DecodeLimits) -> None:
@@ -510,6 +513,7 @@ def _enc_work_grant(msg: WorkGrant) -> tuple[dict, _Arrays]:
         "max_new_tokens": int(sp.max_new_tokens),
         "stop_token_ids": [int(t) for t in sp.stop_token_ids],
         "seed": None if sp.seed is None else int(sp.seed),
+        "stop_strings": [str(s) for s in sp.stop_strings],
     }
     prompts = [{"prompt_id": int(pr.prompt_id), "label": pr.label} for pr in msg.prompts]
     lens = np.array([pr.token_ids.size for pr in msg.prompts], dtype=np.int64)
@@ -745,6 +749,7 @@ def _dec_work_grant(f: _Fields, arrays: _ArrayFrames) -> WorkGrant:
         max_new_tokens=sf["max_new_tokens"],
         stop_token_ids=sf["stop_token_ids"],
         seed=sf["seed"],
+        stop_strings=sf["stop_strings"],
     )
     sf.done()
     raw_prompts = f["prompts"]

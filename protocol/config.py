@@ -152,6 +152,9 @@ class RolloutConfig:
     top_k: int = opt(-1, "Top-k sampling; -1 disables.")
     max_new_tokens: int = opt(1024, "Maximum response length in tokens.")
     stop_token_ids: list = opt([], "Extra token ids that end a response (EOS always does).")
+    stop_strings: list = opt([], "Strings that end a response when its text contains one. The response keeps every "
+                                 "token up to the one that completes the stop string, and is trained on them (as on "
+                                 "an EOS token); reward functions see it with the stop string.")
     engine_dtype: str = opt("float32", "vLLM engine dtype.", ("float32", "bfloat16", "float16"))
     tensor_parallel_size: int = opt(1, "vLLM tensor parallelism per rollout process.")
     engine_process: bool = opt(False, "Run vLLM's engine core in a process of its own, as vLLM does by default "
@@ -364,6 +367,8 @@ class RunConfig:
         bad = [t for t in self.rollout.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0]
         if bad:
             raise ConfigError(f"rollout.stop_token_ids must be non-negative integer token ids, got {bad}")
+        if not all(isinstance(text, str) and text for text in self.rollout.stop_strings):
+            raise ConfigError(f"rollout.stop_strings must be non-empty strings, got {self.rollout.stop_strings}")
         if not 0 < self.rollout.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
         if self.output.log_samples_every < 0 or self.output.log_samples < 1:

@@ -18,7 +18,7 @@ learner/).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Iterable, Iterator, Mapping, Union
 
 import numpy as np
@@ -45,7 +45,7 @@ __all__ = [
     "pack_weight_buckets",
 ]
 
-SCHEMA_VERSION: int = 2
+SCHEMA_VERSION: int = 3
 
 #: Allowed values of ``PackedBatch.finish_reasons``.
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
@@ -195,7 +195,13 @@ class RolloutError(_Message):
 
 @dataclass(frozen=True, eq=False)
 class SamplingSpec(_Message):
-    """Sampling parameters (vLLM semantics: ``top_k=-1`` disables top-k)."""
+    """Sampling parameters (vLLM semantics: ``top_k=-1`` disables top-k).
+
+    A response ends at EOS, at one of ``stop_token_ids`` (both kept as its last token), or as soon
+    as its text contains one of ``stop_strings``: then it keeps every token up to the one that
+    completes the stop string (that token may go on past it), so the tokens trained on are those
+    sampled, and the text decoded from them contains the stop string.
+    """
 
     KIND: ClassVar[str] = ""
     temperature: float
@@ -204,6 +210,7 @@ class SamplingSpec(_Message):
     max_new_tokens: int
     stop_token_ids: list[int]
     seed: int | None  # the run's sampling seed; every sample derives its own (see `sample_seed`)
+    stop_strings: list[str] = field(default_factory=list)
 
     def sample_seed(self, sample_number: int) -> int | None:
         """The vLLM seed of the run's `sample_number`-th sample (None: unseeded).

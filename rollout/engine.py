@@ -121,8 +121,11 @@ class VLLMGenerator:
             params = SamplingParams(
                 n=grant.n_samples, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                 max_tokens=s.max_new_tokens, stop_token_ids=list(s.stop_token_ids) or None,
+                stop=list(s.stop_strings) or None,
                 seed=grant.request_seed(index), logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY,
-                detokenize=False,  # the learner decodes what it scores; text here costs a fifth of a small model's step
+                # The learner decodes what it scores, and text here costs a fifth of a small model's
+                # step; but stop strings are looked for in the text as it grows.
+                detokenize=bool(s.stop_strings),
             )
             request_id = f"grant-{grant.grant_id}/{index}"
             self.requests[request_id] = (grant.grant_id, index)

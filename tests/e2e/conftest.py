@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -71,6 +72,26 @@ def leftover_processes(run_id: str, wait_s: float = 15.0) -> list[str]:
     while (left := processes_mentioning(run_id)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+@contextlib.contextmanager
+def vllm_engine(model_dir: Path, cfg):
+    """A real vLLM engine (rollout.engine.VLLMGenerator, `cfg` a RolloutConfig) on `model_dir`, closed at
+    the end, and the CPU thread binding set for it undone: it must not reach later tests' launch scripts."""
+    import torch
+
+    from rollout.engine import VLLMGenerator, configure_cpu_threads
+
+    environ, threads = dict(os.environ), torch.get_num_threads()
+    configure_cpu_threads(cfg, 0)
+    engine = VLLMGenerator(str(model_dir), cfg, seed=0)
+    try:
+        yield engine
+    finally:
+        engine.close()
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

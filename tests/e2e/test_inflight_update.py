@@ -9,7 +9,6 @@ first uniform one comes from the old weights), and be tagged with both versions.
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import numpy as np
@@ -22,7 +21,8 @@ from learner.weight_sync import build_weight_update
 from protocol.codec import decode, encode
 from protocol.config import RolloutConfig
 from protocol.messages import PromptSpec, SamplingSpec, WorkGrant
-from rollout.engine import VLLMGenerator, configure_cpu_threads
+from rollout.engine import VLLMGenerator
+from tests.e2e.conftest import vllm_engine
 
 pytestmark = pytest.mark.e2e
 
@@ -43,18 +43,8 @@ def make_grant(grant_id: int, min_version: int, *, prompts: int = 2, n_samples: 
 def engine_and_model(tmp_path_factory):
     """One real engine for the module (start-up dominates): the tiny model, applied at version -1."""
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny"), TinyModelSpec(max_position_embeddings=1024))
-    cfg = RolloutConfig(max_model_len=1024)
-    environ, threads = dict(os.environ), torch.get_num_threads()
-    configure_cpu_threads(cfg, 0)
-    engine = VLLMGenerator(str(model_dir), cfg, seed=0)
-    try:
+    with vllm_engine(model_dir, RolloutConfig(max_model_len=1024)) as engine:
         yield engine, model_dir
-    finally:
-        engine.close()
-        # the core binding set for this engine must not reach the launch scripts of later tests
-        os.environ.clear()
-        os.environ.update(environ)
-        torch.set_num_threads(threads)
 
 
 def test_update_lands_between_engine_steps_and_running_requests_go_on(engine_and_model, tmp_path):

@@ -463,6 +463,16 @@ def test_stop_token_ids_must_be_token_ids(value):
         load_config(overrides={"rollout.stop_token_ids": value})
 
 
+def test_stop_strings_are_non_empty_strings():
+    # as a flag gives them: YAML, where a double-quoted "\n" is a newline
+    assert load_config(overrides={"rollout.stop_strings": r'["\n\n", "</answer>"]'}).rollout.stop_strings == [
+        "\n\n", "</answer>"]
+    assert load_config(overrides={"rollout.stop_strings": "Question:"}).rollout.stop_strings == ["Question:"]
+    for value in ("['a', '']", "[3]"):
+        with pytest.raises(ConfigError, match="rollout.stop_strings must be non-empty strings"):
+            load_config(overrides={"rollout.stop_strings": value})
+
+
 # --------------------------------------------------------------------------- argparse integration
 
 

@@ -77,7 +77,8 @@ def make_grant(**overrides) -> WorkGrant:
         min_weight_version=2,
         n_samples=4,
         sampling=SamplingSpec(
-            temperature=0.7, top_p=0.95, top_k=-1, max_new_tokens=128, stop_token_ids=[2, 7], seed=1234
+            temperature=0.7, top_p=0.95, top_k=-1, max_new_tokens=128, stop_token_ids=[2, 7], seed=1234,
+            stop_strings=["\n\n", "</answer>"],
         ),
         prompts=[
             PromptSpec(prompt_id=5, token_ids=np.array([1, 2, 3], dtype=np.int32), label="42"),
@@ -184,7 +185,8 @@ def test_roundtrip_work_grant():
     assert got == grant
     assert got.prompts[0].token_ids.tolist() == [1, 2, 3] and not got.prompts[0].token_ids.flags.writeable
     assert got.sampling.seed == 1234 and got.sampling.stop_token_ids == [2, 7]
-    no_seed = make_grant(sampling=dataclasses.replace(grant.sampling, seed=None, stop_token_ids=[]))
+    assert got.sampling.stop_strings == ["\n\n", "</answer>"]
+    no_seed = make_grant(sampling=dataclasses.replace(grant.sampling, seed=None, stop_token_ids=[], stop_strings=[]))
     assert roundtrip(no_seed).body == no_seed
 
 
@@ -389,6 +391,7 @@ def test_reject_work_grant_values():
         ("bad_value", dict(sampling=dataclasses.replace(sampling, max_new_tokens=0))),
         ("non_finite", dict(sampling=dataclasses.replace(sampling, temperature=float("inf")))),
         ("bad_type", dict(sampling=dataclasses.replace(sampling, seed=1.5))),
+        ("bad_value", dict(sampling=dataclasses.replace(sampling, stop_strings=["ok", ""]))),
         ("bad_value", dict(prompts=[])),
         ("bad_prompt_len", dict(prompts=[PromptSpec(prompt_id=1, token_ids=np.zeros(0, np.int32), label=None)])),
     ]
@@ -403,6 +406,8 @@ def test_reject_work_grant_values():
     frames = [bytes(f) for f in encode(make_grant(), **HDR)]
     reject(with_header(frames, lambda h: h["body"]["prompts"].pop()), "length_mismatch")
     reject(with_header(frames, lambda h: h["body"]["sampling"].pop("seed")), "missing_field")
+    reject(with_header(frames, lambda h: h["body"]["sampling"].__setitem__("stop_strings", ["a", 3])), "bad_type")
+    reject(with_header(frames, lambda h: h["body"]["sampling"].__setitem__("stop_strings", "abc")), "bad_type")
 
 
 def test_reject_weight_update_metas():
