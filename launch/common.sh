@@ -20,7 +20,7 @@ launch_init() {
 
 # The script's header comment (what it starts, its own flags and variables), then how config keys are given.
 launch_help() {
-  sed -n '2,/^\(#[^ ]\|[^#]\)/{s/^# //p;s/^#$//p}' "$0"  # up to the first line that is not "# ..." or "#"
+  script_help
   cat <<'TEXT'
 
 Config: every key of the run config is a flag, --section.key value (e.g. --train.num_steps 10),
@@ -29,6 +29,10 @@ from (those in a YAML file from the file's directory). Every key, with its defau
   python -m learner --help    (with the repository's .venv/bin/python)
 TEXT
   exit 0
+}
+
+script_help() {  # the header comment of the script run, up to the first line that is not "# ..." or "#"
+  sed -n '2,/^\(#[^ ]\|[^#]\)/{s/^# //p;s/^#$//p}' "$0"
 }
 
 has() {  # whether the flag $1 is among `args` (as `$1 VALUE` or `$1=VALUE`)

@@ -92,6 +92,14 @@ def test_missing_input_is_one_line_before_anything_starts(experiment, flags, pro
     assert not (experiment / "out").exists()  # nothing started
 
 
+def test_python_is_the_repositorys_python_in_the_callers_directory(tmp_path):
+    out = launch("python.sh", "-c", "import learner, os; print(learner.__file__); print(os.getcwd())", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [str(REPO / "learner" / "__init__.py"), str(tmp_path)]
+    out = launch("python.sh", "--help", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("Usage: launch/python.sh [PYTHON ARGUMENTS ...]\n")
+
+
 def test_replay_needs_a_recording(tmp_path):
     out = launch("replay.sh", cwd=tmp_path)
     assert out.returncode == 2 and "usage: launch/replay.sh RECORDING_DIR" in out.stderr
