@@ -3,6 +3,7 @@ samples as tensors), GroupDealer and the StepBroadcaster wire helpers."""
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -113,6 +114,31 @@ def test_grant_ids_unique_increasing_and_prompts_exactly_once(tokenizer):
         all_ids += got
     # 5 steps x 4 prompts = 20 rows = exactly one epoch: each row once
     assert sorted(all_ids) == list(range(N_ROWS))
+
+
+def test_resume_continues_a_mixture_of_datasets_where_the_checkpoint_was(tokenizer):
+    """Two datasets mixed 1:2, three steps planned ahead: a planner resumed after step 3 from what a
+    checkpoint keeps hands out the prompts the uninterrupted run did from step 4 on."""
+    rows = [PromptRow(index=i, prompt=f"{i}+1=", label=None, source=int(i >= 6)) for i in range(16)]
+    cfg = make_cfg(**{"train.num_steps": 12, "train.max_staleness": 2})
+
+    def planner():
+        return GrantPlanner(cfg, PromptDataset(rows, tokenizer, max_prompt_len=32, seed=3, weights=[1, 2]), [])
+
+    def plan(planner, versions, prompts):  # step -> its prompt ids, for the versions published
+        for version in versions:
+            for grant in planner.release(version):
+                prompts.setdefault(grant.step, []).extend(p.prompt_id for p in grant.prompts)
+        return prompts
+
+    whole = planner()
+    uninterrupted = plan(whole, range(4), {})  # steps 0-5 planned; the checkpoint after step 3 is taken
+    state = json.loads(json.dumps(whole.state_after(3)))
+    plan(whole, range(4, 12), uninterrupted)
+    resumed = planner()
+    resumed.resume(4, state)
+    assert plan(resumed, range(4, 12), {}) == {step: ids for step, ids in uninterrupted.items() if step >= 4}
+    assert {i for ids in uninterrupted.values() for i in ids} == set(range(16))
 
 
 def test_sampling_spec_copied_from_config(tokenizer):
