@@ -127,18 +127,20 @@ class DataSpec:
         n = len(self.paths)
         if not n:
             raise DatasetError(f"--{self.section}.path: no dataset given")
-        splits = self._per_path("split", self.splits, n, allow_none=False)
-        subsets = self._per_path("subset", self.subsets, n, allow_none=True)
-        self._per_path("weights", self.weights, n, allow_none=True)
+        if self.weights and len(self.weights) != n:
+            raise self._count_error("weights", len(self.weights))
+        splits = self._one_or_each("split", self.splits, n)
+        subsets = self._one_or_each("subset", self.subsets or ("",), n)
         return [(path, split, subset or "") for path, split, subset in zip(self.paths, splits, subsets)]
 
-    def _per_path(self, key: str, values: tuple, n: int, allow_none: bool) -> tuple:
-        if len(values) == n or (len(values) == 1 and key != "weights"):
-            return values * (n // len(values))
-        if not values and allow_none:
-            return ("",) * n
-        raise DatasetError(f"--{self.section}.{key} has {len(values)} entries for {n} dataset(s) in "
-                           f"--{self.section}.path")
+    def _one_or_each(self, key: str, values: tuple, n: int) -> tuple:
+        if len(values) not in (1, n):
+            raise self._count_error(key, len(values))
+        return values * (n // len(values))
+
+    def _count_error(self, key: str, count: int) -> DatasetError:
+        return DatasetError(f"--{self.section}.{key} has {count} entries for {len(self.paths)} dataset(s) in "
+                            f"--{self.section}.path")
 
 
 def load_prompts(spec: DataSpec) -> list[PromptRow]:
