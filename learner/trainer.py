@@ -346,49 +346,12 @@ class PPOTrainer:
                 where = dict(step=step, micro_batch=index, rows=(start, stop),
                              epoch=epoch if cfg.train.ppo_epochs > 1 else None)
                 part = samples.rows(start, stop)
-                rows = slice(start, stop)
-                out = self.actor(part.tokens, cu_seqlens=part.cu_seqlens, temperature=cfg.rollout.temperature,
-                                 return_entropy=algo.entropy_coef > 0 or epoch == 0)
-                width = exp.action_mask.shape[1]
-                log_probs = _padded(out["log_probs"], part, width)
-                mask = exp.action_mask[rows]
-                behaviour = exp.behaviour_log_probs[rows]
-                old = log_probs.detach() if exp.old_log_probs is None else exp.old_log_probs[rows]
-                weights = None
-                if algo.tis_level != "off":
-                    weights, is_metrics = truncated_importance_weights(old, behaviour, mask, level=algo.tis_level,
-                                                                       mode=algo.tis_mode, cap=algo.tis_cap,
-                                                                       floor=algo.tis_floor)
-                if epoch == 0:
-                    behaviour_metrics.add(old, behaviour, _padded(out["entropy"], part, width).detach(), mask,
-                                          is_metrics if weights is not None else {})
-                loss, m = policy_loss(
-                    # without importance sampling the ratio is taken to the behaviour policy itself
-                    log_probs, old if weights is not None else behaviour, exp.advantages[rows], mask,
-                    clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip or None,
-                    importance_weights=weights, ratio_level="sequence" if algo.policy_loss == "gspo" else "token",
-                    **agg)
-                if algo.kl_mode == "loss" and exp.ref_log_probs is not None:
-                    loss = loss + self.kl_controller.value * kl_loss(log_probs, exp.ref_log_probs[rows], mask,
-                                                                     estimator=algo.kl_estimator,
-                                                                     clamp=algo.kl_clamp, **agg)
-                if algo.entropy_coef > 0:
-                    loss = loss - entropy_bonus(_padded(out["entropy"], part, width), mask, algo.entropy_coef, **agg)
-                # .item() (the sync the metric needs anyway) before backward: NaN/inf must not reach the gradients
-                loss_value = loss.item()
-                require_finite_loss(loss_value, "policy loss", **where)
-                self.actor.backward(loss, scale_wrt_gas=False)
-                losses["policy_loss"] = losses.get("policy_loss", 0.0) + loss_value
-                _accumulate(sums, m, weight=float(mask.sum()))
+                loss = self._policy_micro_batch(exp, part, slice(start, stop), epoch, agg, where, sums,
+                                                behaviour_metrics)
+                losses["policy_loss"] = losses.get("policy_loss", 0.0) + loss
                 if self.critic is not None:
-                    values = _padded(self.critic(part.tokens, cu_seqlens=part.cu_seqlens), part, width)
-                    vloss, vm = value_loss(values, exp.old_values[rows], exp.returns[rows], mask,
-                                           clip_eps=cfg.critic.value_clip or None, **agg)
-                    vloss_value = vloss.item()
-                    require_finite_loss(vloss_value, "value loss", **where)
-                    self.critic.backward(vloss, scale_wrt_gas=False)
-                    losses["value_loss"] = losses.get("value_loss", 0.0) + vloss_value
-                    _accumulate(sums, {f"value_{k}": v for k, v in vm.items()}, weight=float(mask.sum()))
+                    vloss = self._value_micro_batch(exp, part, slice(start, stop), agg, where, sums)
+                    losses["value_loss"] = losses.get("value_loss", 0.0) + vloss
             self.actor.step()
             if self.critic is not None:
                 self.critic.step()
@@ -398,6 +361,64 @@ class PPOTrainer:
         return {**exp.metrics, **behaviour_metrics.result(), **metrics, **rates,
                 "grad_norm": float(self.actor.get_global_grad_norm() or 0.0),
                 "tokens": float(samples.num_tokens), "sequences": float(samples.num_sequences)}
+
+    # The two micro-batch passes below are functions so that everything a pass builds (its graph,
+    # and the [T, V] logits that a branch outside the loss may still hold, e.g. the entropy kept
+    # for metrics) is released when it returns, before the next micro-batch's forward: a step's
+    # peak memory is that of its largest micro-batch, whatever the number of micro-batches.
+    def _policy_micro_batch(self, exp: Experience, part: StepSamples, rows: slice, epoch: int, agg: dict,
+                            where: dict, sums: dict[str, float], behaviour_metrics: BehaviourMetrics) -> float:
+        """Forward, policy loss (+ KL loss, - entropy bonus) and backward of the actor on the step's
+        `rows` (`part`); adds the loss metrics to `sums` and, in epoch 0, the behaviour metrics.
+        Returns the micro-batch's loss."""
+        algo = self.cfg.algo
+        out = self.actor(part.tokens, cu_seqlens=part.cu_seqlens, temperature=self.cfg.rollout.temperature,
+                         return_entropy=algo.entropy_coef > 0 or epoch == 0)
+        width = exp.action_mask.shape[1]
+        log_probs = _padded(out["log_probs"], part, width)
+        mask = exp.action_mask[rows]
+        behaviour = exp.behaviour_log_probs[rows]
+        old = log_probs.detach() if exp.old_log_probs is None else exp.old_log_probs[rows]
+        weights = None
+        if algo.tis_level != "off":
+            weights, is_metrics = truncated_importance_weights(old, behaviour, mask, level=algo.tis_level,
+                                                               mode=algo.tis_mode, cap=algo.tis_cap,
+                                                               floor=algo.tis_floor)
+        if epoch == 0:
+            behaviour_metrics.add(old, behaviour, _padded(out["entropy"], part, width).detach(), mask,
+                                  is_metrics if weights is not None else {})
+        loss, m = policy_loss(
+            # without importance sampling the ratio is taken to the behaviour policy itself
+            log_probs, old if weights is not None else behaviour, exp.advantages[rows], mask,
+            clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip or None,
+            importance_weights=weights, ratio_level="sequence" if algo.policy_loss == "gspo" else "token",
+            **agg)
+        if algo.kl_mode == "loss" and exp.ref_log_probs is not None:
+            loss = loss + self.kl_controller.value * kl_loss(log_probs, exp.ref_log_probs[rows], mask,
+                                                             estimator=algo.kl_estimator,
+                                                             clamp=algo.kl_clamp, **agg)
+        if algo.entropy_coef > 0:
+            loss = loss - entropy_bonus(_padded(out["entropy"], part, width), mask, algo.entropy_coef, **agg)
+        # .item() (the sync the metric needs anyway) before backward: NaN/inf must not reach the gradients
+        loss_value = loss.item()
+        require_finite_loss(loss_value, "policy loss", **where)
+        self.actor.backward(loss, scale_wrt_gas=False)
+        _accumulate(sums, m, weight=float(mask.sum()))
+        return loss_value
+
+    def _value_micro_batch(self, exp: Experience, part: StepSamples, rows: slice, agg: dict, where: dict,
+                           sums: dict[str, float]) -> float:
+        """Forward, clipped value loss and backward of the critic on the step's `rows` (`part`); adds
+        the value metrics to `sums`. Returns the micro-batch's value loss."""
+        mask = exp.action_mask[rows]
+        values = _padded(self.critic(part.tokens, cu_seqlens=part.cu_seqlens), part, exp.action_mask.shape[1])
+        vloss, vm = value_loss(values, exp.old_values[rows], exp.returns[rows], mask,
+                               clip_eps=self.cfg.critic.value_clip or None, **agg)
+        vloss_value = vloss.item()
+        require_finite_loss(vloss_value, "value loss", **where)
+        self.critic.backward(vloss, scale_wrt_gas=False)
+        _accumulate(sums, {f"value_{k}": v for k, v in vm.items()}, weight=float(mask.sum()))
+        return vloss_value
 
     def sample_records(self, exp: Experience, prompts: int) -> list[dict]:
         """Every completion of the step's first `prompts` prompts (in grant order), decoded, with its

@@ -14,13 +14,11 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 import learner.algo.losses
 import learner.trainer
 from learner.algo import approx_kl
 from learner.checkpoint import CheckpointManager
-from learner.distributed import init_distributed
 from learner.rewards import RewardFn, RewardFunctions
 from learner.rollouts import StepSamples
 from learner.tiny import build_tiny_model, build_tokenizer
@@ -30,13 +28,11 @@ from protocol.messages import PackedBatch
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, learner_rank):
     path = build_tiny_model(tmp_path_factory.mktemp("tiny"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the learner runs (train.torch_threads); more only contend on a shared machine
-    init_distributed()
     yield str(path)
-    dist.destroy_process_group()
     torch.set_num_threads(threads)
 
 
