@@ -150,6 +150,8 @@ class PPOTrainer:
                                        value_head_prefix=cfg.critic.value_head_prefix,
                                        attn_implementation=m.attn_implementation,
                                        trust_remote_code=m.trust_remote_code)
+            if m.gradient_checkpointing:
+                critic.gradient_checkpointing_enable()
             if cfg.train.zero_stage == 3:
                 critic.max_padding = None  # as the actor's
             self.critic, *_ = deepspeed.initialize(
@@ -211,7 +213,7 @@ class PPOTrainer:
         (a rank dealt none of a batch's groups); `idle_row` (one sequence) then feeds its idle passes."""
         cfg = self.cfg
         parts = []
-        self.actor.eval()
+        self._set_training(False)
         bounds = samples.micro_batch_bounds(cfg.train.micro_batch_tokens) if samples.num_sequences else []
         idle_passes = self._lockstep_extra_passes(len(bounds))  # agreed before any pass starts
         for index, (start, stop) in enumerate(bounds):
@@ -235,8 +237,15 @@ class PPOTrainer:
         for _ in range(idle_passes):
             self._idle_pass(idle_row if idle_row is not None else samples, backward=False,
                             actor=self.policy_pass_in_score)
-        self.actor.train()
+        self._set_training(True)
         return parts
+
+    def _set_training(self, mode: bool) -> None:
+        """Training (or evaluation) mode of the trained models: dropout, and the recomputation of
+        model.gradient_checkpointing, which Transformers applies in training mode only."""
+        for engine in (self.actor, self.critic):
+            if engine is not None:
+                engine.train(mode)
 
     @torch.no_grad()
     def make_experience(self, parts: list[ScoredPart]) -> Experience:

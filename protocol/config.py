@@ -57,7 +57,10 @@ class ModelConfig:
                                            "cu_seqlens with flash_attention_2.",
                                    ("sdpa", "eager", "flash_attention_2"))
     trust_remote_code: bool = opt(False, "Allow model code shipped with the checkpoint.")
-    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory (actor and critic; "
+                                              "Transformers' non-reentrant checkpointing of each decoder layer): "
+                                              "a training micro-batch keeps only each layer's input for backward, "
+                                              "at the cost of one more forward. Same gradients.")
     logprobs_from_hidden: bool = opt(True, "Compute log-probs and entropies from the last hidden states through "
                                            "the output layer chunk by chunk, forward and backward, so the "
                                            "[tokens, vocab] logits never exist (one extra output-layer matmul in "

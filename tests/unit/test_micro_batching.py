@@ -1,4 +1,4 @@
-"""Micro-batching by tokens in `PPOTrainer.score` and `train_step`.
+"""Micro-batching by tokens in `PPOTrainer.score` and `train_step`, and model.gradient_checkpointing.
 
 Peak memory cannot be read reliably on the CPU, so these tests check what bounds it, on a real
 model whose vocabulary (4096) dwarfs its hidden size (128), as real vocabularies do:
@@ -8,7 +8,9 @@ model whose vocabulary (4096) dwarfs its hidden size (128), as real vocabularies
   same size whether a step has one micro-batch or four, and none of a micro-batch's is alive when
   the next one's forward starts (an unused branch such as the metrics-only entropy used to keep the
   [T, V] logits of the previous micro-batch);
-* the gradients of a step split into micro-batches equal those of one big batch (actor and critic).
+* the gradients of a step split into micro-batches equal those of one big batch (actor and critic);
+* gradient checkpointing gives the same gradients, keeps fewer activations and recomputes each
+  decoder layer once per micro-batch in backward.
 """
 
 from __future__ import annotations
@@ -146,21 +148,24 @@ def test_activations_kept_for_backward_do_not_grow_with_the_number_of_micro_batc
         assert one.peak >= BUDGET * 4096 * 4
 
 
-def gradients_of_a_step(model: str, **overrides) -> tuple[dict[str, torch.Tensor], dict[str, float], int]:
+def gradients_of_a_step(model: str, **overrides) -> tuple[dict[str, torch.Tensor], dict[str, float], list[str]]:
     """The accumulated actor and critic gradients of one step on two fixed random batches, taken
-    just before the optimizer step, with its metrics and the forwards of the first decoder layer."""
+    just before the optimizer step, with its metrics and the forwards of each first decoder layer
+    while training (named by model)."""
     trainer = make_trainer(model, **{"algo.advantage_estimator": "gae", **overrides})
+    rng = np.random.default_rng(0)
+    parts = score_batches(trainer, [batch(g, rng) for g in range(2)])
     layer_forwards = []
-    trainer.actor_module.model.model.layers[0].register_forward_pre_hook(lambda *_: layer_forwards.append(1))
+    for name, backbone in (("actor", trainer.actor_module.model.model), ("critic", trainer.critic.module.model)):
+        backbone.layers[0].register_forward_pre_hook(lambda *_, name=name: layer_forwards.append(name))
     grads = {}
     for name, engine in (("actor", trainer.actor), ("critic", trainer.critic)):
         def step_after_reading_gradients(step=engine.optimizer.step, name=name, module=engine.module, **kwargs):
             grads.update({f"{name}.{n}": safe_get_full_grad(p).clone() for n, p in module.named_parameters()})
             return step(**kwargs)
         engine.optimizer.step = step_after_reading_gradients
-    rng = np.random.default_rng(0)
-    metrics = trainer.train_step(0, score_batches(trainer, [batch(g, rng) for g in range(2)]))
-    return grads, metrics, len(layer_forwards)
+    metrics = trainer.train_step(0, parts)
+    return grads, metrics, layer_forwards
 
 
 def assert_same_gradients(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -177,3 +182,18 @@ def test_gradients_accumulate_exactly_across_micro_batches(big_vocab_dir):
     assert_same_gradients(split, whole)
     for key in ("policy_loss", "value_loss", "grad_norm", "entropy", "kl_behaviour"):
         assert split_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-4, abs=1e-7), key
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(big_vocab_dir):
+    plain, plain_metrics, plain_forwards = gradients_of_a_step(big_vocab_dir)
+    checkpointed, metrics, forwards = gradients_of_a_step(big_vocab_dir, **{"model.gradient_checkpointing": "true"})
+    assert_same_gradients(checkpointed, plain)
+    assert metrics["policy_loss"] == pytest.approx(plain_metrics["policy_loss"], rel=1e-5)
+    for name in ("actor", "critic"):  # one forward per training micro-batch, and its recomputation in backward
+        micro_batches = plain_forwards.count(name)
+        assert micro_batches >= 2 and forwards.count(name) == 2 * micro_batches, name
+    overrides = {"model.logprobs_from_hidden": "true"}
+    kept, _ = saved_activations_of_a_step(big_vocab_dir, 2, **overrides)
+    kept_checkpointed, alive = saved_activations_of_a_step(big_vocab_dir, 2, **overrides,
+                                                           **{"model.gradient_checkpointing": "true"})
+    assert alive == [0, 0] and 0 < kept_checkpointed.peak < kept.peak / 2
