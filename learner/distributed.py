@@ -126,6 +126,16 @@ class GroupDealer:
         return StepSamples.concat([samples.rows(g * self.group_size, (g + 1) * self.group_size) for g in sorted(mine)])
 
 
+def per_rank(value: float) -> list[float]:
+    """Every rank's `value`, in rank order (collective: every rank calls it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    values[dist.get_rank()] = value
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values.tolist()
+
+
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Combine per-rank step metrics: counts are summed, maxima maximised, everything else averaged."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

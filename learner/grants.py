@@ -26,7 +26,8 @@ class GrantPlanner:
         r = cfg.rollout
         self.sampling = SamplingSpec(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                      max_new_tokens=r.max_new_tokens, stop_token_ids=list(stop_token_ids),
-                                     seed=r.seed, stop_strings=list(r.stop_strings))
+                                     seed=r.seed, stop_strings=list(r.stop_strings),
+                                     min_new_tokens=r.min_new_tokens)
         self.next_step = 0
         self.next_grant_id = 0
         # Dataset position after planning each step: a checkpoint after step s resumes from there,

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import sys
 import time
 import traceback
@@ -33,7 +34,7 @@ from protocol.transport import LearnerEndpoint, check_transport_security
 
 from learner.data import DatasetError, DataSpec, PromptDataset, load_prompts
 from learner.checkpoint import CheckpointManager
-from learner.distributed import GroupDealer, StepBroadcaster, init_distributed, is_rank0, reduce_metrics
+from learner.distributed import GroupDealer, StepBroadcaster, init_distributed, is_rank0, per_rank, reduce_metrics
 from learner.grants import GrantPlanner
 from learner.hub import RolloutHub
 from learner.metrics import MetricsBackendError, MetricsLogger
@@ -237,7 +238,8 @@ class Learner:
         parts = [part for b in batches for part in self.scored.pop(b.grant_id)]
         self.dealer.new_step()
         experience = self.trainer.make_experience(parts)
-        metrics = reduce_metrics(self.trainer.optimize(step, experience))
+        # the peak so far of the rank that holds the most
+        metrics = reduce_metrics({**self.trainer.optimize(step, experience), "peak_rss_mib_max": peak_rss_mib()})
         every = self.cfg.output.log_samples_every
         if self.logger and every and step % every == 0:  # rank 0's own prompt groups
             self.logger.log_samples(step, self.trainer.sample_records(experience, self.cfg.output.log_samples))
@@ -260,10 +262,16 @@ class Learner:
             self.logger.close()
         if self.cfg.output.save_final:
             self.trainer.save(str(self.run_dir / "final"))
+        peaks = per_rank(peak_rss_mib())
         if is_rank0():
-            summary = {"final_metrics": self.last_metrics, **self.hub_stats}
+            summary = {"final_metrics": self.last_metrics, "learner_peak_rss_mib": peaks, **self.hub_stats}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return self.last_metrics
+
+
+def peak_rss_mib() -> float:
+    """The largest resident memory this process has had so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class FollowerHub:

@@ -239,7 +239,8 @@ def _validate_sampling(path: str, sp: Any, limits: DecodeLimits) -> None:
     if not 0 < top_p <= 1:
         raise ProtocolError("bad_value", f"{path}.top_p: expected 0 < top_p <= 1, got {top_p}")
     _int(f"{path}.top_k", sp.top_k, lo=-1)
-    _int(f"{path}.max_new_tokens", sp.max_new_tokens, lo=1)
+    max_new_tokens = _int(f"{path}.max_new_tokens", sp.max_new_tokens, lo=1)
+    _int(f"{path}.min_new_tokens", sp.min_new_tokens, lo=0, hi=max_new_tokens)
     stops = _list(f"{path}.stop_token_ids", sp.stop_token_ids, limits.max_array_len)
     for i, tok in enumerate(stops):
         tok = _int(f"{path}.stop_token_ids[{i}]", tok)
@@ -511,6 +512,7 @@ def _enc_work_grant(msg: WorkGrant) -> tuple[dict, _Arrays]:
         "top_p": float(sp.top_p),
         "top_k": int(sp.top_k),
         "max_new_tokens": int(sp.max_new_tokens),
+        "min_new_tokens": int(sp.min_new_tokens),
         "stop_token_ids": [int(t) for t in sp.stop_token_ids],
         "seed": None if sp.seed is None else int(sp.seed),
         "stop_strings": [str(s) for s in sp.stop_strings],
@@ -747,6 +749,7 @@ def _dec_work_grant(f: _Fields, arrays: _ArrayFrames) -> WorkGrant:
         top_p=sf["top_p"],
         top_k=sf["top_k"],
         max_new_tokens=sf["max_new_tokens"],
+        min_new_tokens=sf["min_new_tokens"],
         stop_token_ids=sf["stop_token_ids"],
         seed=sf["seed"],
         stop_strings=sf["stop_strings"],

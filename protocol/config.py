@@ -154,6 +154,10 @@ class RolloutConfig:
                             "truncated distribution (corrected by importance sampling).")
     top_k: int = opt(-1, "Top-k sampling; -1 disables.")
     max_new_tokens: int = opt(1024, "Maximum response length in tokens.")
+    min_new_tokens: int = opt(0, "Minimum response length in tokens: EOS, the stop tokens and stop strings cannot end "
+                                 "a response before it has this many (vLLM's min_tokens), e.g. min = max for long fixed-length "
+                                 "responses in load tests and benchmarks. The learner's log-probs do not know the "
+                                 "suppression (importance sampling sees the difference); 0: off.")
     stop_token_ids: list = opt([], "Extra token ids that end a response (EOS always does).")
     stop_strings: list = opt([], "Strings that end a response when its text contains one. The response keeps every "
                                  "token up to the one that completes the stop string, and is trained on them (as on "
@@ -372,6 +376,9 @@ class RunConfig:
             raise ConfigError(f"rollout.stop_token_ids must be non-negative integer token ids, got {bad}")
         if not all(isinstance(text, str) and text for text in self.rollout.stop_strings):
             raise ConfigError(f"rollout.stop_strings must be non-empty strings, got {self.rollout.stop_strings}")
+        if not 0 <= self.rollout.min_new_tokens <= self.rollout.max_new_tokens:
+            raise ConfigError(f"rollout.min_new_tokens ({self.rollout.min_new_tokens}) must be between 0 and "
+                              f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
         if not 0 < self.rollout.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.rollout.top_p}")
         if self.output.log_samples_every < 0 or self.output.log_samples < 1:

@@ -45,7 +45,7 @@ __all__ = [
     "pack_weight_buckets",
 ]
 
-SCHEMA_VERSION: int = 3
+SCHEMA_VERSION: int = 4
 
 #: Allowed values of ``PackedBatch.finish_reasons``.
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
@@ -211,6 +211,7 @@ class SamplingSpec(_Message):
     stop_token_ids: list[int]
     seed: int | None  # the run's sampling seed; every sample derives its own (see `sample_seed`)
     stop_strings: list[str] = field(default_factory=list)
+    min_new_tokens: int = 0  # EOS, the stop tokens and stop strings cannot end a response shorter than this
 
     def sample_seed(self, sample_number: int) -> int | None:
         """The vLLM seed of the run's `sample_number`-th sample (None: unseeded).

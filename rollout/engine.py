@@ -120,8 +120,8 @@ class VLLMGenerator:
             # each request its own seed block: no two samples of a run share their randomness
             params = SamplingParams(
                 n=grant.n_samples, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                max_tokens=s.max_new_tokens, stop_token_ids=list(s.stop_token_ids) or None,
-                stop=list(s.stop_strings) or None,
+                max_tokens=s.max_new_tokens, min_tokens=s.min_new_tokens,
+                stop_token_ids=list(s.stop_token_ids) or None, stop=list(s.stop_strings) or None,
                 seed=grant.request_seed(index), logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY,
                 # The learner decodes what it scores, and text here costs a fifth of a small model's
                 # step; but stop strings are looked for in the text as it grows.

@@ -50,4 +50,8 @@ def test_zero3_ranks_with_unequal_micro_batch_counts_stay_in_lockstep(run_local)
                        "--transport.batch_timeout_s", "120", "--output.save_final", "false", timeout=400)
     assert result.returncode == 0, result.output[-3000:]
     assert [m["sequences"] for m in result.metrics] == [9 * SAMPLES] * 3
+    # each rank's peak memory; a step reports the larger of the two so far
+    peaks = result.summary["learner_peak_rss_mib"]
+    assert len(peaks) == 2 and min(peaks) > 100
+    assert 100 < result.metrics[-1]["peak_rss_mib_max"] <= max(peaks)
     assert not leftover_processes(result.run_id)

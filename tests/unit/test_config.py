@@ -400,6 +400,16 @@ def test_gspo_needs_its_per_sequence_aggregation():
     assert RunConfig().algo.policy_loss == "ppo"
 
 
+def test_min_new_tokens_lies_between_0_and_max_new_tokens():
+    assert RunConfig().rollout.min_new_tokens == 0
+    cfg = load_config(overrides={"rollout.max_new_tokens": "16", "rollout.min_new_tokens": "16"})
+    assert (cfg.rollout.min_new_tokens, cfg.rollout.max_new_tokens) == (16, 16)
+    with pytest.raises(ConfigError, match=r"rollout\.min_new_tokens \(17\) .*rollout\.max_new_tokens \(16\)"):
+        load_config(overrides={"rollout.max_new_tokens": "16", "rollout.min_new_tokens": "17"})
+    with pytest.raises(ConfigError, match=r"rollout\.min_new_tokens \(-1\)"):
+        load_config(overrides={"rollout.min_new_tokens": "-1"})
+
+
 def test_overlong_penalty_and_mask_truncated_options():
     defaults = RunConfig()
     assert (defaults.reward.overlong_buffer, defaults.reward.overlong_penalty, defaults.train.mask_truncated) == \

@@ -144,7 +144,7 @@ def test_resume_continues_a_mixture_of_datasets_where_the_checkpoint_was(tokeniz
 def test_sampling_spec_copied_from_config(tokenizer):
     cfg = make_cfg(**{"rollout.temperature": 0.7, "rollout.top_p": 0.9, "rollout.top_k": 5,
                       "rollout.max_new_tokens": 12, "rollout.seed": 3, "rollout.n_samples_per_prompt": 4,
-                      "rollout.stop_strings": r'["\n", "?"]'})
+                      "rollout.stop_strings": r'["\n", "?"]', "rollout.min_new_tokens": 2})
     stops = [2, 7]
     planner = GrantPlanner(cfg, make_dataset(tokenizer), stops)
     stops.append(99)  # the planner keeps its own copy
@@ -152,7 +152,7 @@ def test_sampling_spec_copied_from_config(tokenizer):
     for g in grants:
         sp = g.sampling
         assert (sp.temperature, sp.top_p, sp.top_k, sp.max_new_tokens, sp.seed) == (0.7, 0.9, 5, 12, 3)
-        assert sp.stop_token_ids == [2, 7] and sp.stop_strings == ["\n", "?"]
+        assert sp.stop_token_ids == [2, 7] and sp.stop_strings == ["\n", "?"] and sp.min_new_tokens == 2
         assert g.n_samples == 4
         # every grant is a valid wire message
         assert decode(encode(g, run_id="r", producer_id="learner", seq=0, weight_version=0)).body == g

@@ -78,7 +78,7 @@ def make_grant(**overrides) -> WorkGrant:
         n_samples=4,
         sampling=SamplingSpec(
             temperature=0.7, top_p=0.95, top_k=-1, max_new_tokens=128, stop_token_ids=[2, 7], seed=1234,
-            stop_strings=["\n\n", "</answer>"],
+            stop_strings=["\n\n", "</answer>"], min_new_tokens=16,
         ),
         prompts=[
             PromptSpec(prompt_id=5, token_ids=np.array([1, 2, 3], dtype=np.int32), label="42"),
@@ -389,6 +389,8 @@ def test_reject_work_grant_values():
         ("bad_value", dict(sampling=dataclasses.replace(sampling, top_p=0.0))),
         ("bad_value", dict(sampling=dataclasses.replace(sampling, top_p=1.5))),
         ("bad_value", dict(sampling=dataclasses.replace(sampling, max_new_tokens=0))),
+        ("bad_value", dict(sampling=dataclasses.replace(sampling, min_new_tokens=-1))),
+        ("bad_value", dict(sampling=dataclasses.replace(sampling, min_new_tokens=129))),  # max_new_tokens 128
         ("non_finite", dict(sampling=dataclasses.replace(sampling, temperature=float("inf")))),
         ("bad_type", dict(sampling=dataclasses.replace(sampling, seed=1.5))),
         ("bad_value", dict(sampling=dataclasses.replace(sampling, stop_strings=["ok", ""]))),
