@@ -22,7 +22,6 @@ table with the streaming/gather_all ratios.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
 import os
@@ -33,18 +32,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from common import FIXED_MMAP_THRESHOLD, reset_peak_rss, status_kib, trim_heap  # noqa: E402
 
 
 def gather_all_update(actor, publisher, version: int):
@@ -99,11 +87,11 @@ def worker(args) -> None:
 
     # memory: the first build, from a trimmed heap (freed memory glibc still holds would hide the peak)
     dist.barrier()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base_kb = _status_kb("VmRSS")
-    _reset_peak_rss()
+    trim_heap()
+    base_kb = status_kib("VmRSS")
+    reset_peak_rss()
     update = build(1)
-    peak_kb = _status_kb("VmHWM") - base_kb
+    peak_kb = status_kib("VmHWM") - base_kb
     times = []
     for version in range(2, args.repeats + 2):
         update = None  # the previous update is released before the next is built, as in the learner
@@ -143,11 +131,8 @@ def main() -> None:
                os.path.abspath(__file__), "--variant", variant, "--hidden", str(args.hidden),
                "--layers", str(args.layers), "--vocab", str(args.vocab), "--engine-dtype", args.engine_dtype,
                "--repeats", str(args.repeats)]
-        # A fixed mmap threshold makes glibc return every freed buffer of 1 MiB or more at once;
-        # with its default (dynamic) threshold the freed gather buffers stay in the heap and RSS
-        # shows the allocator's retention rather than the live memory of either variant.
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **FIXED_MMAP_THRESHOLD})
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.exit(f"{variant} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -4,11 +4,14 @@
 "step" key per line on its stdout) with the seconds since launch, so that two systems are timed
 by the same clock, from the same moment; `run_local` does that for this project's launcher
 (launch/local.sh with `--output.jsonl_stdout true`). `steady_rate` and `mean_of` turn the step
-records into the numbers the benchmarks print.
+records into the numbers the benchmarks print. `status_kib`, `reset_peak_rss` and `trim_heap`
+measure a process's own peak memory (bench_weight_push.py, bench_learner_step.py), under
+`FIXED_MMAP_THRESHOLD` in its environment.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -19,6 +22,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_PYTHON = Path(os.environ.get("STREAMRLHF_VENV", ROOT / ".venv")) / "bin" / "python"
+
+# With a fixed mmap threshold glibc returns every freed buffer of 1 MiB or more at once; with its
+# default (dynamic) threshold freed buffers stay in the heap, and RSS shows the allocator's
+# retention rather than the live memory of what is measured.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def status_kib(field: str) -> int:
+    """A KiB field of /proc/self/status: VmRSS (resident now), VmHWM (peak since the last reset)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def trim_heap() -> None:
+    """Give the heap's free memory back to the system, so that RSS is live memory."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
