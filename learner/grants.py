@@ -12,7 +12,12 @@ from __future__ import annotations
 from protocol.config import RunConfig
 from protocol.messages import PromptSpec, SamplingSpec, WorkGrant
 
-from learner.data import PromptDataset
+from learner.data import EncodedPrompt, PromptDataset
+
+
+def prompt_specs(prompts: list[EncodedPrompt]) -> list[PromptSpec]:
+    """The wire form of prompts: id, token ids and label (their other columns stay in the learner)."""
+    return [PromptSpec(prompt_id=p.prompt_id, token_ids=p.token_ids, label=p.label) for p in prompts]
 
 
 class GrantPlanner:
@@ -50,14 +55,19 @@ class GrantPlanner:
                 grants.append(WorkGrant(
                     grant_id=self.next_grant_id, step=step,
                     min_weight_version=max(0, step - self.max_staleness), n_samples=self.n_samples,
-                    sampling=self.sampling,
-                    prompts=[PromptSpec(prompt_id=p.prompt_id, token_ids=p.token_ids, label=p.label)
-                             for p in chunk]))
+                    sampling=self.sampling, prompts=prompt_specs(chunk)))
                 self.next_grant_id += 1
             self.dataset_state_after[step] = self.dataset.state_dict()
             self.dataset_state_after.pop(step - self.max_staleness - 2, None)
             self.next_step += 1
         return grants
+
+    def allocate_ids(self, count: int) -> range:
+        """`count` grant ids for grants planned elsewhere (evaluation): every grant of a run has its
+        own id, which also keeps each sample's seed its own (WorkGrant.request_seed)."""
+        ids = range(self.next_grant_id, self.next_grant_id + count)
+        self.next_grant_id += count
+        return ids
 
     def state_after(self, step: int) -> dict:
         """What a checkpoint taken after `step` must remember to plan step + 1 onwards."""

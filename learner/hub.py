@@ -10,6 +10,12 @@ no batch and applies no weights within `progress_timeout_s`, or that does not ap
 version within `ack_timeout_s`, is dropped like a dead one (its work re-issued) and told to rejoin.
 A grant held longer than `straggler_timeout_s` is also handed to an idle rollout; the first answer
 is trained on, any later one discarded.
+
+Evaluation grants (held-out evaluation, learner.evaluation) queue apart from training grants and
+never take a training grant's place: they go out at once, shared evenly among the rollouts, beside
+the training grants, and a rollout's engine runs them at a lower priority than its training work
+(rollout.engine), so that a round is generated as close to its weight version as the engines'
+spare room allows. Their answers are handed to the driver as they come, whatever step it waits for.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ class Peer:
     acked_versions: list[int] = field(default_factory=list)
     grants: dict[int, WorkGrant] = field(default_factory=dict)
 
+    def held(self, *, evaluation: bool) -> list[WorkGrant]:
+        """The training or the evaluation grants this rollout holds."""
+        return [g for g in self.grants.values() if g.evaluation == evaluation]
+
 
 @dataclass
 class PublishedVersion:
@@ -85,7 +95,9 @@ class RolloutHub:
         self.duplicated: set[int] = set()  # grants also handed to a second rollout (stragglers), until answered
         self.answered: set[int] = set()  # duplicated grants answered once: a later answer is discarded
         self.pending: collections.deque[WorkGrant] = collections.deque()
+        self.eval_pending: collections.deque[WorkGrant] = collections.deque()
         self.batches: dict[int, list[PackedBatch]] = collections.defaultdict(list)
+        self.eval_batches: list[PackedBatch] = []
         self.published: dict[int, PublishedVersion] = {}
         self.latest: WeightUpdate | None = None  # the only update kept in full: late joiners need it
         self.discarded: collections.Counter[str] = collections.Counter()
@@ -97,9 +109,12 @@ class RolloutHub:
 
     # ------------------------------------------------------------------ driver-facing API
     def offer(self, grants: list[WorkGrant]) -> None:
-        """Queue grants; they go to rollouts with free slots, oldest first. A grant that a recorded
-        batch of a crashed run already answers (see `reuse`) is answered from the recording."""
+        """Queue grants; they go to rollouts with free slots, oldest first. A training grant that a
+        recorded batch of a crashed run already answers (see `reuse`) is answered from the recording."""
         for grant in grants:
+            if grant.evaluation:
+                self.eval_pending.append(grant)
+                continue
             key = (grant.step, tuple(p.prompt_id for p in grant.prompts))
             number, batch = self.reusable.pop(key, (None, None))
             if batch is not None and batch.num_sequences == len(grant.prompts) * grant.n_samples:
@@ -137,34 +152,60 @@ class RolloutHub:
             await self._send(peer, update)
 
     async def arrivals(self, step: int, expected_batches: int, timeout_s: float):
-        """Yield the batches of `step` as they are accepted, until every grant of the step is answered."""
+        """Yield the batches of `step` as they are accepted, until every grant of the step is
+        answered, and every evaluation batch accepted meanwhile (`batch.evaluation`)."""
         deadline = time.monotonic() + timeout_s
         yielded = 0
         while yielded < expected_batches:
             async with self.changed:
-                while len(self.batches[step]) <= yielded:
-                    self._raise_if_failed()
-                    await self._drop_peers_without_progress()
-                    self._check_enough_rollouts()
-                    await self._dispatch()
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise TimeoutError(
-                            f"step {step}: {len(self.batches[step])}/{expected_batches} batches after {timeout_s:.1f} s; "
-                            f"{len(self.peers)} rollout(s) connected, {len(self.pending)} grant(s) unassigned")
-                    await self._next_change(remaining)
-                arrived = self.batches[step][yielded:]
+                while len(self.batches[step]) <= yielded and not self.eval_batches:
+                    await self._wait_for_work(deadline, lambda: (
+                        f"step {step}: {len(self.batches[step])}/{expected_batches} batches after {timeout_s:.1f} s"))
+                arrived = self.batches[step][yielded:] + self._take_eval_batches()
             for batch in arrived:
-                yielded += 1
+                if not batch.evaluation:
+                    yielded += 1
                 yield batch
         batches = sorted(self.batches.pop(step), key=lambda b: b.grant_id)
         if self.recorder is not None:
             self.consumed[step] = {"consumed": [self.record_of_grant.pop(b.grant_id) for b in batches],
                                    "seeds": {"sampling": [self.seed_of_grant.pop(b.grant_id) for b in batches]}}
 
+    async def evaluation_arrivals(self, timeout_s: float):
+        """Yield evaluation batches as they are accepted, for as long as the caller asks; TimeoutError
+        when none comes for `timeout_s`."""
+        while True:
+            deadline = time.monotonic() + timeout_s
+            async with self.changed:
+                while not self.eval_batches:
+                    await self._wait_for_work(deadline, lambda: f"no evaluation batch for {timeout_s:.1f} s")
+                arrived = self._take_eval_batches()
+            for batch in arrived:
+                yield batch
+
+    def _take_eval_batches(self) -> list[PackedBatch]:
+        arrived, self.eval_batches = self.eval_batches, []
+        return arrived
+
+    async def _wait_for_work(self, deadline: float, waiting_for) -> None:
+        """One turn of waiting (holding `changed`) for an accepted message: fail on a failure, drop
+        rollouts without progress, hand out work; TimeoutError past `deadline`, `waiting_for()` saying
+        what for."""
+        self._raise_if_failed()
+        await self._drop_peers_without_progress()
+        self._check_enough_rollouts()
+        await self._dispatch()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            evaluation = f", {len(self.eval_pending)} evaluation grant(s)" if self.eval_pending else ""
+            raise TimeoutError(f"{waiting_for()}; {len(self.peers)} rollout(s) connected, {len(self.pending)} "
+                               f"grant(s){evaluation} unassigned")
+        await self._next_change(remaining)
+
     async def collect(self, step: int, expected_batches: int, timeout_s: float) -> list[PackedBatch]:
-        """Wait until every grant of `step` has been answered; batches in grant order."""
-        batches = [b async for b in self.arrivals(step, expected_batches, timeout_s)]
+        """Wait until every grant of `step` has been answered; batches in grant order (evaluation
+        batches that arrive meanwhile are left out)."""
+        batches = [b async for b in self.arrivals(step, expected_batches, timeout_s) if not b.evaluation]
         return sorted(batches, key=lambda b: b.grant_id)
 
     def end_step(self, step: int, fingerprint: dict[str, str], metrics: dict[str, float]) -> None:
@@ -245,7 +286,7 @@ class RolloutHub:
         now = time.monotonic()
         if identity in self.peers:
             # A restarted process with the same identity: its old grants go back to the queue.
-            self.pending.extendleft(reversed(list(self.peers[identity].grants.values())))
+            self._requeue(list(self.peers[identity].grants.values()))
         peer = self.peers[identity] = Peer(identity, producer_id, now, now, now)
         log.info("rollout %s connected (%d total)", producer_id, len(self.peers))
         if self.latest is not None:
@@ -273,6 +314,9 @@ class RolloutHub:
             self.answered.add(batch.grant_id)
             for other in self.peers.values():  # the other holder is free for new work
                 other.grants.pop(batch.grant_id, None)
+        if grant.evaluation:
+            self.eval_batches.append(batch)
+            return
         if self.recorder is not None:
             self.record_of_grant[batch.grant_id] = self.last_record
             self.seed_of_grant[batch.grant_id] = grant.request_seed(0)
@@ -297,7 +341,7 @@ class RolloutHub:
     # ------------------------------------------------------------------ helpers
     async def _dispatch(self) -> None:
         for peer in sorted(self.peers.values(), key=lambda p: len(p.grants)):
-            while len(peer.grants) < MAX_GRANTS_PER_PEER and peer.identity in self.peers:
+            while len(peer.held(evaluation=False)) < MAX_GRANTS_PER_PEER and peer.identity in self.peers:
                 if self.pending:
                     grant = self.pending.popleft()
                     self.handed_out_at[grant.grant_id] = time.monotonic()
@@ -305,10 +349,16 @@ class RolloutHub:
                     grant = self._straggling_grant(peer)
                     if grant is None:
                         break
-                if not peer.grants:
-                    peer.last_progress = time.monotonic()  # an idle rollout's clock starts with its work
-                peer.grants[grant.grant_id] = grant
-                await self._send(peer, grant)
+                await self._hand_out(peer, grant)
+        while self.eval_pending and self.peers:  # each to the rollout holding the fewest evaluation prompts
+            peer = min(self.peers.values(), key=lambda p: sum(len(g.prompts) for g in p.held(evaluation=True)))
+            await self._hand_out(peer, self.eval_pending.popleft())
+
+    async def _hand_out(self, peer: Peer, grant: WorkGrant) -> None:
+        if not peer.grants:
+            peer.last_progress = time.monotonic()  # an idle rollout's clock starts with its work
+        peer.grants[grant.grant_id] = grant
+        await self._send(peer, grant)
 
     def _straggling_grant(self, idle: Peer) -> WorkGrant | None:
         """The oldest grant another rollout has held for longer than straggler_timeout_s and that no
@@ -317,7 +367,8 @@ class RolloutHub:
             return None
         now = time.monotonic()
         held = [(self.handed_out_at[g], grant) for p in self.peers.values() if p is not idle
-                for g, grant in p.grants.items() if g not in self.duplicated and g not in idle.grants]
+                for g, grant in p.grants.items()
+                if not grant.evaluation and g not in self.duplicated and g not in idle.grants]
         old = [(t, grant) for t, grant in held if now - t > self.straggler_timeout_s]
         if not old:
             return None
@@ -348,9 +399,14 @@ class RolloutHub:
         self.peers.pop(peer.identity, None)
         held_elsewhere = {g for p in self.peers.values() for g in p.grants}
         self.duplicated -= held_elsewhere & set(peer.grants)  # the other holder's answer is now the only one
-        self.pending.extendleft(reversed([g for g in peer.grants.values() if g.grant_id not in held_elsewhere]))
+        self._requeue([g for g in peer.grants.values() if g.grant_id not in held_elsewhere])
         peer.grants.clear()
         self.dropped_peers += 1
+
+    def _requeue(self, grants: list[WorkGrant]) -> None:
+        """Put grants back at the front of their queues (training or evaluation), in their order."""
+        for queue, evaluation in ((self.pending, False), (self.eval_pending, True)):
+            queue.extendleft(reversed([g for g in grants if g.evaluation == evaluation]))
 
     async def _drop_peers_without_progress(self) -> None:
         """Drop rollouts that are silent, hold work they could generate but make no progress, or do not
@@ -411,6 +467,8 @@ def _mismatch(grant: WorkGrant, batch: PackedBatch, peer: Peer) -> str | None:
     expected_ids = np.repeat([p.prompt_id for p in grant.prompts], grant.n_samples)
     if batch.num_sequences != len(expected_ids) or not np.array_equal(batch.prompt_ids, expected_ids):
         return f"expected {grant.n_samples} samples of prompts {[p.prompt_id for p in grant.prompts]} in order"
+    if batch.evaluation != grant.evaluation:
+        return f"evaluation flag {batch.evaluation} differs from its grant's"
     if not np.array_equal(batch.sample_indices, np.tile(np.arange(grant.n_samples), len(grant.prompts))):
         return "sample indices do not run 0..n-1 within each prompt"
     for b, spec in enumerate(np.repeat(np.arange(len(grant.prompts)), grant.n_samples)):

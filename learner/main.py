@@ -32,9 +32,10 @@ from protocol.messages import SCHEMA_VERSION, PackedBatch
 from protocol.keys import CurveKeyError, server_keys_from_dir
 from protocol.transport import LearnerEndpoint, check_transport_security
 
-from learner.data import DatasetError, DataSpec, PromptDataset, load_prompts
+from learner.data import DatasetError, DataSpec, EncodedPrompt, PromptDataset, load_prompts
 from learner.checkpoint import CheckpointManager
 from learner.distributed import GroupDealer, StepBroadcaster, init_distributed, is_rank0, per_rank, reduce_metrics
+from learner.evaluation import Evaluator
 from learner.grants import GrantPlanner
 from learner.hub import RolloutHub
 from learner.metrics import MetricsBackendError, MetricsLogger
@@ -53,22 +54,29 @@ async def train(cfg: RunConfig) -> dict[str, float]:
     """The algorithm: hand out prompts, collect samples, update the policy, push weights. Repeat."""
     learner = Learner(cfg)
     planner = learner.grant_planner()
+    evaluator = learner.evaluator(planner)
     async with learner.open_hub() as hub:
         await hub.publish(learner.weights(version=learner.start_step))
         hub.offer(planner.release(published_version=learner.start_step))
+        evaluator.offer_due(learner.start_step, hub)
         for step in range(learner.start_step, learner.num_steps):
             started, batches = time.perf_counter(), []
             async for arrived in hub.arrivals(step, planner.grants_per_step, cfg.transport.batch_timeout_s):
-                # shared with the other learner ranks and scored while the rest of the step is on its way
-                batches.append(await asyncio.to_thread(learner.share_and_score, arrived))
+                if arrived is not None and arrived.evaluation:  # (only rank 0 sees batches here, and evaluates)
+                    await asyncio.to_thread(evaluator.score, arrived)
+                else:
+                    # shared with the other learner ranks and scored while the rest of the step is on its way
+                    batches.append(await asyncio.to_thread(learner.share_and_score, arrived))
             waited = time.perf_counter() - started
             metrics = await asyncio.to_thread(learner.train_step, step, batches)
             update = learner.weights(version=step + 1)
             await hub.publish(update)
             hub.offer(planner.release(published_version=step + 1))
+            evaluator.offer_due(step + 1, hub)
             hub.end_step(step, update.fingerprint, metrics)  # recorded, or checked against a recording
-            learner.log(step, metrics, waited=waited, total=time.perf_counter() - started)
+            learner.log(step, {**metrics, **evaluator.results()}, waited=waited, total=time.perf_counter() - started)
             learner.maybe_checkpoint(step, planner)
+        learner.log_final_evaluation(await evaluator.finish(hub, cfg.transport.batch_timeout_s))
         await hub.shutdown_rollouts("training finished")
     return learner.finish()
 
@@ -85,11 +93,9 @@ class Learner:
                                                            trust_remote_code=cfg.model.trust_remote_code)
         except OSError as exc:  # the first use of model.path: a Hub id that cannot be fetched, a broken directory
             raise ConfigError(f"--model.path {cfg.model.path}: {exc}") from exc
-        data = DataSpec.of(cfg.data)
-        template = {"auto": None, "yes": True, "no": False}[cfg.data.apply_chat_template]
-        self.dataset = PromptDataset(load_prompts(data), self.tokenizer, max_prompt_len=cfg.prompt_len_limit,
-                                     apply_chat_template=template, seed=cfg.train.seed, shuffle=cfg.data.shuffle,
-                                     weights=data.weights)
+        self.dataset = self.prompt_dataset(DataSpec.of(cfg.data), max_prompt_len=cfg.prompt_len_limit,
+                                           shuffle=cfg.data.shuffle)
+        self.eval_prompts = self.load_eval_prompts()
         self.stop_token_ids = list(cfg.rollout.stop_token_ids)
         reward_fns = RewardFunctions.from_config(cfg.reward)
         self.trainer = PPOTrainer(cfg, cfg.model.path, self.tokenizer, reward_fns,
@@ -120,6 +126,35 @@ class Learner:
         self.recorder: RecordingWriter | None = None  # rank 0 with output.record
         self.busy_s = 0.0
         self.wall_start = time.perf_counter()
+
+    def prompt_dataset(self, spec: DataSpec, *, max_prompt_len: int, shuffle: bool) -> PromptDataset:
+        """The prompts of `spec`, tokenised with data.apply_chat_template."""
+        template = {"auto": None, "yes": True, "no": False}[self.cfg.data.apply_chat_template]
+        return PromptDataset(load_prompts(spec), self.tokenizer, max_prompt_len=max_prompt_len,
+                             apply_chat_template=template, seed=self.cfg.train.seed, shuffle=shuffle,
+                             weights=spec.weights)
+
+    def load_eval_prompts(self) -> list[EncodedPrompt]:
+        """The held-out prompts of eval.path (its eval.split and eval.subset, with data.*'s fields) in
+        their order, on rank 0 (the one that evaluates); none without eval.path and in a replay (no
+        rollouts to generate them)."""
+        if not self.cfg.eval.path or not is_rank0():
+            return []
+        if self.cfg.replay.path:
+            log.info("eval.path is set, but a replay has no rollouts to generate evaluations: evaluation skipped")
+            return []
+        e, d = self.cfg.eval, self.cfg.data
+        spec = DataSpec(paths=(e.path,), splits=(e.split,), subsets=(e.subset,), input_key=d.input_key,
+                        label_key=d.label_key, section="eval")
+        dataset = self.prompt_dataset(spec, max_prompt_len=self.cfg.eval_prompt_len_limit, shuffle=False)
+        return dataset.next_batch(len(dataset))
+
+    def evaluator(self, planner: GrantPlanner) -> Evaluator:
+        """The run's held-out evaluation (it does nothing without eval prompts), its grant ids from `planner`."""
+        columns = {p.prompt_id: p.columns for p in self.eval_prompts}
+        return Evaluator(self.cfg, self.eval_prompts, stop_token_ids=self.stop_token_ids,
+                         rewards=lambda samples: self.trainer.rewards(samples, columns.__getitem__),
+                         function_metrics=self.trainer.function_metrics, allocate_ids=planner.allocate_ids)
 
     def resume(self) -> None:
         path = self.checkpoints.latest()
@@ -256,6 +291,15 @@ class Learner:
                              "learner_busy_fraction": self.busy_s / (time.perf_counter() - self.wall_start)}
         if self.logger:
             self.logger.log(step, self.last_metrics)
+
+    def log_final_evaluation(self, metrics: dict[str, float]) -> None:
+        """The final weights' evaluation: a row of its own at step train.num_steps (after the last
+        step), and in the summary's final metrics."""
+        if not metrics:
+            return
+        self.last_metrics = {**self.last_metrics, **metrics}
+        if self.logger:
+            self.logger.log(self.num_steps, metrics, advance=False)
 
     def finish(self) -> dict[str, float]:
         if self.logger:

@@ -67,7 +67,8 @@ class MetricsLogger:
         self.start = time.time()
         self.closed = False
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], *, advance: bool = True) -> None:
+        """One row of metrics; `advance`: a step was trained (the progress bar moves)."""
         record = {"step": step, "time_s": round(time.time() - self.start, 3), **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -84,8 +85,9 @@ class MetricsLogger:
             self.tb_writer.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
-        self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in SHOWN if k in metrics}, refresh=False)
-        self.bar.update(1)
+        if advance:
+            self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in SHOWN if k in metrics}, refresh=False)
+            self.bar.update(1)
 
     def log_step_samples(self, step: int, prompt_ids: list[int], weight_versions: list[int]) -> None:
         self.steps_file.write(json.dumps({"step": step, "prompt_ids": prompt_ids,

@@ -1,4 +1,4 @@
-"""A one-page PNG of a run from its metrics.jsonl: reward, KL and throughput per step.
+"""A one-page PNG of a run from its metrics.jsonl: reward, KL, throughput and held-out evaluation per step.
 
     python -m learner.plot runs/x/metrics.jsonl runs/x/training.png
 
@@ -42,7 +42,8 @@ def rolling_mean(values: list[float], window: int) -> list[float]:
 
 def plot_run(metrics_jsonl_path: str | Path, out_png: str | Path, window: int | None = None) -> Path | None:
     """Draw reward_mean (with a rolling mean), kl_ref and kl_behaviour, tokens_per_s and completions
-    (`sequences`) per step into `out_png`. Returns its path, or None (with a warning) when there are
+    (`sequences`) per step into `out_png`, and, when the run evaluated, eval/reward_mean and eval/pass@k
+    against the weight version evaluated. Returns its path, or None (with a warning) when there are
     no metrics to draw. `window`: rolling-mean width in steps (default: about a twentieth of the run)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -60,10 +61,13 @@ def plot_run(metrics_jsonl_path: str | Path, out_png: str | Path, window: int | 
         return [float(v) if isinstance(v := r.get(key), (int, float)) else math.nan
                 for r in records]
 
-    fig = Figure(figsize=(8, 9), layout="constrained")
+    evaluations = [r for r in records if "eval/step" in r]
+    trained = sum(any(not k.startswith("eval/") for k in r if k not in ("step", "time_s")) for r in records)
+    panels = 4 if evaluations else 3
+    fig = Figure(figsize=(8, 3 * panels), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_reward, ax_kl, ax_speed = fig.subplots(3, 1, sharex=True)
-    fig.suptitle(f"{path.parent.name or path.name}: {len(records)} steps")
+    ax_reward, ax_kl, ax_speed, *ax_eval = fig.subplots(panels, 1, sharex=True)
+    fig.suptitle(f"{path.parent.name or path.name}: {trained} steps")
 
     reward = series("reward_mean")
     if reward is not None:
@@ -78,12 +82,24 @@ def plot_run(metrics_jsonl_path: str | Path, out_png: str | Path, window: int | 
               (series("kl_behaviour"), "kl_behaviour", "kl_behaviour", "tab:purple"))
     _two_axes(ax_speed, steps, (series("tokens_per_s"), "tokens_per_s", "tokens / s", "tab:green"),
               (series("sequences"), "completions per step", "completions per step", "tab:orange"))
-    ax_speed.set_xlabel("step")
+    if evaluations:
+        _evaluation(ax_eval[0], evaluations)
+    (ax_eval or [ax_speed])[0].set_xlabel("step")
 
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out
+
+
+def _evaluation(ax, records: list[dict]) -> None:
+    """eval/reward_mean and every eval/pass@k of the evaluation rows, against the weight version
+    evaluated (eval/step: the steps trained before it)."""
+    versions = [r["eval/step"] for r in records]
+    keys = ["eval/reward_mean"] + sorted({k for r in records for k in r if k.startswith("eval/pass@")})
+    for key in keys:
+        ax.plot(versions, [r.get(key, math.nan) for r in records], marker="o", linewidth=1.5, label=key)
+    _finish(ax, "held-out evaluation", True)
 
 
 def _finish(ax, ylabel: str, drawn: bool) -> None:

@@ -109,13 +109,14 @@ def reusable_batches(directory: Path, after_step: int) -> dict[tuple[int, tuple[
 
     After a crash, a run resumed from the checkpoint of `after_step` plans the same prompts for the
     same steps again; these batches answer them without generating anything twice. The newest
-    recording of a key wins (a run may have crashed more than once).
+    recording of a key wins (a run may have crashed more than once). Evaluation batches are never
+    trained on, so never reused.
     """
     reader = RecordingReader(directory, on_damage="stop")
     found = {}
     for record in reader.messages():
         body = decode(record.frames).body
-        if isinstance(body, PackedBatch) and body.step > after_step:
+        if isinstance(body, PackedBatch) and not body.evaluation and body.step > after_step:
             prompts = tuple(int(p) for p in dict.fromkeys(body.prompt_ids.tolist()))
             found[(body.step, prompts)] = (record.number, body)
     return found

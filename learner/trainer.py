@@ -176,18 +176,21 @@ class PPOTrainer:
         return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
 
     # ------------------------------------------------------------------ experience
-    def function_scores(self, samples: StepSamples) -> torch.Tensor:
-        """Each reward function's scores of the samples, [B, F]."""
+    def function_scores(self, samples: StepSamples,
+                        columns_of: Callable[[int], Mapping[str, Any]] | None = None) -> torch.Tensor:
+        """Each reward function's scores of the samples, [B, F]. `columns_of`: where the prompts'
+        dataset columns come from (default: the training data's)."""
         if not self.reward_fns.fns:
             return torch.zeros(samples.num_sequences, 0)
         prompts, completions = samples.response_texts(self.tokenizer)
-        scores = score_functions(self.reward_fns.fns, prompts, completions, samples.labels, self.columns(samples))
+        scores = score_functions(self.reward_fns.fns, prompts, completions, samples.labels,
+                                 self.columns(samples, columns_of or self.columns_of))
         return torch.tensor(scores, dtype=torch.float32).T
 
-    def columns(self, samples: StepSamples) -> dict[str, list[Any]]:
+    def columns(self, samples: StepSamples, columns_of: Callable[[int], Mapping[str, Any]]) -> dict[str, list[Any]]:
         """The samples' prompts' other dataset columns: name -> one value per sample (None where a
         prompt's row lacks the column)."""
-        rows = [self.columns_of(int(prompt_id)) for prompt_id in samples.prompt_ids]
+        rows = [columns_of(int(prompt_id)) for prompt_id in samples.prompt_ids]
         names = sorted({name for row in rows for name in row})
         return {name: [row.get(name) for row in rows] for name in names}
 
@@ -204,6 +207,21 @@ class PPOTrainer:
         if overlong is not None:
             components["overlong"], weights["overlong"] = overlong.tolist(), 1.0
         return torch.tensor(clip_rewards(combine_rewards(components, weights), r.clip or None), dtype=torch.float32)
+
+    @torch.no_grad()
+    def rewards(self, samples: StepSamples,
+                columns_of: Callable[[int], Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reward of samples that are scored but never trained on (held-out evaluation): each
+        sequence's total [B] (reward functions, server and model, weighted and clipped as in
+        training; no overlong penalty, a training signal) and each function's scores [B, F]. The
+        reward model runs on this rank alone, micro-batch by micro-batch."""
+        model_scores = None
+        if self.reward_model is not None:
+            parts = [samples.rows(start, stop) for start, stop in
+                     samples.micro_batch_bounds(self.cfg.train.micro_batch_tokens)]
+            model_scores = torch.cat([self.reward_model(p.tokens, cu_seqlens=p.cu_seqlens) for p in parts])
+        function_scores = self.function_scores(samples, columns_of)
+        return self.total_reward(function_scores, model_scores, None), function_scores
 
     @torch.no_grad()
     def score(self, samples: StepSamples, order: int, idle_row: StepSamples | None = None) -> list[ScoredPart]:

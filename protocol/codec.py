@@ -1,13 +1,19 @@
 """Wire codec: messages <-> lists of frames (bytes-like), for ZeroMQ multipart messages.
 
-Wire format (schema version 1)
+Wire format (schema version 5)
 ------------------------------
 Frame 0 is a msgpack map::
 
-    {"schema_version": 1, "kind": str, "run_id": str, "producer_id": str,
+    {"schema_version": 5, "kind": str, "run_id": str, "producer_id": str,
      "seq": int, "weight_version": int,
      "body": {<scalar / small fields of the message>},
      "arrays": [{"name": str, "dtype": str, "shape": [int, ...]}, ...]}
+
+Versioning: a decoder accepts exactly its own ``SCHEMA_VERSION``, and every field is required
+and checked, so any change to a message's fields or to their allowed values bumps the version
+(5: work grants and packed batches say whether they are for evaluation, temperature 0 is greedy;
+4: sampling specs carry min_new_tokens; 3: stop strings, and shutdowns say whether to rejoin;
+2: packed batches carry the last weight version of each sequence).
 
 Frame ``i >= 1`` holds the raw little-endian C-order bytes of ``arrays[i-1]``
 (numpy arrays, WorkGrant prompt tokens concatenated into one array, and each
@@ -233,8 +239,8 @@ def _validate_sampling(path: str, sp: Any, limits: DecodeLimits) -> None:
     if not isinstance(sp, SamplingSpec):
         raise ProtocolError("bad_type", f"{path}: expected SamplingSpec, got {_tn(sp)}")
     temperature = _float(f"{path}.temperature", sp.temperature)
-    if temperature <= 0:
-        raise ProtocolError("bad_value", f"{path}.temperature: expected > 0, got {temperature}")
+    if temperature < 0:
+        raise ProtocolError("bad_value", f"{path}.temperature: expected >= 0 (0: greedy), got {temperature}")
     top_p = _float(f"{path}.top_p", sp.top_p)
     if not 0 < top_p <= 1:
         raise ProtocolError("bad_value", f"{path}.top_p: expected 0 < top_p <= 1, got {top_p}")
@@ -261,6 +267,7 @@ def _validate_work_grant(msg: WorkGrant, limits: DecodeLimits) -> None:
     _int(f"{p}.step", msg.step, lo=0)
     _int(f"{p}.min_weight_version", msg.min_weight_version, lo=0)
     _int(f"{p}.n_samples", msg.n_samples, lo=1)
+    _bool(f"{p}.evaluation", msg.evaluation)
     _validate_sampling(f"{p}.sampling", msg.sampling, limits)
     prompts = _list(f"{p}.prompts", msg.prompts, limits.max_sequences)
     if not prompts:
@@ -319,6 +326,7 @@ def _validate_packed_batch(msg: PackedBatch, limits: DecodeLimits) -> None:
     seconds = _float(f"{p}.gen_seconds", msg.gen_seconds)
     if seconds < 0:
         raise ProtocolError("bad_value", f"{p}.gen_seconds: expected >= 0, got {seconds}")
+    _bool(f"{p}.evaluation", msg.evaluation)
 
     # cu_seqlens: 0 = cu[0] < cu[1] < ... < cu[B] = T
     cu64 = cu.astype(np.int64)
@@ -529,6 +537,7 @@ def _enc_work_grant(msg: WorkGrant) -> tuple[dict, _Arrays]:
         "n_samples": int(msg.n_samples),
         "sampling": sampling,
         "prompts": prompts,
+        "evaluation": bool(msg.evaluation),
     }
     return body, [("prompt_tokens", "int32", tokens.astype(np.int32, copy=False)), ("prompt_cu_seqlens", "int32", cu)]
 
@@ -540,6 +549,7 @@ def _enc_packed_batch(msg: PackedBatch) -> tuple[dict, _Arrays]:
         "finish_reasons": list(msg.finish_reasons),
         "labels": list(msg.labels),
         "gen_seconds": float(msg.gen_seconds),
+        "evaluation": bool(msg.evaluation),
     }
     return body, [(name, dt, getattr(msg, name)) for name, dt in PackedBatch.ARRAY_DTYPES.items()]
 
@@ -782,12 +792,13 @@ def _dec_work_grant(f: _Fields, arrays: _ArrayFrames) -> WorkGrant:
         n_samples=f["n_samples"],
         sampling=sampling,
         prompts=prompts,
+        evaluation=f["evaluation"],
     )
 
 
 def _dec_packed_batch(f: _Fields, arrays: _ArrayFrames) -> PackedBatch:
     kwargs = {name: arrays.take(name, dt) for name, dt in PackedBatch.ARRAY_DTYPES.items()}
-    for name in ("grant_id", "step", "finish_reasons", "labels", "gen_seconds"):
+    for name in ("grant_id", "step", "finish_reasons", "labels", "gen_seconds", "evaluation"):
         kwargs[name] = f[name]
     return PackedBatch(**kwargs)
 

@@ -341,6 +341,30 @@ class ReplayConfig:
 
 
 @dataclass
+class EvalConfig:
+    path: str = opt("", "Held-out prompt dataset, one of the sources data.path takes (a file, glob, directory or Hub "
+                        "dataset id; read with data.input_key, label_key and apply_chat_template): the rollouts "
+                        "generate it with the settings below at the initial weights, every every_steps steps and "
+                        "at the final weights, scored by the run's reward (without the overlong penalty) and "
+                        "never trained on; metrics eval/* in the row of the step a round completes in (the "
+                        "final one in a row of its own, step train.num_steps). Skipped in replay. Empty: off.",
+                    path=DATASET)
+    split: str = opt("train", "Split of eval.path in datasets' syntax ('test', 'train[:500]'); a file or glob has "
+                              "one split, 'train'.")
+    subset: str = opt("", "Subset (configuration name) of a Hub dataset or dataset directory in eval.path; empty: none.")
+    every_steps: int = opt(10, "Evaluate weight versions 0, every_steps, 2 x every_steps, ... and the final one; "
+                               "0: only the initial and final weights. A round due while the previous one is "
+                               "still out is skipped (with a warning).")
+    n_samples: int = opt(1, "Completions per held-out prompt (pass@k needs k of them).")
+    temperature: float = opt(0.0, "Sampling temperature of the evaluation; 0 is greedy (then n_samples must be 1).")
+    top_p: float = opt(1.0, "Nucleus sampling of the evaluation.")
+    max_new_tokens: int = opt(0, "Longest evaluation response; 0: rollout.max_new_tokens.")
+    pass_k: list = opt([1], "The k of each eval/pass@k metric: the unbiased estimate (Chen et al. 2021) of the "
+                            "chance that at least one of k samples of a prompt passes; each k <= n_samples.")
+    pass_threshold: float = opt(1.0, "A sample passes when its reward is at least this.")
+
+
+@dataclass
 class RunConfig:
     run_id: str = opt("", "Identifier stamped on every message; empty: generated at start.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Actor model."})
@@ -353,6 +377,7 @@ class RunConfig:
     transport: TransportConfig = field(default_factory=TransportConfig, metadata={"help": "Networking."})
     output: OutputConfig = field(default_factory=OutputConfig, metadata={"help": "Outputs."})
     replay: ReplayConfig = field(default_factory=ReplayConfig, metadata={"help": "Replay from disk."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Held-out evaluation during training."})
 
     def validate(self) -> RunConfig:
         """Cross-field checks that no single field's type can express."""
@@ -409,6 +434,7 @@ class RunConfig:
         self._validate_overlong_penalty()
         self._validate_reward_sources()
         self._validate_data_sources()
+        self._validate_eval()
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         self._check_prompt_room()
@@ -498,6 +524,39 @@ class RunConfig:
         if a.tis_level == "sequence_geometric" and a.tis_mode != "mask":
             raise ConfigError(f"algo.tis_level 'sequence_geometric' drops whole sequences, it has nothing to clamp: "
                               f"set algo.tis_mode mask (got '{a.tis_mode}')")
+
+    def _validate_eval(self) -> None:
+        e = self.eval
+        if e.every_steps < 0 or e.n_samples < 1 or e.max_new_tokens < 0:
+            raise ConfigError(f"eval.every_steps must be >= 0, eval.n_samples >= 1 and eval.max_new_tokens >= 0 "
+                              f"(0: rollout.max_new_tokens), got {e.every_steps}, {e.n_samples} and "
+                              f"{e.max_new_tokens}")
+        if not (math.isfinite(e.temperature) and e.temperature >= 0) or not 0 < e.top_p <= 1:
+            raise ConfigError(f"eval.temperature must be a finite number >= 0 (0: greedy) and eval.top_p in (0, 1], "
+                              f"got {e.temperature} and {e.top_p}")
+        if e.temperature == 0 and e.n_samples > 1:
+            raise ConfigError(f"eval.temperature 0 is greedy: its eval.n_samples ({e.n_samples}) samples of a prompt "
+                              f"would all be the same; raise eval.temperature or set eval.n_samples 1")
+        bad = [k for k in e.pass_k if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= e.n_samples]
+        if bad:
+            raise ConfigError(f"eval.pass_k {e.pass_k}: each k must be an integer between 1 and eval.n_samples "
+                              f"({e.n_samples}), got {bad}")
+        if not math.isfinite(e.pass_threshold):
+            raise ConfigError(f"eval.pass_threshold must be a finite number, got {e.pass_threshold}")
+        if e.path and self.eval_max_new_tokens >= self.rollout.max_model_len:
+            raise ConfigError(f"eval.max_new_tokens ({self.eval_max_new_tokens}) leaves no room for a prompt in "
+                              f"rollout.max_model_len ({self.rollout.max_model_len})")
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        """The longest evaluation response: eval.max_new_tokens, or (0) rollout.max_new_tokens."""
+        return self.eval.max_new_tokens or self.rollout.max_new_tokens
+
+    @property
+    def eval_prompt_len_limit(self) -> int:
+        """The longest held-out prompt kept: as data's (`prompt_len_limit`), and leaving room for a whole
+        evaluation response in the engine."""
+        return min(self.prompt_len_limit, self.rollout.max_model_len - self.eval_max_new_tokens)
 
     def _check_prompt_room(self) -> None:
         if self.data.max_prompt_len < 0:

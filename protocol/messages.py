@@ -45,7 +45,7 @@ __all__ = [
     "pack_weight_buckets",
 ]
 
-SCHEMA_VERSION: int = 4
+SCHEMA_VERSION: int = 5
 
 #: Allowed values of ``PackedBatch.finish_reasons``.
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
@@ -195,7 +195,7 @@ class RolloutError(_Message):
 
 @dataclass(frozen=True, eq=False)
 class SamplingSpec(_Message):
-    """Sampling parameters (vLLM semantics: ``top_k=-1`` disables top-k).
+    """Sampling parameters (vLLM semantics: ``top_k=-1`` disables top-k, ``temperature=0`` is greedy).
 
     A response ends at EOS, at one of ``stop_token_ids`` (both kept as its last token), or as soon
     as its text contains one of ``stop_strings``: then it keeps every token up to the one that
@@ -242,7 +242,8 @@ class WorkGrant(_Message):
     """learner -> rollout: generate ``n_samples`` completions for each prompt.
 
     The rollout must have applied weights of version >= ``min_weight_version``
-    before generating for this grant.
+    before generating for this grant. An ``evaluation`` grant asks for held-out evaluation samples
+    of weight version ``step`` (at least; see PackedBatch): they are scored, never trained on.
     """
 
     KIND: ClassVar[str] = "work_grant"
@@ -252,14 +253,15 @@ class WorkGrant(_Message):
     n_samples: int
     sampling: SamplingSpec
     prompts: list[PromptSpec]
+    evaluation: bool = False
 
     def request_seed(self, prompt_index: int, grant_id: int | None = None) -> int | None:
         """The vLLM seed of the request for prompt `prompt_index` (None: unseeded).
 
         vLLM gives sample i of a request with n samples the seed `seed + i`, so a request gets a
         block of `n_samples` consecutive sample numbers. Every grant of a run holds the same number
-        of prompts, so block `grant_id * len(prompts) + prompt_index` is the run's own for that
-        request. `grant_id` overrides this grant's id: the grant that first generated a batch.
+        of prompts (every evaluation grant too, with a sampling seed of their own), so block
+        `grant_id * len(prompts) + prompt_index` is the run's own for that request. `grant_id` overrides this grant's id: the grant that first generated a batch.
         """
         grant = self.grant_id if grant_id is None else grant_id
         return self.sampling.sample_seed((grant * len(self.prompts) + prompt_index) * self.n_samples)
@@ -282,6 +284,9 @@ class PackedBatch(_Message):
     staleness counts from) to ``last_weight_versions[b]`` (the newest one; equal
     when no update arrived meanwhile).  The behaviour log-probs are those of the
     weights that sampled each token.
+
+    ``evaluation`` echoes the grant's: the batch answers an evaluation grant, so a recording
+    tells which of its batches a resumed run may never train on.
     """
 
     KIND: ClassVar[str] = "packed_batch"
@@ -299,6 +304,7 @@ class PackedBatch(_Message):
     finish_reasons: list[str]  # len B, each in FINISH_REASONS
     labels: list[str | None]  # len B
     gen_seconds: float  # engine time spent generating these sequences (shared steps split evenly)
+    evaluation: bool = False
 
     ARRAY_DTYPES: ClassVar[Mapping[str, str]] = {
         "tokens": "int32",

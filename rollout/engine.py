@@ -20,6 +20,9 @@ from protocol.placement import parse_cores
 if TYPE_CHECKING:
     from vllm.outputs import RequestOutput
 
+# vLLM schedules requests of a smaller priority value first (equal ones first come, first served).
+EVALUATION_PRIORITY = 1
+
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "int64": torch.int64, "int32": torch.int32}
 
@@ -96,6 +99,9 @@ class VLLMGenerator:
             # Log-probs after temperature scaling: the learner scores tokens with the same
             # temperature, so behaviour and learner log-probs are comparable.
             logprobs_mode="processed_logprobs",
+            # Evaluation requests take the room training requests leave (EVALUATION_PRIORITY): they
+            # wait, or are preempted and recomputed, rather than hold training back.
+            scheduling_policy="priority",
             worker_extension_cls="rollout.worker_extension.WeightReloadExtension",
             **kwargs,
         )
@@ -129,7 +135,8 @@ class VLLMGenerator:
             )
             request_id = f"grant-{grant.grant_id}/{index}"
             self.requests[request_id] = (grant.grant_id, index)
-            self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt.token_ids.tolist()}, params)
+            self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": prompt.token_ids.tolist()}, params,
+                                            priority=EVALUATION_PRIORITY if grant.evaluation else 0)
 
     def step(self) -> list[PackedBatch]:
         """One engine step; returns the packed answers of the grants whose last request finished."""
@@ -241,6 +248,7 @@ def pack_generation(generation: _Generation) -> PackedBatch:
                         for _, _, sample, _ in samples],
         labels=[spec.label for spec, *_ in samples],
         gen_seconds=generation.engine_seconds,
+        evaluation=grant.evaluation,
     )
 
 

@@ -3,7 +3,7 @@
 Submodules: :mod:`.masked` (masked reductions), :mod:`.kl` (KL estimators and
 controllers), :mod:`.rewards` (reward shaping), :mod:`.advantages` (advantage
 estimators and dispatcher), :mod:`.losses` (loss terms and aggregation), :mod:`.schedule` (the learning-rate
-schedule).
+schedule), :mod:`.evaluation` (held-out evaluation metrics).
 """
 
 from .advantages import (
@@ -19,6 +19,7 @@ from .advantages import (
     rloo_advantages,
     sequence_to_token_advantages,
 )
+from .evaluation import pass_at_k
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, approx_kl
 from .losses import (
     AGGREGATION_MODES,
@@ -59,6 +60,7 @@ __all__ = [
     "masked_sum",
     "masked_whiten",
     "overlong_penalty",
+    "pass_at_k",
     "policy_loss",
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",

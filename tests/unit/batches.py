@@ -9,7 +9,7 @@ from protocol.messages import PackedBatch, WorkGrant
 
 def answer(grant: WorkGrant, version: int, *, grant_id: int | None = None, prompt_ids=None,
            sample_indices=None, first_token: int | None = None,
-           last_version: int | None = None) -> PackedBatch:
+           last_version: int | None = None, evaluation: bool | None = None) -> PackedBatch:
     """A valid PackedBatch for `grant`: each prompt n times, sample indices 0..n-1, prompt tokens first.
     Keyword arguments break one property on purpose."""
     tokens, cu, plens, mask, lps, pids, sidx, labels = [], [0], [], [], [], [], [], []
@@ -34,4 +34,5 @@ def answer(grant: WorkGrant, version: int, *, grant_id: int | None = None, promp
         behaviour_logprobs=np.array(lps), prompt_ids=np.array(pids if prompt_ids is None else prompt_ids),
         sample_indices=np.array(sidx if sample_indices is None else sample_indices, np.int32),
         weight_versions=np.full(b, version), last_weight_versions=np.full(b, version if last_version is None else last_version),
-        finish_reasons=["stop"] * b, labels=labels, gen_seconds=0.25)
+        finish_reasons=["stop"] * b, labels=labels, gen_seconds=0.25,
+        evaluation=grant.evaluation if evaluation is None else evaluation)

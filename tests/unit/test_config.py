@@ -729,7 +729,7 @@ def test_reward_options_are_checked(overrides, message):
 def test_every_path_field_has_a_kind():
     keys = {key for key, _, _ in path_fields(RunConfig())}
     assert keys == {"model.path", "critic.path", "data.path", "reward.function", "reward.model_path",
-                    "transport.weight_dir", "transport.curve_dir", "output.dir", "replay.path"}
+                    "transport.weight_dir", "transport.curve_dir", "output.dir", "replay.path", "eval.path"}
 
 
 def _model_dir(path: Path) -> Path:

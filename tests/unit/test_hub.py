@@ -39,12 +39,12 @@ def make_update(version: int) -> WeightUpdate:
 
 
 def make_grant(grant_id: int, step: int = 0, *, min_version: int = 0, n: int = 2,
-               prompt_ids: tuple[int, ...] | None = None) -> WorkGrant:
+               prompt_ids: tuple[int, ...] | None = None, evaluation: bool = False) -> WorkGrant:
     ids = prompt_ids if prompt_ids is not None else (100 * grant_id, 100 * grant_id + 1)
     prompts = [PromptSpec(prompt_id=pid, token_ids=np.array([1, 3 + pid % 50, 4 + k], np.int32), label=str(pid))
                for k, pid in enumerate(ids)]
     return WorkGrant(grant_id=grant_id, step=step, min_weight_version=min_version, n_samples=n,
-                     sampling=SAMPLING, prompts=prompts)
+                     sampling=SAMPLING, prompts=prompts, evaluation=evaluation)
 
 
 class ScriptedPeer:
@@ -343,7 +343,8 @@ async def test_batch_with_unacceptable_weight_version_fails_collect(env, case):
     assert hub.batches[0] == []
 
 
-@pytest.mark.parametrize("defect", ["wrong_prompt_ids", "too_few_samples", "bad_sample_indices", "wrong_prompt"])
+@pytest.mark.parametrize("defect", ["wrong_prompt_ids", "too_few_samples", "bad_sample_indices", "wrong_prompt",
+                                    "evaluation_flag"])
 async def test_batch_not_matching_its_grant_fails_collect(env, defect):
     endpoint, hub, connect = env
     update = make_update(0)
@@ -360,6 +361,8 @@ async def test_batch_not_matching_its_grant_fails_collect(env, defect):
         batch = answer(make_grant(0, n=1), 0)
     elif defect == "bad_sample_indices":
         batch = answer(held, 0, sample_indices=[0, 0, 0, 1])
+    elif defect == "evaluation_flag":  # a training grant answered as an evaluation one
+        batch = answer(held, 0, evaluation=True)
     else:
         batch = answer(held, 0, first_token=9)
     await peer.send(batch)
@@ -603,3 +606,96 @@ async def test_serve_survives_a_disconnected_peer():
         dead.close()
         alive.close()
         endpoint.close()
+
+
+# --------------------------------------------------------------------------- evaluation grants
+
+
+def evaluation_grant(grant_id: int, version: int = 0, prompts: int = 1) -> WorkGrant:
+    ids = tuple(1000 * grant_id + k for k in range(prompts))
+    return make_grant(grant_id, step=version, min_version=version, n=1, prompt_ids=ids, evaluation=True)
+
+
+async def test_evaluation_grants_go_out_at_once_evenly_and_never_take_a_training_slot(env):
+    endpoint, hub, connect = env
+    await hub.publish(make_update(0))
+    a, b = await connect("a"), await connect("b")
+    await a.receive_and_ack()
+    await b.receive_and_ack()
+    async with driver_waiting(hub):
+        hub.offer([make_grant(i) for i in range(5)] + [evaluation_grant(10 + i, prompts=1 + i % 2) for i in range(5)])
+        got = {peer: [await peer.recv_kind(WorkGrant) for _ in range(2 + 3 * (peer is a) + 2 * (peer is b))]
+               for peer in (a, b)}
+        await a.expect_nothing()
+        await b.expect_nothing()
+    for peer, grants in got.items():
+        assert len([g for g in grants if not g.evaluation]) == MAX_GRANTS_PER_PEER  # the training slots, no more
+    # the evaluation prompts (1, 2, 1, 2, 1) each to the rollout holding the fewest: 4 and 3
+    assert sorted(sum(len(g.prompts) for g in grants if g.evaluation) for grants in got.values()) == [3, 4]
+    assert [g.grant_id for g in hub.pending] == [4] and not hub.eval_pending
+
+
+async def test_arrivals_hand_out_evaluation_batches_as_they_come(env):
+    endpoint, hub, connect = env
+    await hub.publish(make_update(0))
+    peer = await connect("r0")
+    await peer.receive_and_ack()
+    hub.offer([make_grant(0, step=0), evaluation_grant(5)])
+    held = {g.grant_id: g for g in [await peer.recv_kind(WorkGrant) for _ in range(2)]}
+    await peer.send(answer(held[5], 0))
+    arrivals = hub.arrivals(0, 1, TIMEOUT)
+    first = await asyncio.wait_for(anext(arrivals), TIMEOUT)
+    assert first.evaluation and first.grant_id == 5  # before the step's own batch has come
+    await peer.send(answer(held[0], 0))
+    assert [b.grant_id async for b in arrivals] == [0]
+    assert hub.eval_batches == [] and 0 not in hub.batches
+
+
+async def test_evaluation_arrivals_yield_evaluation_batches_and_time_out(env):
+    endpoint, hub, connect = env
+    await hub.publish(make_update(0))
+    peer = await connect("r0")
+    await peer.receive_and_ack()
+    hub.offer([evaluation_grant(3)])
+    await peer.send(answer(await peer.recv_kind(WorkGrant), 0))
+    arrivals = hub.evaluation_arrivals(TIMEOUT)
+    assert (await asyncio.wait_for(anext(arrivals), TIMEOUT)).grant_id == 3
+    hub.offer([evaluation_grant(4)])
+    waiting = asyncio.create_task(anext(hub.evaluation_arrivals(0.5)))  # (it hands the grant out)
+    await peer.recv_kind(WorkGrant)  # never answered
+    with pytest.raises(TimeoutError, match="no evaluation batch"):
+        await waiting
+
+
+async def test_a_dropped_rollouts_evaluation_grants_go_to_another_as_evaluation_grants(env):
+    endpoint, hub, connect = env
+    await hub.publish(make_update(0))
+    first = await connect("r0")
+    await first.receive_and_ack()
+    async with driver_waiting(hub):
+        hub.offer([make_grant(0), evaluation_grant(7)])
+        assert sorted([(await first.recv_kind(WorkGrant)).grant_id for _ in range(2)]) == [0, 7]
+        await first.send(RolloutError(message="gone", fatal=True))
+        await eventually(lambda: hub.dropped_peers == 1)
+        assert [g.grant_id for g in hub.pending] == [0] and [g.grant_id for g in hub.eval_pending] == [7]
+        second = await connect("r1")
+        await second.receive_and_ack()
+        again = {g.grant_id: g for g in [await second.recv_kind(WorkGrant) for _ in range(2)]}
+        assert again[7].evaluation and not again[0].evaluation
+
+
+def received_grant(grants: list[WorkGrant], grant_id: int) -> WorkGrant:
+    return next(g for g in grants if g.grant_id == grant_id)
+
+
+@contextlib.asynccontextmanager
+async def driver_waiting(hub: RolloutHub):
+    """A driver waiting for a step that never comes, as the learner's does between steps: the hub
+    hands out work while it waits."""
+    waiting = start_collect(hub, 99, 1, timeout_s=60.0)
+    try:
+        yield
+    finally:
+        while not waiting.done():  # Python 3.11's wait_for may swallow a cancellation that meets a wake-up
+            waiting.cancel()
+            await asyncio.wait([waiting], timeout=0.1)

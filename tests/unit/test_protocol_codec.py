@@ -188,6 +188,20 @@ def test_roundtrip_work_grant():
     assert got.sampling.stop_strings == ["\n\n", "</answer>"]
     no_seed = make_grant(sampling=dataclasses.replace(grant.sampling, seed=None, stop_token_ids=[], stop_strings=[]))
     assert roundtrip(no_seed).body == no_seed
+    assert grant.evaluation is False
+    greedy_evaluation = make_grant(sampling=dataclasses.replace(grant.sampling, temperature=0.0), evaluation=True)
+    got = roundtrip(greedy_evaluation).body
+    assert got == greedy_evaluation and got.evaluation is True and got.sampling.temperature == 0.0
+
+
+def test_roundtrip_evaluation_batch_and_reject_a_bad_evaluation_flag():
+    batch = make_batch(evaluation=True)
+    assert make_batch().evaluation is False and roundtrip(batch).body.evaluation is True
+    frames = bad_batch_frames()
+    reject(with_header(frames, lambda h: h["body"].update(evaluation=1)), "bad_type")
+    reject(with_header(frames, lambda h: h["body"].pop("evaluation")), "missing_field")
+    grant = [bytes(f) for f in encode(make_grant(), **HDR)]
+    reject(with_header(grant, lambda h: h["body"].update(evaluation="yes")), "bad_type")
 
 
 def test_roundtrip_weight_update_all_dtypes_two_buckets():
@@ -385,7 +399,7 @@ def test_reject_work_grant_values():
     sampling = make_grant().sampling
     cases = [
         ("bad_value", dict(n_samples=0)),
-        ("bad_value", dict(sampling=dataclasses.replace(sampling, temperature=0.0))),
+        ("bad_value", dict(sampling=dataclasses.replace(sampling, temperature=-0.5))),
         ("bad_value", dict(sampling=dataclasses.replace(sampling, top_p=0.0))),
         ("bad_value", dict(sampling=dataclasses.replace(sampling, top_p=1.5))),
         ("bad_value", dict(sampling=dataclasses.replace(sampling, max_new_tokens=0))),

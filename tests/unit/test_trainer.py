@@ -4,7 +4,8 @@ non-finite micro-batch loss stops the step before its backward, naming where it 
 in the reward reaches the group estimators' advantages; the learning-rate schedule sets actor and
 critic rates per step and continues across a checkpoint resume; GSPO reaches the policy loss; the
 overlong penalty reaches the reward, and cut-off completions leave the loss and its normaliser; the
-logged sample records hold the decoded completions with their rewards and advantages."""
+logged sample records hold the decoded completions with their rewards and advantages; held-out samples
+are scored with their own dataset columns and without the overlong penalty."""
 
 from __future__ import annotations
 
@@ -269,6 +270,28 @@ def test_each_reward_function_is_weighted_gets_its_columns_and_has_its_metric(mo
     assert exp.metrics["reward_function_mean"] == exp.metrics["reward_mean"] == pytest.approx(5.25)
     prompt_ids = exp.samples.prompt_ids.double()
     torch.testing.assert_close(exp.scores.double(), 2.0 + 0.5 * prompt_ids)
+
+
+def test_rewards_of_held_out_samples_use_their_own_columns_and_no_overlong_penalty(model_dir):
+    """`rewards` (held-out evaluation): the weighted sum 2 x 1 + 0.5 x bonus clipped to 54, with the
+    bonus column from the given `columns_of` (prompt id + 100, not the training data's), no
+    overlong penalty though some responses are long enough for one in training."""
+    def one(prompts, completions, labels):
+        return [1.0] * len(completions)
+
+    def bonus(prompts, completions, labels, bonus):
+        return bonus
+
+    trainer = make_trainer(model_dir, **{"rollout.max_new_tokens": "8", "reward.overlong_buffer": "4",
+                                         "reward.clip": "54"})
+    trainer.reward_fns = RewardFunctions([RewardFn(one, "m:one"), RewardFn(bonus, "m:bonus")], [2.0, 0.5])
+    trainer.columns_of = lambda prompt_id: {"bonus": 0.0}
+    samples = StepSamples.from_batches(two_batches())
+    assert (samples.response_lengths > 4).any()
+    total, function_scores = trainer.rewards(samples, lambda prompt_id: {"bonus": float(prompt_id) + 100})
+    prompt_ids = samples.prompt_ids.double()
+    torch.testing.assert_close(total.double(), (2.0 + 0.5 * (prompt_ids + 100)).clamp(max=54.0))  # 52-53.5, 54
+    torch.testing.assert_close(function_scores, torch.stack([torch.ones(32), prompt_ids.float() + 100], dim=1))
 
 
 def cut_off_every_third(batches: list[PackedBatch]) -> list[PackedBatch]:
