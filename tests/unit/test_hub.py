@@ -684,6 +684,23 @@ async def test_a_dropped_rollouts_evaluation_grants_go_to_another_as_evaluation_
         assert again[7].evaluation and not again[0].evaluation
 
 
+async def test_an_evaluation_grant_held_long_is_no_straggler(env):
+    """Engines run evaluation requests after training ones, so one may wait long: that is no reason
+    to generate it twice."""
+    endpoint, hub, connect = env
+    hub.straggler_timeout_s = 0.1
+    await hub.publish(make_update(0))
+    busy = await connect("busy")
+    await busy.receive_and_ack()
+    async with driver_waiting(hub):
+        hub.offer([evaluation_grant(3)])
+        await busy.recv_kind(WorkGrant)
+        idle = await connect("idle")
+        await idle.receive_and_ack()
+        await idle.expect_nothing(0.5)
+    assert not hub.duplicated
+
+
 def received_grant(grants: list[WorkGrant], grant_id: int) -> WorkGrant:
     return next(g for g in grants if g.grant_id == grant_id)
 
