@@ -4,7 +4,8 @@ Layout under <output.dir>/checkpoints:
     step-00000012/            one complete checkpoint (after step 12, i.e. weight version 13)
         actor/ critic/        DeepSpeed state (weights, optimizer, ZeRO partitions) for resume
         hf/                   the actor as a Hugging Face model directory, for export
-        learner_state.json    step, weight version, dataset position, KL coefficient, grant counter
+        learner_state.json    step, weight version, dataset position and the prompts handed to steps planned
+                              ahead, KL coefficient, grant counter
     latest                    the name of the newest complete checkpoint
 
 A checkpoint is written to a `.tmp-` directory and renamed into place only when complete, and

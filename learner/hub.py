@@ -167,9 +167,10 @@ class RolloutHub:
                     yielded += 1
                 yield batch
         batches = sorted(self.batches.pop(step), key=lambda b: b.grant_id)
-        if self.recorder is not None:
-            self.consumed[step] = {"consumed": [self.record_of_grant.pop(b.grant_id) for b in batches],
-                                   "seeds": {"sampling": [self.seed_of_grant.pop(b.grant_id) for b in batches]}}
+        if self.recorder is not None:  # (a step with dynamic sampling asks more than once)
+            consumed = self.consumed.setdefault(step, {"consumed": [], "seeds": {"sampling": []}})
+            consumed["consumed"] += [self.record_of_grant.pop(b.grant_id) for b in batches]
+            consumed["seeds"]["sampling"] += [self.seed_of_grant.pop(b.grant_id) for b in batches]
 
     async def evaluation_arrivals(self, timeout_s: float):
         """Yield evaluation batches as they are accepted, for as long as the caller asks; TimeoutError

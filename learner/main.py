@@ -32,6 +32,7 @@ from protocol.messages import SCHEMA_VERSION, PackedBatch
 from protocol.keys import CurveKeyError, server_keys_from_dir
 from protocol.transport import LearnerEndpoint, check_transport_security
 
+from learner.algo import informative_groups, select_groups
 from learner.data import DatasetError, DataSpec, EncodedPrompt, PromptDataset, load_prompts
 from learner.checkpoint import CheckpointManager
 from learner.distributed import GroupDealer, StepBroadcaster, init_distributed, is_rank0, per_rank, reduce_metrics
@@ -43,7 +44,7 @@ from learner.recording import RecordingError, RecordingReader, RecordingWriter
 from learner.replay import ReplayHub, reusable_batches
 from learner.rewards import RewardFnError, RewardFunctions
 from learner.rollouts import StepSamples
-from learner.trainer import PPOTrainer
+from learner.trainer import PPOTrainer, select_rows
 from learner.weight_sync import WeightPublisher
 
 log = logging.getLogger("learner")
@@ -60,13 +61,8 @@ async def train(cfg: RunConfig) -> dict[str, float]:
         hub.offer(planner.release(published_version=learner.start_step))
         evaluator.offer_due(learner.start_step, hub)
         for step in range(learner.start_step, learner.num_steps):
-            started, batches = time.perf_counter(), []
-            async for arrived in hub.arrivals(step, planner.grants_per_step, cfg.transport.batch_timeout_s):
-                if arrived is not None and arrived.evaluation:  # (only rank 0 sees batches here, and evaluates)
-                    await asyncio.to_thread(evaluator.score, arrived)
-                else:
-                    # shared with the other learner ranks and scored while the rest of the step is on its way
-                    batches.append(await asyncio.to_thread(learner.share_and_score, arrived))
+            started = time.perf_counter()
+            batches = await collect(step, learner, planner, evaluator, hub, cfg.transport.batch_timeout_s)
             waited = time.perf_counter() - started
             metrics = await asyncio.to_thread(learner.train_step, step, batches)
             update = learner.weights(version=step + 1)
@@ -79,6 +75,24 @@ async def train(cfg: RunConfig) -> dict[str, float]:
         learner.log_final_evaluation(await evaluator.finish(hub, cfg.transport.batch_timeout_s))
         await hub.shutdown_rollouts("training finished")
     return learner.finish()
+
+
+async def collect(step: int, learner: Learner, planner: GrantPlanner, evaluator: Evaluator, hub,
+                  timeout_s: float) -> list[PackedBatch]:
+    """The batches of `step`, each shared with the other learner ranks and scored as it arrives (while
+    the rest of the step is on its way), evaluation batches scored meanwhile; with dynamic sampling,
+    until the planner hands out no more grants for the step."""
+    batches = []
+    while True:
+        async for arrived in hub.arrivals(step, planner.granted(step) - len(batches), timeout_s):
+            if arrived is not None and arrived.evaluation:  # (only rank 0 sees batches here, and evaluates)
+                await asyncio.to_thread(evaluator.score, arrived)
+            else:
+                batches.append(await asyncio.to_thread(learner.share_and_score, arrived))
+        more = planner.top_up(step, learner.informative_count(batches))
+        if not more:
+            return batches
+        hub.offer(more)
 
 
 class Learner:
@@ -110,6 +124,7 @@ class Learner:
                              f"give each of the {world} learner ranks at least one")
         self.dealer = GroupDealer(world, dist.get_rank() if world > 1 else 0, cfg.rollout.n_samples_per_prompt)
         self.scored: dict[int, list] = {}  # grant id -> scored micro-batches of a batch that arrived
+        self.informative: dict[int, torch.Tensor] = {}  # grant id -> [groups] whose rewards differ (dynamic sampling)
         self.score_s: dict[int, float] = {}  # grant id -> seconds its scoring took
         self.run_dir = Path(cfg.output.dir)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -253,24 +268,36 @@ class Learner:
         if self.broadcaster.world_size > 1:
             batch = self.broadcaster.share([batch] if is_rank0() else None)[0]
         samples = StepSamples.from_batches([batch])
-        self.scored[batch.grant_id] = self.trainer.score(self.dealer.deal(samples), order=batch.grant_id,
-                                                         idle_row=samples.rows(0, 1))
+        parts = self.scored[batch.grant_id] = self.trainer.score(self.dealer.deal(samples), order=batch.grant_id,
+                                                                 idle_row=samples.rows(0, 1))
+        if self.cfg.algo.dynamic_sampling:  # (one learner rank: it holds every group)
+            self.informative[batch.grant_id] = informative_groups(
+                self.trainer.total_reward(*self.trainer.reward_terms(parts)), self.cfg.rollout.n_samples_per_prompt)
         self.score_s[batch.grant_id] = time.perf_counter() - started
         self.busy_s += self.score_s[batch.grant_id]
         return batch
+
+    def informative_count(self, batches: list[PackedBatch]) -> int:
+        """Informative groups (rewards not all equal) among `batches`; 0 without dynamic sampling."""
+        return sum(int(self.informative[b.grant_id].sum()) for b in batches if b.grant_id in self.informative)
 
     def train_step(self, step: int, batches) -> dict[str, float]:
         started = time.perf_counter()
         # planned (grant) order, not arrival order: the step log lists prompts as the dataset dealt them
         batches = sorted(batches, key=lambda b: b.grant_id)
         samples = StepSamples.from_batches(batches)
+        parts = [part for b in batches for part in self.scored.pop(b.grant_id)]
+        selection = {}
+        if self.cfg.algo.dynamic_sampling:
+            parts, kept, selection = self.trained_groups(parts, torch.cat([self.informative.pop(b.grant_id)
+                                                                           for b in batches]))
+            samples = samples.select(kept)
         if self.logger:
             self.logger.log_step_samples(step, samples.prompt_ids[:: self.cfg.rollout.n_samples_per_prompt].tolist(),
                                          sorted(set(samples.weight_versions.tolist())))
         # counted from the version a sample started with (the oldest that generated any of its tokens)
         staleness = (step - samples.weight_versions).float()
         spanned = np.concatenate([b.last_weight_versions != b.weight_versions for b in batches])
-        parts = [part for b in batches for part in self.scored.pop(b.grant_id)]
         self.dealer.new_step()
         experience = self.trainer.make_experience(parts)
         # the peak so far of the rank that holds the most
@@ -280,11 +307,26 @@ class Learner:
             self.logger.log_samples(step, self.trainer.sample_records(experience, self.cfg.output.log_samples))
         seconds = time.perf_counter() - started
         self.busy_s += seconds
-        return {**metrics, "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),
+        return {**metrics, **selection,
+                "staleness_mean": float(staleness.mean()), "staleness_max": float(staleness.max()),
                 "update_in_flight_fraction": float(spanned.mean()),
                 "tokens_per_s": samples.num_tokens / seconds, "train_s": seconds,
                 "score_s": sum(self.score_s.pop(b.grant_id) for b in batches),
                 "gen_s": float(sum(b.gen_seconds for b in batches))}
+
+    def trained_groups(self, parts: list, informative: torch.Tensor) -> tuple[list, torch.Tensor, dict[str, float]]:
+        """Dynamic sampling: `parts` (the step's, in grant order) cut to the groups it trains
+        (`select_groups` of the step's `informative` flags), the rows kept [B] and the metrics
+        dynamic_sampling/*: groups generated, informative, dropped (generated, not trained),
+        filled (uninformative ones trained for want of informative ones) and prompts generated
+        per prompt trained."""
+        chosen = select_groups(informative, self.cfg.train.prompts_per_step)
+        kept = chosen.repeat_interleave(self.cfg.rollout.n_samples_per_prompt)
+        groups, trained = informative.numel(), int(chosen.sum())
+        metrics = {"groups": float(groups), "groups_informative": float(informative.sum()),
+                   "groups_dropped": float(groups - trained), "groups_filled": float((chosen & ~informative).sum()),
+                   "prompts_generated_per_trained": groups / trained}
+        return select_rows(parts, kept), kept, {f"dynamic_sampling/{k}": v for k, v in metrics.items()}
 
     def log(self, step: int, metrics: dict[str, float], *, waited: float, total: float) -> None:
         self.last_metrics = {**metrics, "wait_s": waited, "step_s": total,

@@ -2,7 +2,7 @@
 
 A recording (learner.recording) holds every wire message the learner accepted, byte for byte, and
 one record per optimizer step naming the messages that step consumed and the fingerprint of the
-weights it produced. `ReplayHub` has the driver-facing interface of `RolloutHub`: `collect(step)`
+weights it produced. `ReplayHub` has the driver-facing interface of `RolloutHub`: `arrivals(step)`
 decodes the recorded batches of that step (with the same validating codec as the live path) in
 the recorded order, and `end_step` checks that each replayed step has the recorded losses and
 produces weights with the recorded fingerprint, so a replay that drifts says at which step.
@@ -37,7 +37,8 @@ class ReplayHub:
             raise ValueError(f"recording {directory} has no optimizer-step records to replay")
         self.verify = verify
         self.dump_step, self.dump_dir = dump_step, dump_dir
-        self.last_batches: list[PackedBatch] = []
+        self.last_batches: list[PackedBatch] = []  # those of the step replayed last
+        self.taken: dict[int, int] = {}  # step -> recorded batches handed out so far
         self.last_step = max(self.steps)
 
     @property
@@ -48,25 +49,31 @@ class ReplayHub:
         """Nothing to hand out: the samples come from the recording."""
 
     async def arrivals(self, step: int, expected_batches: int, timeout_s: float):
-        """The recorded batches of `step`, in the recorded order."""
-        for batch in await self.collect(step, expected_batches, timeout_s):
-            yield batch
-
-    async def collect(self, step: int, expected_batches: int, timeout_s: float) -> list[PackedBatch]:
+        """The next `expected_batches` recorded batches of `step`, in the recorded order (a step
+        with dynamic sampling asks more than once; `end_step` checks that it took them all)."""
         info = self.steps.get(step)
         if info is None:
             raise ReplayMismatch(f"the recording has no step {step} (it ends at step {self.last_step})")
-        batches = [decode(self.reader.record(n).frames).body for n in info["consumed"]]
-        self.last_batches = batches
-        if len(batches) != expected_batches:
-            raise ReplayMismatch(f"step {step}: recorded {len(batches)} batches, the config expects {expected_batches}")
-        return batches
+        start = self.taken.get(step, 0)
+        numbers = info["consumed"][start: start + expected_batches]
+        if len(numbers) != expected_batches:
+            raise ReplayMismatch(f"step {step}: recorded {len(info['consumed'])} batches, the replay asks for "
+                                 f"{start + expected_batches}")
+        self.taken[step] = start + expected_batches
+        batches = [decode(self.reader.record(n).frames).body for n in numbers]
+        self.last_batches = (self.last_batches if start else []) + batches
+        for batch in batches:
+            yield batch
 
     async def publish(self, update: WeightUpdate) -> None:
         """No rollouts to send weights to (end_step checks them against the recording)."""
 
     def end_step(self, step: int, fingerprint: dict[str, str], metrics: dict[str, float]) -> None:
-        """Check the replayed step against the recorded one: same losses, same resulting weights."""
+        """Check the replayed step against the recorded one: every recorded batch trained, same
+        losses, same resulting weights."""
+        recorded = len(self.steps[step]["consumed"])
+        if self.taken.pop(step) != recorded:
+            raise ReplayMismatch(f"step {step}: the replay collected fewer batches than the {recorded} recorded")
         if step == self.dump_step and self.dump_dir is not None:
             self._dump(step, metrics)
         if not self.verify:

@@ -85,6 +85,17 @@ class StepSamples:
             weight_versions=self.weight_versions[start:stop], finish_reasons=self.finish_reasons[start:stop],
             labels=self.labels[start:stop])
 
+    def select(self, keep: torch.Tensor) -> StepSamples:
+        """The sequences where `keep` ([B] bool) is True, in order, as their own packed batch."""
+        runs, start = [], None
+        for row, kept in enumerate([*keep.tolist(), False]):
+            if kept and start is None:
+                start = row
+            elif not kept and start is not None:
+                runs.append(self.rows(start, row))
+                start = None
+        return StepSamples.concat(runs) if runs else self.rows(0, 0)
+
     def micro_batch_bounds(self, token_budget: int) -> list[tuple[int, int]]:
         """Split into consecutive row ranges of at most `token_budget` tokens (one sequence may exceed it)."""
         lens = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()

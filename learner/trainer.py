@@ -83,6 +83,26 @@ class ScoredPart:
     function_scores: torch.Tensor  # [b, F]: one column per reward function
     model_scores: torch.Tensor | None
 
+    def select(self, keep: torch.Tensor) -> ScoredPart:
+        """The rows where `keep` ([b] bool) is True."""
+        def rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[keep]
+
+        return ScoredPart(self.samples.select(keep), self.order, rows(self.mask), rows(self.behaviour), rows(self.old),
+                          rows(self.ref), rows(self.values), rows(self.function_scores), rows(self.model_scores))
+
+
+def select_rows(parts: list[ScoredPart], keep: torch.Tensor) -> list[ScoredPart]:
+    """The rows of `parts` (in their order) where `keep` ([B] bool over all their rows) is True;
+    a part left without rows is left out."""
+    selected, start = [], 0
+    for part in parts:
+        rows = keep[start: start + part.samples.num_sequences]
+        start += part.samples.num_sequences
+        if rows.any():
+            selected.append(part.select(rows))
+    return selected
+
 
 @dataclass
 class Experience:
@@ -279,11 +299,7 @@ class PPOTrainer:
             return torch.cat([F.pad(getattr(p, field), (0, width - getattr(p, field).shape[1])) for p in parts])
 
         mask, old, behaviour, ref, values = cat("mask"), cat("old"), cat("behaviour"), cat("ref"), cat("values")
-        function_scores = torch.cat([p.function_scores for p in parts])
-        model_scores = torch.cat([p.model_scores for p in parts]) if parts[0].model_scores is not None else None
-        r = cfg.reward
-        overlong = (overlong_penalty(samples.response_lengths, cfg.rollout.max_new_tokens, r.overlong_buffer,
-                                     r.overlong_penalty) if r.overlong_buffer else None)
+        function_scores, model_scores, overlong = self.reward_terms(parts)
         scores = self.total_reward(function_scores, model_scores, overlong)
         rows = [p.samples.num_sequences for p in parts]
         bounds = [(sum(rows[:i]), sum(rows[: i + 1])) for i in range(len(rows))]
@@ -311,6 +327,17 @@ class PPOTrainer:
         # Cut-off completions stay in their group's baseline above; here they leave every loss and its normaliser.
         loss_mask = mask & ~samples.truncated[:, None] if cfg.train.mask_truncated else mask
         return Experience(samples, loss_mask, old, behaviour, advantages, returns, ref, values, bounds, metrics, scores)
+
+    def reward_terms(self, parts: list[ScoredPart]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What each sequence of `parts` (in their order) scored: the reward functions' [B, F], the
+        reward model's [B] and the overlong penalty [B] (None when not used); `total_reward` sums them."""
+        r = self.cfg.reward
+        function_scores = torch.cat([p.function_scores for p in parts])
+        model_scores = torch.cat([p.model_scores for p in parts]) if parts[0].model_scores is not None else None
+        lengths = torch.cat([p.samples.response_lengths for p in parts])
+        overlong = (overlong_penalty(lengths, self.cfg.rollout.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
+                    if r.overlong_buffer else None)
+        return function_scores, model_scores, overlong
 
     def function_metrics(self, function_scores: torch.Tensor) -> dict[str, float]:
         """`reward_fn_<name>_mean` of each reward function, and `reward_function_mean` of their weighted sum."""

@@ -222,6 +222,17 @@ class AlgoConfig:
     tis_cap: float = opt(2.0, "Upper bound of the importance weights.")
     tis_floor: float = opt(0.0, "Lower bound of the importance weights; 0: none (OpenRLHF's band is [0.5, 5]).")
     entropy_coef: float = opt(0.0, "Entropy bonus coefficient.")
+    dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling (Yu et al. 2025): a prompt group whose rewards are "
+                                        "all equal has all-zero advantages under group normalisation and is dropped; "
+                                        "each step is handed out more prompts (train.prompts_per_step over the share "
+                                        "of informative groups of the last steps, and more while its answers hold too "
+                                        "few) so that it trains train.prompts_per_step groups, the first informative "
+                                        "ones in grant order. Needs a group estimator (grpo, dr_grpo, rloo).")
+    dynamic_sampling_max_prompts: float = opt(3.0, "With dynamic_sampling, the most prompts generated for one step, "
+                                                   "as a multiple of train.prompts_per_step (DAPO's "
+                                                   "max_num_gen_batches); a step still short of informative groups "
+                                                   "then trains uninformative ones in their place (they add no "
+                                                   "policy gradient).")
 
 
 @dataclass
@@ -435,6 +446,7 @@ class RunConfig:
         self._validate_reward_sources()
         self._validate_data_sources()
         self._validate_eval()
+        self._validate_dynamic_sampling()
         if self.algo.dual_clip and self.algo.dual_clip <= 1:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         self._check_prompt_room()
@@ -524,6 +536,29 @@ class RunConfig:
         if a.tis_level == "sequence_geometric" and a.tis_mode != "mask":
             raise ConfigError(f"algo.tis_level 'sequence_geometric' drops whole sequences, it has nothing to clamp: "
                               f"set algo.tis_mode mask (got '{a.tis_mode}')")
+
+    def _validate_dynamic_sampling(self) -> None:
+        a = self.algo
+        if not a.dynamic_sampling_max_prompts >= 1:
+            raise ConfigError(f"algo.dynamic_sampling_max_prompts must be >= 1 (a step trains train.prompts_per_step "
+                              f"prompts), got {a.dynamic_sampling_max_prompts}")
+        if not a.dynamic_sampling:
+            return
+        if a.advantage_estimator not in ("grpo", "dr_grpo", "rloo"):
+            raise ConfigError(f"algo.dynamic_sampling drops groups whose equal rewards give all-zero advantages under "
+                              f"group normalisation, but algo.advantage_estimator '{a.advantage_estimator}' does not "
+                              f"normalise within groups: choose grpo, dr_grpo or rloo")
+        if self.rollout.n_samples_per_prompt < 2:
+            raise ConfigError(f"algo.dynamic_sampling needs groups of several samples, but "
+                              f"rollout.n_samples_per_prompt is {self.rollout.n_samples_per_prompt}")
+        if a.kl_mode == "reward" and a.kl_coef > 0:
+            raise ConfigError(f"algo.dynamic_sampling drops groups of equal rewards as carrying no gradient, but with "
+                              f"algo.kl_mode 'reward' (algo.kl_coef {a.kl_coef}) the KL penalty in their rewards "
+                              f"does: use algo.kl_mode loss")
+        if self.train.learner_ranks > 1:
+            raise ConfigError(f"algo.dynamic_sampling is not implemented with train.learner_ranks "
+                              f"{self.train.learner_ranks} (the ranks would have to agree on each group's rewards "
+                              f"before dealing): use one learner rank")
 
     def _validate_eval(self) -> None:
         e = self.eval

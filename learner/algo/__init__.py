@@ -3,7 +3,8 @@
 Submodules: :mod:`.masked` (masked reductions), :mod:`.kl` (KL estimators and
 controllers), :mod:`.rewards` (reward shaping), :mod:`.advantages` (advantage
 estimators and dispatcher), :mod:`.losses` (loss terms and aggregation), :mod:`.schedule` (the learning-rate
-schedule), :mod:`.evaluation` (held-out evaluation metrics).
+schedule), :mod:`.evaluation` (held-out evaluation metrics), :mod:`.filtering` (dynamic sampling's
+group selection).
 """
 
 from .advantages import (
@@ -20,6 +21,7 @@ from .advantages import (
     sequence_to_token_advantages,
 )
 from .evaluation import pass_at_k
+from .filtering import informative_groups, select_groups
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, approx_kl
 from .losses import (
     AGGREGATION_MODES,
@@ -53,6 +55,7 @@ __all__ = [
     "gae",
     "grpo_advantages",
     "gspo_ratios",
+    "informative_groups",
     "kl_loss",
     "last_action_index",
     "lr_at",
@@ -65,6 +68,7 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",
+    "select_groups",
     "sequence_to_token_advantages",
     "shape_token_rewards",
     "truncated_importance_weights",

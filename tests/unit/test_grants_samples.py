@@ -52,7 +52,7 @@ def test_release_with_max_staleness_0_gives_only_step_0(tokenizer):
     planner = GrantPlanner(make_cfg(), make_dataset(tokenizer), [2])
     grants = planner.release(published_version=0)
     assert steps_of(grants) == [0]
-    assert len(grants) == planner.grants_per_step == 2
+    assert len(grants) == planner.granted(0) == 2
     assert all(g.min_weight_version == 0 for g in grants)
     assert planner.release(published_version=0) == []  # nothing new for the same version
     nxt = planner.release(published_version=1)
@@ -63,7 +63,7 @@ def test_release_with_max_staleness_2_gives_steps_0_to_2(tokenizer):
     planner = GrantPlanner(make_cfg(**{"train.max_staleness": 2}), make_dataset(tokenizer), [2])
     grants = planner.release(published_version=0)
     assert steps_of(grants) == [0, 1, 2]
-    assert len(grants) == 3 * planner.grants_per_step
+    assert len(grants) == 3 * 2 and [planner.granted(step) for step in range(3)] == [2, 2, 2]
     assert [g.step for g in grants] == sorted(g.step for g in grants)  # step order
     for g in grants:
         assert g.min_weight_version == max(0, g.step - 2)
@@ -97,11 +97,11 @@ def test_grant_ids_unique_increasing_and_prompts_exactly_once(tokenizer):
         grants += planner.release(published_version=version)
     ids = [g.grant_id for g in grants]
     assert ids == list(range(len(ids)))
-    assert len(grants) == cfg.train.num_steps * planner.grants_per_step
+    assert len(grants) == cfg.train.num_steps * 2
     all_ids = []
     for step in range(cfg.train.num_steps):
         step_grants = [g for g in grants if g.step == step]
-        assert len(step_grants) == planner.grants_per_step
+        assert len(step_grants) == 2
         assert all(len(g.prompts) == cfg.rollout.prompts_per_grant for g in step_grants)
         got = [p.prompt_id for g in step_grants for p in g.prompts]
         expected = twin.next_batch(cfg.train.prompts_per_step)

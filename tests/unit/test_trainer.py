@@ -5,7 +5,8 @@ in the reward reaches the group estimators' advantages; the learning-rate schedu
 critic rates per step and continues across a checkpoint resume; GSPO reaches the policy loss; the
 overlong penalty reaches the reward, and cut-off completions leave the loss and its normaliser; the
 logged sample records hold the decoded completions with their rewards and advantages; held-out samples
-are scored with their own dataset columns and without the overlong penalty."""
+are scored with their own dataset columns and without the overlong penalty; a step cut to the groups
+dynamic sampling keeps trains as if only they had come."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ import torch
 
 import learner.algo.losses
 import learner.trainer
-from learner.algo import approx_kl
+from learner.algo import approx_kl, informative_groups, select_groups
 from learner.checkpoint import CheckpointManager
 from learner.rewards import RewardFn, RewardFunctions
 from learner.rollouts import StepSamples
 from learner.tiny import build_tiny_model, build_tokenizer
-from learner.trainer import NonFiniteLossError, PPOTrainer, ScoredPart, require_finite_loss
+from learner.trainer import NonFiniteLossError, PPOTrainer, ScoredPart, require_finite_loss, select_rows
 from protocol.config import load_config
 from protocol.messages import PackedBatch
 
@@ -292,6 +293,42 @@ def test_rewards_of_held_out_samples_use_their_own_columns_and_no_overlong_penal
     prompt_ids = samples.prompt_ids.double()
     torch.testing.assert_close(total.double(), (2.0 + 0.5 * (prompt_ids + 100)).clamp(max=54.0))  # 52-53.5, 54
     torch.testing.assert_close(function_scores, torch.stack([torch.ones(32), prompt_ids.float() + 100], dim=1))
+
+
+def test_dynamic_sampling_trains_the_chosen_groups_as_if_only_they_had_come(model_dir):
+    """Groups of even prompts all score 1 (uninformative); the step keeps the first 3 informative
+    groups. Cutting the scored micro-batches to their rows (`select_rows`; 64-token micro-batches
+    split groups) gives the metrics, loss, gradient norm and weights of scoring and training a
+    batch of just those groups."""
+    def by_prompt(prompts, completions, labels, pid):
+        return [1.0 if p % 2 == 0 else float(len(c) % 3) for p, c in zip(pid, completions)]
+
+    def trainer():
+        t = make_trainer(model_dir)
+        t.reward_fns = RewardFunctions([RewardFn(by_prompt, "m:by_prompt")], [1.0])
+        t.columns_of = lambda prompt_id: {"pid": prompt_id}
+        return t
+
+    batches = two_batches()
+    full = trainer()
+    parts = score_two_batches(full)
+    sizes = np.cumsum([p.samples.num_sequences for p in parts])
+    assert any(size % 4 for size in sizes), "some group spans two micro-batches"
+    informative = informative_groups(full.total_reward(*full.reward_terms(parts)), 4)
+    assert informative.tolist()[0::2] == [False] * 4 and informative.sum() > 3  # a surplus is dropped too
+    keep = select_groups(informative, 3).repeat_interleave(4)
+    selected = full.train_step(0, select_rows(parts, keep))
+
+    alone = trainer()
+    only_chosen = alone.train_step(0, alone.score(StepSamples.from_batches(batches).select(keep), order=0))
+    assert selected["sequences"] == only_chosen["sequences"] == 12
+    for key in only_chosen:
+        assert selected[key] == pytest.approx(only_chosen[key], rel=1e-5, abs=1e-6), key
+    # other micro-batches sum in another order; Adam's first step moves a weight by about lr x g / |g|
+    # (lr 0.01), so where a gradient is near 0 its rounding shows: a handful of weights, by < 1e-3
+    for name, weight in alone.actor_module.state_dict().items():
+        diff = (full.actor_module.state_dict()[name] - weight).abs()
+        assert diff.max() < 1e-3 and (diff > 1e-6).float().mean() < 1e-3, name
 
 
 def cut_off_every_third(batches: list[PackedBatch]) -> list[PackedBatch]:
