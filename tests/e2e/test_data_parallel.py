@@ -30,8 +30,9 @@ def test_two_rank_learner(run_local, zero_stage, max_staleness):
     assert summary["discarded_batches"] == 0 and summary["rejected_messages"] == 0
     assert len(summary["applied_versions"]) == 2
     for producer, versions in summary["applied_versions"].items():
-        # every published version reached every rollout with a matching fingerprint
-        assert set(range(STEPS)) <= set(versions), f"{producer} applied {versions}"
+        # every published version reached every rollout with a matching fingerprint; the last
+        # max_staleness of them are needed by no step, and the run may end before they are acked
+        assert set(range(STEPS - max_staleness)) <= set(versions), f"{producer} applied {versions}"
     # the saved actor is complete (under ZeRO-3 it had to be gathered from both ranks)
     with safe_open(str(result.run_dir / "final" / "model.safetensors"), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
