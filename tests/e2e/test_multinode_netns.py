@@ -156,7 +156,9 @@ def test_learner_and_rollout_in_two_network_namespaces(netns_pair, tmp_path):
     applied = json.loads((tmp_path / "learner" / "summary.json").read_text())["applied_versions"]
     assert len(applied) == 1, applied
     versions = next(iter(applied.values()))
-    assert set(range(STEPS)) <= set(versions), f"the rollout applied {versions}"
+    # every version some step needed (configs/tiny.yaml: max_staleness 1; the last one may be acked
+    # after the run ended)
+    assert set(range(STEPS - 1)) <= set(versions), f"the rollout applied {versions}"
     assert not leftover_processes(run_id)
 
     netns_pair.remove()
