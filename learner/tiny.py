@@ -121,3 +121,17 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec())
     tokenizer.save_pretrained(out)
     marker.write_text(json.dumps(asdict(spec), indent=1))
     return out
+
+
+def remove_eos(model_dir: str | Path) -> Path:
+    """Make a model directory's responses end only at their token limit: its configs and tokenizer
+    no longer name an end-of-sequence token, so vLLM never stops on one (fixed-length generation
+    for benchmarks and tests, without a sampling option the protocol does not carry)."""
+    out = Path(model_dir)
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        path = out / name
+        if path.exists():
+            settings = json.loads(path.read_text())
+            settings.update({key: None for key in ("eos_token_id", "eos_token") if key in settings})
+            path.write_text(json.dumps(settings, indent=1))
+    return out

@@ -64,7 +64,10 @@ class VLLMGenerator:
 
     Grants are submitted as requests and generated together (continuous batching); `step` runs
     the engine and returns the grants that finished. A weight update is applied between two
-    steps, in flight: requests already running are recomputed with the new weights and go on.
+    steps; what happens to the requests running then is `cfg.inflight_update`'s choice: they are
+    recomputed with the new weights and go on (recompute), go on with the new weights over their
+    old KV cache (keep), or must have finished before the update is applied (finish; see
+    `ready_for_weights`).
     """
 
     def __init__(self, model_path: str, cfg: RolloutConfig, *, seed: int, trust_remote_code: bool = False):
@@ -80,6 +83,13 @@ class VLLMGenerator:
             # in-flight update makes running requests recompute their tokens so far.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(cfg.max_model_len, 4096)
+        if cfg.inflight_update == "keep":
+            # vLLM drops its prefix cache only as a whole: reset_prefix_cache refuses while any block
+            # is in use, or preempts every running request first. Running requests keep their blocks
+            # here, so a later prompt could hit blocks computed under the old weights; without prefix
+            # caching no block outlives its request.
+            kwargs["enable_prefix_caching"] = False
+        self.inflight_update = cfg.inflight_update
         # One worker: run it and the engine core in this process. As separate processes they talk
         # through a shared-memory queue that spins for 1 s after every message, so an engine that
         # generates a third of the time would hold a whole core; here it uses the CPU only while
@@ -114,6 +124,12 @@ class VLLMGenerator:
     @property
     def busy(self) -> bool:
         return bool(self.generations)
+
+    @property
+    def ready_for_weights(self) -> bool:
+        """Whether `apply_weights` may be called now: always, except while requests run with
+        inflight_update finish (they end under the weights they started with)."""
+        return self.inflight_update != "finish" or not self.busy
 
     def submit(self, grant: WorkGrant) -> None:
         """Start generating `grant`'s prompts (n samples each) with the current weights."""
@@ -176,13 +192,19 @@ class VLLMGenerator:
     def apply_weights(self, update: WeightUpdate, staging_dir: str, timeout_s: float) -> dict[str, str]:
         """Load a WeightUpdate into the running engine; returns the fingerprint the workers saw.
 
-        Scheduling pauses (running requests are kept), the workers reload their weights, and the
-        KV cache is dropped, the running requests' included: they are recomputed with the new
-        weights when scheduling resumes, so no token is sampled from a mix of two versions, and
-        no prompt reuses a prefix cached under the old ones. A worker in this process reads the
-        received frames in place; workers in other processes read a file staged in `staging_dir`
-        and raise TimeoutError if they do not finish within `timeout_s`.
+        Scheduling pauses (running requests are kept) and the workers reload their weights. With
+        inflight_update recompute (and finish, where nothing runs) the KV cache is dropped, the
+        running requests' included: they are recomputed with the new weights when scheduling
+        resumes, so no token is sampled from a mix of two versions, and no prompt reuses a prefix
+        cached under the old ones. With keep, running requests keep the KV cache of their tokens so
+        far, computed under the old weights, and attend to it with the new ones (prefix caching is
+        off, so no other request can). A worker in this process reads the received frames in place;
+        workers in other processes read a file staged in `staging_dir` and raise TimeoutError if
+        they do not finish within `timeout_s`.
         """
+        if not self.ready_for_weights:
+            raise RuntimeError(f"weight version {update.version} applied while requests run, with "
+                               f"rollout.inflight_update finish: apply it once ready_for_weights")
         with warnings.catch_warnings():
             # Read-only views of the received frames: the model copies them into its own parameters.
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -200,7 +222,7 @@ class VLLMGenerator:
         self.llm.sleep(level=0, mode="keep")
         try:
             prints = self.llm.collective_rpc(method, args=args, timeout=timeout_s)
-            if not self.llm.reset_prefix_cache(reset_running_requests=True):
+            if self.inflight_update != "keep" and not self.llm.reset_prefix_cache(reset_running_requests=True):
                 raise RuntimeError(f"vLLM could not drop its KV cache after loading weight version {update.version}")
         finally:
             if path is not None:

@@ -4,8 +4,10 @@
 
 It connects to the learner, says hello, then steps its engine until told to stop. Between two
 engine steps it applies every weight update that has arrived (in flight: running requests go on
-with the new weights and are tagged with both versions), submits every grant whose minimum
-weight version it has reached (grants are generated together), and sends each finished grant.
+with the new weights and are tagged with both versions; with rollout.inflight_update finish the
+update waits until they have finished, and new grants wait for it), submits every grant whose
+minimum weight version it has reached (grants are generated together), and sends each finished
+grant.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class RolloutWorker:
         self.producer_id = f"rollout-{index}@{socket.gethostname()}:{os.getpid()}"
         self.address = f"tcp://{cfg.transport.learner_host}:{cfg.transport.port}"
         self.grants: collections.deque[WorkGrant] = collections.deque()
+        self.updates: collections.deque[WeightUpdate] = collections.deque()  # received, not yet applied
         self.stopped = False
         self.greeted = False  # its first hello has been sent
         self.last_heard = time.monotonic()
@@ -90,8 +93,9 @@ class RolloutWorker:
 
     async def continuous_rollouts(self) -> None:
         while not self.stopped:
-            # Weight updates are applied inside handle_messages, between two engine steps.
-            await self.handle_messages(block=not self.engine.busy and self.runnable_grant() is None)
+            idle = not self.engine.busy and not self.updates and self.runnable_grant() is None
+            await self.handle_messages(block=idle)
+            await self.apply_updates()  # between two engine steps
             while not self.stopped and (grant := self.runnable_grant()) is not None:
                 self.grants.remove(grant)
                 self.engine.submit(grant)
@@ -106,7 +110,10 @@ class RolloutWorker:
             await self.send(Heartbeat(state="generating" if self.engine.busy else "idle"))
 
     def runnable_grant(self) -> WorkGrant | None:
-        """The oldest grant this engine's weights are recent enough for."""
+        """The oldest grant this engine's weights are recent enough for; none while an update waits
+        for the running requests to finish (inflight_update finish), so that they can."""
+        if self.updates:
+            return None
         return next((g for g in self.grants if g.min_weight_version <= self.engine.weight_version), None)
 
     async def handle_messages(self, *, block: bool) -> None:
@@ -125,10 +132,7 @@ class RolloutWorker:
             if isinstance(message, WorkGrant):
                 self.grants.append(message)
             elif isinstance(message, WeightUpdate):
-                fingerprint, seconds = await self.in_engine_thread(
-                    timed, self.engine.apply_weights, message, self.cfg.transport.weight_dir,
-                    self.cfg.transport.weight_ack_timeout_s)
-                await self.send(WeightAck(version=message.version, fingerprint=fingerprint, apply_seconds=seconds))
+                self.updates.append(message)
             elif isinstance(message, Heartbeat):
                 pass
             elif isinstance(message, Shutdown) and message.rejoin:
@@ -139,6 +143,16 @@ class RolloutWorker:
             else:
                 log.warning("%s: ignoring unexpected %s message", self.producer_id, envelope.kind)
             timeout = 0.0
+
+    async def apply_updates(self) -> None:
+        """Apply the received weight updates in order and acknowledge each, as far as the engine
+        takes them now (see VLLMGenerator.ready_for_weights)."""
+        while self.updates and self.engine.ready_for_weights:
+            update = self.updates.popleft()
+            fingerprint, seconds = await self.in_engine_thread(
+                timed, self.engine.apply_weights, update, self.cfg.transport.weight_dir,
+                self.cfg.transport.weight_ack_timeout_s)
+            await self.send(WeightAck(version=update.version, fingerprint=fingerprint, apply_seconds=seconds))
 
     async def learner_lost(self, silent: float) -> None:
         """The learner has been silent too long: give up, or wait for a resumed one (rollout.on_learner_lost)."""

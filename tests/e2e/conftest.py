@@ -94,6 +94,16 @@ def vllm_engine(model_dir: Path, cfg):
         torch.set_num_threads(threads)
 
 
+def addition_task_flags() -> list[str]:
+    """launch/local.sh flags for the tiny addition task (learner.tasks.addition, prepared once):
+    16-token answers, so that weight updates often land while samples are generated."""
+    from learner.tasks.addition import MAX_MODEL_LEN, MAX_NEW_TOKENS, REWARD, prepare
+
+    task = prepare(ROOT / "runs" / "addition-tiny", size="tiny")
+    return ["--model.path", task["model"], "--data.path", task["prompts"], "--reward.function", REWARD,
+            "--rollout.max_new_tokens", str(MAX_NEW_TOKENS), "--rollout.max_model_len", str(MAX_MODEL_LEN)]
+
+
 @pytest.fixture
 def run_local(tmp_path):
     """Run launch/local.sh with extra flags in a fresh run directory; returns a RunResult."""

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from learner.tasks.addition import MAX_MODEL_LEN, MAX_NEW_TOKENS, REWARD, prepare
-from tests.e2e.conftest import ROOT, leftover_processes
+from tests.e2e.conftest import addition_task_flags, leftover_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -20,10 +19,7 @@ STEPS = 100
 
 
 def test_cold_start_policy_learns_addition(run_local):
-    task = prepare(ROOT / "runs" / "addition-tiny", size="tiny")
-    result = run_local("--model.path", task["model"], "--data.path", task["prompts"], "--reward.function", REWARD,
-                       "--rollout.max_new_tokens", str(MAX_NEW_TOKENS), "--rollout.max_model_len", str(MAX_MODEL_LEN),
-                       "--train.lr", "1e-3",
+    result = run_local(*addition_task_flags(), "--train.lr", "1e-3",
                        "--train.prompts_per_step", "8", "--rollout.prompts_per_grant", "4",
                        "--train.num_steps", str(STEPS), "--train.max_staleness", "0", "--output.save_final", "false")
     assert result.returncode == 0, result.output[-3000:]
