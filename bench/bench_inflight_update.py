@@ -19,12 +19,14 @@ weight (a real WeightUpdate through VLLMGenerator.apply_weights). recompute and 
 once; finish applies it when the running requests have ended, and submits no grant while it waits.
 Runs of every mode and K, and a "never" run on each engine, alternate within each repeat.
 
-Reported per mode and K (medians over the repeats, time ratios against the recompute engine's
-"never" run of the same repeat): generated tokens/s; prefill tokens re-done (tokens the scheduler
-scheduled for requests resumed after the update preempted them) and the engine time of the steps
-that re-did them; the prompt's share of the re-done tokens (what keeping the prompt's KV cache could
-save at most); time inside apply_weights; the mean number of running requests per engine step; and,
-for finish, how many engine steps an update waited.
+Reported per mode and K (medians over the repeats): generated tokens/s (wall clock); the run's CPU
+time against the "never" run on the recompute engine in the same repeat (this process's CPU time:
+other work on the shared machine inflates wall time, not that); engine steps against "never"
+(finish's drain shows here: fewer requests run while an update waits); prefill tokens re-done
+(tokens the scheduler scheduled for requests resumed after the update preempted them) per generated
+token, the prompt's share of them (what keeping the prompt's KV cache could save at most) and the
+share of CPU time in the steps that re-did them; the share in apply_weights; and how many engine
+steps an update waited between its publication and its application.
 
 Then, for K = --gap-every and each perturbation, the learning-side quality: the Actor (learner's log-
 prob code) scores every finished sequence under the weights of every version, and each response
@@ -57,14 +59,14 @@ class RunStats:
     """One run of the workload: timings and counts, plus what the quality study needs."""
 
     tokens: int = 0  # response tokens generated
-    engine_s: float = 0.0  # inside VLLMGenerator.step
-    apply_s: float = 0.0  # inside VLLMGenerator.apply_weights
+    wall_s: float = 0.0  # inside VLLMGenerator.step and apply_weights
+    cpu_s: float = 0.0  # the same, in this process's CPU time (less sensitive to other work on the machine)
+    apply_cpu_s: float = 0.0  # inside VLLMGenerator.apply_weights
     steps: int = 0
-    running_sum: int = 0  # running requests summed over steps (occupancy)
     computed_tokens: int = 0  # every token the scheduler scheduled (prompts, responses, re-done prefills)
     redone_tokens: int = 0  # tokens scheduled for requests resumed after a preemption
     redone_prompt_tokens: int = 0  # the prompt part of those
-    redone_step_s: float = 0.0  # engine time of the steps that scheduled resumed requests
+    redone_cpu_s: float = 0.0  # CPU time of the steps that scheduled resumed requests
     updates: int = 0
     wait_steps: list[int] = field(default_factory=list)  # per update: engine steps from publication to apply
     batches: list = field(default_factory=list)
@@ -72,9 +74,13 @@ class RunStats:
     applied_at: list[tuple[int, dict]] = field(default_factory=list)
     published_at: list[tuple[int, dict]] = field(default_factory=list)
 
-    @property
-    def seconds(self) -> float:
-        return self.engine_s + self.apply_s
+
+
+def timed(fn, *args):
+    """fn(*args), its wall time and this process's CPU time."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn(*args)
+    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 class SchedulerProbe:
@@ -107,9 +113,6 @@ class SchedulerProbe:
         """(all tokens, resumed tokens, resumed prompt tokens) of the last step."""
         last, self.last = self.last, (0, 0, 0)
         return last
-
-    def running(self) -> int:
-        return len(self.scheduler.running)
 
     def output_counts(self) -> dict[tuple[int, int, int], int]:
         """Output tokens so far of every unfinished request, keyed (grant id, prompt index, sample)."""
@@ -176,18 +179,16 @@ def run_once(generator, probe: SchedulerProbe, versions: Versions, grants: list,
     while queue or generator.busy:
         while queue and len(generator.generations) < concurrency and applied == published:
             generator.submit(queue.popleft())  # finish: new grants wait while an update does
-        started = time.perf_counter()
-        done = generator.step()
-        elapsed = time.perf_counter() - started
-        stats.engine_s += elapsed
+        done, wall, cpu = timed(generator.step)
+        stats.wall_s += wall
+        stats.cpu_s += cpu
         stats.steps += 1
-        stats.running_sum += probe.running()
         computed, redone, redone_prompt = probe.take()
         stats.computed_tokens += computed
         if redone:
             stats.redone_tokens += redone
             stats.redone_prompt_tokens += redone_prompt
-            stats.redone_step_s += elapsed
+            stats.redone_cpu_s += cpu
         stats.batches += done
         if every and stats.steps % every == 0:
             published += 1
@@ -196,9 +197,10 @@ def run_once(generator, probe: SchedulerProbe, versions: Versions, grants: list,
         while applied < published and generator.ready_for_weights:
             applied += 1
             stats.applied_at.append((applied, probe.output_counts()))
-            started = time.perf_counter()
-            generator.apply_weights(next_update, staging, 60)
-            stats.apply_s += time.perf_counter() - started
+            _, wall, cpu = timed(generator.apply_weights, next_update, staging, 60)
+            stats.wall_s += wall
+            stats.cpu_s += cpu
+            stats.apply_cpu_s += cpu
             stats.wait_steps.append(stats.steps - published_step[applied])
             next_update = versions.update(applied + 1)
     stats.updates = applied
@@ -298,6 +300,7 @@ def main() -> None:
     p.add_argument("--gap-every", type=int, default=128, help="K of the quality study.")
     p.add_argument("--out", default="runs/bench_inflight_update")
     args = p.parse_args()
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # an update logs four lines; the tables go to stdout
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -323,36 +326,37 @@ def main() -> None:
 
     plan = [("recompute", 0), ("keep", 0)] + [(m, k) for k in args.every for m in MODES]
     results = collections.defaultdict(list)  # (mode, K) -> [RunStats]
-    ratios = collections.defaultdict(list)  # (mode, K) -> [time / recompute-never time, per repeat]
+    ratios = collections.defaultdict(list)  # (mode, K) -> [CPU time / never's on the recompute engine, per repeat]
     run(MODES[0], 0, Versions(base, args.perturbations[0]), seed=999)  # warm-up
     for repeat in range(args.repeats):
         for mode, every in (plan if repeat % 2 == 0 else plan[::-1]):
             stats = run(mode, every, Versions(base, args.perturbations[0]), seed=repeat)
             results[mode, every].append(stats)
-            print(f"repeat {repeat} {mode:9s} K={every or 'never':5} {stats.tokens / stats.seconds:7.0f} tok/s "
-                  f"computed {stats.computed_tokens} redone {stats.redone_tokens} updates {stats.updates}",
-                  file=sys.stderr, flush=True)
+            print(f"repeat {repeat} {mode:9s} K={every or 'never':5} {stats.tokens / stats.wall_s:7.0f} tok/s "
+                  f"cpu {stats.cpu_s:.1f} s steps {stats.steps} computed {stats.computed_tokens} "
+                  f"redone {stats.redone_tokens} updates {stats.updates}", file=sys.stderr, flush=True)
         for key in plan:
-            ratios[key].append(results[key][-1].seconds / results["recompute", 0][-1].seconds)
+            ratios[key].append(results[key][-1].cpu_s / results["recompute", 0][-1].cpu_s)
 
     print(f"\n{args.grants} grants x {args.samples} samples, prompt {args.prompt_len} tokens, "
           f"{args.min_new}-{args.max_new} new tokens, {args.concurrency} grants at a time; "
           f"perturbation {args.perturbations[0]:g}; medians of {args.repeats} repeats\n")
-    print("| mode | update every K steps | updates | tokens/s | time vs never | tokens computed | "
-          "prefill tokens re-done | of which prompt | re-doing steps s | apply s | running per step | "
-          "steps an update waited |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| mode | update every K steps | updates | tokens/s | CPU time vs never | engine steps vs never | "
+          "prefill tokens re-done per generated token | of which prompt | CPU time in re-doing steps | "
+          "CPU time in apply_weights | steps an update waited |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    never_steps = median([r.steps for r in results["recompute", 0]])
     for mode, every in plan:
         runs = results[mode, every]
-        redone = median([r.redone_tokens for r in runs])
+        redone = median([r.redone_tokens / r.tokens for r in runs])
         prompt_share = median([r.redone_prompt_tokens / r.redone_tokens for r in runs if r.redone_tokens])
         waits = [w for r in runs for w in r.wait_steps]
         print(f"| {mode}{' (prefix caching off)' if mode == 'keep' else ''} | {every or 'never'} | "
-              f"{median([r.updates for r in runs]):.0f} | {median([r.tokens / r.seconds for r in runs]):,.0f} | "
-              f"{median(ratios[mode, every]):.2f}x | {median([r.computed_tokens for r in runs]):,.0f} | "
-              f"{redone:,.0f} | {'-' if not redone else f'{prompt_share:.0%}'} | "
-              f"{median([r.redone_step_s for r in runs]):.2f} | {median([r.apply_s for r in runs]):.2f} | "
-              f"{median([r.running_sum / r.steps for r in runs]):.1f} | "
+              f"{median([r.updates for r in runs]):.0f} | {median([r.tokens / r.wall_s for r in runs]):,.0f} | "
+              f"{median(ratios[mode, every]):.2f}x | {median([r.steps for r in runs]) / never_steps:.2f}x | "
+              f"{redone:.2f} | {'-' if not redone else f'{prompt_share:.0%}'} | "
+              f"{median([r.redone_cpu_s / r.cpu_s for r in runs]):.0%} | "
+              f"{median([r.apply_cpu_s / r.cpu_s for r in runs]):.1%} | "
               f"{f'{statistics.mean(waits):.0f} (max {max(waits)})' if waits else '-'} |")
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
