@@ -1,6 +1,6 @@
 """Benchmark: what a weight update landing mid-generation costs, per rollout.inflight_update mode.
 
-    python bench/bench_inflight_update.py [--every 512 128 32 --repeats 3 --grants 8 --concurrency 4
+    python bench/bench_inflight_update.py [--every 512 128 32 --repeats 3 --grants 16 --concurrency 4
                                            --samples 4 --prompt-len 256 --min-new 1024 --max-new 2048
                                            --perturbations 1e-3 1e-4 --gap-every 128]
 
@@ -221,7 +221,9 @@ def token_versions(length: int, start_version: int, marks: list[tuple[int, dict]
 def quality(stats: RunStats, versions: Versions, model) -> dict[str, float]:
     """Mean and max |behaviour - learner| log-prob over the response tokens sampled after an update
     was published in their sequence's lifetime (every token when none was), against (a) the version
-    that sampled each token and (b) the newest version published when it was sampled."""
+    that sampled each token and (b) the newest version published when it was sampled; and, as the
+    scale of one version's change, the mean |learner(v) - learner(v - 1)| on those tokens sampled
+    by a version v >= 1."""
     import torch
 
     from learner.models.actor import Actor
@@ -234,14 +236,16 @@ def quality(stats: RunStats, versions: Versions, model) -> dict[str, float]:
             response = start + int(b.prompt_lens[i])
             key = (b.grant_id, 0, int(b.sample_indices[i]))  # one prompt per grant
             first = int(b.weight_versions[i])
-            rows.append(dict(tokens=b.tokens[start:stop], response=response - start,
-                             behaviour=b.behaviour_logprobs[response:stop], first=first,
-                             sampled=token_versions(stop - response, first, stats.applied_at, key),
-                             newest=token_versions(stop - response, first, stats.published_at, key)))
+            sampled = token_versions(stop - response, first, stats.applied_at, key)
+            newest = token_versions(stop - response, first, stats.published_at, key)
+            after = newest > first if stats.published_at else np.ones(stop - response, bool)
+            rows.append(dict(tokens=b.tokens[start:stop], response=response - start, after=after,
+                             behaviour=b.behaviour_logprobs[response:stop], sampled=sampled, newest=newest,
+                             previous=np.maximum(sampled - 1, 0)))
     learner = [{} for _ in rows]  # per sequence: version -> its response tokens' log-probs
     needed = collections.defaultdict(list)
     for r, row in enumerate(rows):
-        for v in set(row["sampled"].tolist()) | set(row["newest"].tolist()):
+        for v in set(row["sampled"].tolist()) | set(row["newest"].tolist()) | set(row["previous"].tolist()):
             needed[v].append(r)
     for v, members in sorted(needed.items()):
         model.load_state_dict(versions.state(v))
@@ -252,17 +256,21 @@ def quality(stats: RunStats, versions: Versions, model) -> dict[str, float]:
             lp = actor(tokens, cu_seqlens=cu)["log_probs"].numpy()
         for r, begin in zip(members, cu[:-1].tolist()):
             learner[r][v] = lp[begin + rows[r]["response"]: begin + len(rows[r]["tokens"])]
-    out: dict[str, float] = {}
-    for name in ("sampled", "newest"):
-        gaps = []
-        for row, scores in zip(rows, learner):
-            after = row["newest"] > row["first"] if stats.published_at else np.ones(len(row["newest"]), bool)
-            reference = np.array([scores[v][t] for t, v in enumerate(row[name].tolist())])
-            gaps.append(np.abs(row["behaviour"] - reference)[after])
-        gaps = np.concatenate(gaps)
-        out[f"{name}_mean"] = float(gaps.mean()) if gaps.size else float("nan")
-        out[f"{name}_max"] = float(gaps.max()) if gaps.size else float("nan")
-        out["tokens"] = int(gaps.size)
+
+    def scored(row, scores, name):  # each response token's learner log-prob under the version row[name] names
+        return np.array([scores[v][t] for t, v in enumerate(row[name].tolist())])
+
+    gaps = collections.defaultdict(list)
+    for row, scores in zip(rows, learner):
+        for name in ("sampled", "newest"):
+            gaps[name].append(np.abs(row["behaviour"] - scored(row, scores, name))[row["after"]])
+        shifted = row["after"] & (row["sampled"] >= 1)
+        gaps["shift"].append(np.abs(scored(row, scores, "sampled") - scored(row, scores, "previous"))[shifted])
+    out: dict[str, float] = {"tokens": int(sum(g.size for g in gaps["sampled"]))}
+    for name, parts in gaps.items():
+        values = np.concatenate(parts)
+        out[f"{name}_mean"] = float(values.mean()) if values.size else float("nan")
+        out[f"{name}_max"] = float(values.max()) if values.size else float("nan")
     return out
 
 
@@ -287,8 +295,8 @@ def median(values: list[float]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--every", type=int, nargs="+", default=[512, 128, 32], help="Engine steps between updates.")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--grants", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="Of the timing study; 0: only the log-prob gaps.")
+    p.add_argument("--grants", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=4, help="Grants generated together.")
     p.add_argument("--samples", type=int, default=4, help="Samples per prompt (one prompt per grant).")
     p.add_argument("--prompt-len", type=int, default=256)
@@ -324,6 +332,15 @@ def main() -> None:
         return run_once(engines[mode], probes[mode], versions, make_grants(args, seed), every, args.concurrency,
                         staging)
 
+    if args.repeats:
+        timing_study(run, base, args)
+    gap_study(run, base, AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), args)
+    for generator in (engines["recompute"], engines["keep"]):
+        generator.close()
+
+
+def timing_study(run, base: dict, args) -> None:
+    """Every mode and K, and never on both engines, alternating within each repeat; prints the table."""
     plan = [("recompute", 0), ("keep", 0)] + [(m, k) for k in args.every for m in MODES]
     results = collections.defaultdict(list)  # (mode, K) -> [RunStats]
     ratios = collections.defaultdict(list)  # (mode, K) -> [CPU time / never's on the recompute engine, per repeat]
@@ -353,26 +370,28 @@ def main() -> None:
         waits = [w for r in runs for w in r.wait_steps]
         print(f"| {mode}{' (prefix caching off)' if mode == 'keep' else ''} | {every or 'never'} | "
               f"{median([r.updates for r in runs]):.0f} | {median([r.tokens / r.wall_s for r in runs]):,.0f} | "
-              f"{median(ratios[mode, every]):.2f}x | {median([r.steps for r in runs]) / never_steps:.2f}x | "
+              f"{median(ratios[mode, every]):.2f}x ({', '.join(f'{x:.2f}' for x in ratios[mode, every])}) | "
+              f"{median([r.steps for r in runs]) / never_steps:.2f}x | "
               f"{redone:.2f} | {'-' if not redone else f'{prompt_share:.0%}'} | "
               f"{median([r.redone_cpu_s / r.cpu_s for r in runs]):.0%} | "
               f"{median([r.apply_cpu_s / r.cpu_s for r in runs]):.1%} | "
               f"{f'{statistics.mean(waits):.0f} (max {max(waits)})' if waits else '-'} |")
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+def gap_study(run, base: dict, model, args) -> None:
+    """One run per mode at K = --gap-every (and never) per perturbation, scored by the learner's Actor."""
     print(f"\nLog-prob gap |behaviour - learner| on the tokens sampled after an update was published in their "
           f"sequence's lifetime, K = {args.gap_every} (one run each; never: every token)\n")
     print("| mode | perturbation | tokens | vs the version that sampled it: mean | max | "
-          "vs the newest published version: mean | max |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "vs the newest published version: mean | max | one version's change: mean |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for perturbation in args.perturbations:
         for mode, every in [("recompute", 0)] + [(m, args.gap_every) for m in MODES]:
             versions = Versions(base, perturbation)
             q = quality(run(mode, every, versions, seed=100), versions, model)
             print(f"| {mode if every else 'never'} | {perturbation:g} | {q['tokens']:,} | {q['sampled_mean']:.2e} | "
-                  f"{q['sampled_max']:.2e} | {q['newest_mean']:.2e} | {q['newest_max']:.2e} |", flush=True)
-    for generator in (engines["recompute"], engines["keep"]):
-        generator.close()
+                  f"{q['sampled_max']:.2e} | {q['newest_mean']:.2e} | {q['newest_max']:.2e} | "
+                  f"{q['shift_mean']:.2e} |", flush=True)
 
 
 if __name__ == "__main__":
