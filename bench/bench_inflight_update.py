@@ -344,6 +344,7 @@ def timing_study(run, base: dict, args) -> None:
     plan = [("recompute", 0), ("keep", 0)] + [(m, k) for k in args.every for m in MODES]
     results = collections.defaultdict(list)  # (mode, K) -> [RunStats]
     ratios = collections.defaultdict(list)  # (mode, K) -> [CPU time / never's on the recompute engine, per repeat]
+    step_ratios = collections.defaultdict(list)  # (mode, K) -> [engine steps / never's, per repeat]
     run(MODES[0], 0, Versions(base, args.perturbations[0]), seed=999)  # warm-up
     for repeat in range(args.repeats):
         for mode, every in (plan if repeat % 2 == 0 else plan[::-1]):
@@ -352,8 +353,10 @@ def timing_study(run, base: dict, args) -> None:
             print(f"repeat {repeat} {mode:9s} K={every or 'never':5} {stats.tokens / stats.wall_s:7.0f} tok/s "
                   f"cpu {stats.cpu_s:.1f} s steps {stats.steps} computed {stats.computed_tokens} "
                   f"redone {stats.redone_tokens} updates {stats.updates}", file=sys.stderr, flush=True)
+        never = results["recompute", 0][-1]
         for key in plan:
-            ratios[key].append(results[key][-1].cpu_s / results["recompute", 0][-1].cpu_s)
+            ratios[key].append(results[key][-1].cpu_s / never.cpu_s)
+            step_ratios[key].append(results[key][-1].steps / never.steps)
 
     print(f"\n{args.grants} grants x {args.samples} samples, prompt {args.prompt_len} tokens, "
           f"{args.min_new}-{args.max_new} new tokens, {args.concurrency} grants at a time; "
@@ -362,7 +365,6 @@ def timing_study(run, base: dict, args) -> None:
           "prefill tokens re-done per generated token | of which prompt | CPU time in re-doing steps | "
           "CPU time in apply_weights | steps an update waited |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    never_steps = median([r.steps for r in results["recompute", 0]])
     for mode, every in plan:
         runs = results[mode, every]
         redone = median([r.redone_tokens / r.tokens for r in runs])
@@ -371,7 +373,7 @@ def timing_study(run, base: dict, args) -> None:
         print(f"| {mode}{' (prefix caching off)' if mode == 'keep' else ''} | {every or 'never'} | "
               f"{median([r.updates for r in runs]):.0f} | {median([r.tokens / r.wall_s for r in runs]):,.0f} | "
               f"{median(ratios[mode, every]):.2f}x ({', '.join(f'{x:.2f}' for x in ratios[mode, every])}) | "
-              f"{median([r.steps for r in runs]) / never_steps:.2f}x | "
+              f"{median(step_ratios[mode, every]):.2f}x | "
               f"{redone:.2f} | {'-' if not redone else f'{prompt_share:.0%}'} | "
               f"{median([r.redone_cpu_s / r.cpu_s for r in runs]):.0%} | "
               f"{median([r.apply_cpu_s / r.cpu_s for r in runs]):.1%} | "

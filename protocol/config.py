@@ -182,16 +182,14 @@ class RolloutConfig:
                        "its own seed derived from it (reproducible; no two samples share one).")
     max_restarts: int = opt(3, "Times launch scripts restart a rollout process that died, per process, before "
                                "failing the run. The learner re-issues a dead rollout's unanswered work.")
-    inflight_update: str = opt("recompute", "What a weight update does to the requests running when it lands (see "
-                                            "README, In-flight updates): recompute (drop their KV cache; vLLM "
-                                            "recomputes prompt and tokens so far with the new weights, which sample "
-                                            "the rest), keep (keep their KV cache computed under the old weights and "
-                                            "go on with the new ones, as PipelineRL: no recomputation, but the "
-                                            "behaviour log-probs after the update are those of neither version; "
-                                            "prefix caching is off) or finish (running requests end under the old "
-                                            "weights, new grants wait, then the update is applied: the ack can take "
-                                            "as long as the longest running response, so keep "
-                                            "transport.weight_ack_timeout_s above that).",
+    inflight_update: str = opt("recompute", "What a weight update does to the requests running when it lands (README: "
+                                            "In-flight updates): recompute (their KV cache is dropped and their "
+                                            "prompt and tokens so far re-done with the new weights), keep (they go "
+                                            "on with the new weights over the KV cache computed under the old ones: "
+                                            "nothing re-done, but later tokens come from a mix of versions; prefix "
+                                            "caching is off) or finish (they end under the old weights; the update "
+                                            "and new grants wait until none runs, so keep "
+                                            "transport.weight_ack_timeout_s above the longest generation).",
                                ("recompute", "keep", "finish"))
     on_learner_lost: str = opt("exit", "What a rollout does when the learner has been silent for "
                                        "transport.peer_timeout_s: exit (with an error), or wait for a learner to "
