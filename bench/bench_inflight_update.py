@@ -21,7 +21,7 @@ Runs of every mode and K, and a "never" run on each engine, alternate within eac
 
 Reported per mode and K (medians over the repeats): generated tokens/s (wall clock); the run's CPU
 time against the "never" run on the recompute engine in the same repeat (this process's CPU time:
-other work on the shared machine inflates wall time, not that); engine steps against "never"
+other work on the shared machine moves it less than wall time), per repeat in brackets; engine steps against "never"
 (finish's drain shows here: fewer requests run while an update waits); prefill tokens re-done
 (tokens the scheduler scheduled for requests resumed after the update preempted them) per generated
 token, the prompt's share of them (what keeping the prompt's KV cache could save at most) and the
@@ -33,7 +33,8 @@ prob code) scores every finished sequence under the weights of every version, an
 token's behaviour log-prob is compared with (a) the version that sampled it (what the engine's
 tags and the importance-sampling correction assume) and (b) the newest version published when it
 was sampled (how far behind the learner's policy it is), over the tokens sampled after an update
-was published in their sequence's lifetime ("never": every token).
+was published in their sequence's lifetime ("never": every token); and, as the scale to read them
+by, how far one version moves the learner's log-probs on those tokens.
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ class RunStats:
     # per update: version, and each unfinished request's output-token count when it was applied / published
     applied_at: list[tuple[int, dict]] = field(default_factory=list)
     published_at: list[tuple[int, dict]] = field(default_factory=list)
-
 
 
 def timed(fn, *args):
