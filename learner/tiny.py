@@ -125,8 +125,10 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec = TinyModelSpec())
 
 def remove_eos(model_dir: str | Path) -> Path:
     """Make a model directory's responses end only at their token limit: its configs and tokenizer
-    no longer name an end-of-sequence token, so vLLM never stops on one (fixed-length generation
-    for benchmarks and tests, without a sampling option the protocol does not carry)."""
+    no longer name an end-of-sequence token, so vLLM never stops on one. Fixed-length generation for
+    benchmarks and tests that compare behaviour log-probs with the learner's: unlike
+    rollout.min_new_tokens (vLLM's min_tokens, which masks EOS and so renormalises what is sampled),
+    the sampled distribution stays the model's own."""
     out = Path(model_dir)
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
         path = out / name
