@@ -69,8 +69,8 @@ from protocol.keys import CurveKeyError, client_keys_from_dir, server_keys_from_
 from protocol.transport import check_transport_security
 split = sys.argv.index("--")
 prog, role, indices, flags = sys.argv[1], sys.argv[2], sys.argv[3:split], sys.argv[split + 1:]
-cfg = config_from_args(ConfigArgumentParser(prog=prog).parse_args(flags))
 try:
+    cfg = config_from_args(ConfigArgumentParser(prog=prog).parse_args(flags))
     check_inputs(cfg, role)
     curve = check_transport_security(cfg)
     if curve and role == "learner":

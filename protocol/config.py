@@ -432,10 +432,11 @@ class RunConfig:
         if self.transport.min_rollouts < 1:
             raise ConfigError(f"transport.min_rollouts must be >= 1, got {self.transport.min_rollouts}")
         t = self.transport
-        if t.min_live_rollouts < 0 or t.progress_timeout_s <= 0 or t.straggler_timeout_s < 0:
-            raise ConfigError(f"transport.min_live_rollouts must be >= 0, transport.progress_timeout_s > 0 and "
-                              f"transport.straggler_timeout_s >= 0 (0: off), got {t.min_live_rollouts}, "
-                              f"{t.progress_timeout_s} and {t.straggler_timeout_s}")
+        if t.progress_timeout_s <= 0:
+            raise ConfigError(f"transport.progress_timeout_s must be > 0, got {t.progress_timeout_s}")
+        for key, value in (("min_live_rollouts", t.min_live_rollouts), ("straggler_timeout_s", t.straggler_timeout_s)):
+            if value < 0:
+                raise ConfigError(f"transport.{key} must be >= 0 (0: off), got {value}")
         if self.train.max_staleness < 0:
             raise ConfigError(f"train.max_staleness must be >= 0, got {self.train.max_staleness}")
         if self.train.prompts_per_step % self.rollout.prompts_per_grant:

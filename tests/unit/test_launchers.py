@@ -92,6 +92,17 @@ def test_missing_input_is_one_line_before_anything_starts(experiment, flags, pro
     assert not (experiment / "out").exists()  # nothing started
 
 
+@pytest.mark.parametrize("flags", [[], ["--model.path", "models/m", "--data.path", "data/p.jsonl"]])
+def test_invalid_config_is_one_line_before_anything_starts(experiment, flags):
+    """A value the config's own validation refuses (here, one weight too many for the datasets),
+    with the built-in task or the user's data."""
+    out = launch("local.sh", *flags, "--data.weights", "1,2", "--output.dir", "out", cwd=experiment)
+    assert out.returncode == 2
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert "data.weights has 2 entries but data.path names 1 dataset(s)" in out.stderr
+    assert not (experiment / "out").exists()  # nothing started
+
+
 def test_python_is_the_repositorys_python_in_the_callers_directory(tmp_path):
     out = launch("python.sh", "-c", "import learner, os; print(learner.__file__); print(os.getcwd())", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
