@@ -34,7 +34,13 @@ read_config model_path=model.path data_path=data.path reward_fn=reward.function 
   ranks=train.learner_ranks max_restarts=rollout.max_restarts
 if [[ -z "$model_path" ]]; then
   task_dir="${TASK_DIR:-runs/arithmetic}"
-  prepared="$("$py" -m learner.tasks.arithmetic prepare --out "$task_dir" | tail -n 1)"
+  # its build's progress output is shown only if the build fails: an error stays the one line it is
+  prepare_log="$(mktemp)"
+  if ! prepared="$("$py" -m learner.tasks.arithmetic prepare --out "$task_dir" 2>"$prepare_log" | tail -n 1)"; then
+    cat "$prepare_log" >&2; rm -f "$prepare_log"
+    echo "$prog: preparing the built-in task in $task_dir failed (above)" >&2; exit 1
+  fi
+  rm -f "$prepare_log"
   task_path() { "$py" -c 'import json,os,sys; print(os.path.abspath(json.loads(sys.argv[1])[sys.argv[2]]))' "$prepared" "$1"; }
   args+=(--model.path "$(task_path model)")
   if [[ -z "$data_path" ]]; then  # the built-in task's prompts, and its reward (unless one is given)

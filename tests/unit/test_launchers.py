@@ -96,7 +96,10 @@ def test_missing_input_is_one_line_before_anything_starts(experiment, flags, pro
 def test_invalid_config_is_one_line_before_anything_starts(experiment, flags):
     """A value the config's own validation refuses (here, one weight too many for the datasets),
     with the built-in task or the user's data."""
-    out = launch("local.sh", *flags, "--data.weights", "1,2", "--output.dir", "out", cwd=experiment)
+    # the built-in task is built first (in a fresh directory, as on a fresh clone): its progress
+    # output must not bury the error
+    out = launch("local.sh", *flags, "--data.weights", "1,2", "--output.dir", "out", cwd=experiment,
+                 env={"TASK_DIR": str(experiment / "task")})
     assert out.returncode == 2
     assert len(out.stderr.splitlines()) == 1, out.stderr
     assert "data.weights has 2 entries but data.path names 1 dataset(s)" in out.stderr
