@@ -120,8 +120,8 @@ def worker(args) -> None:
     import torch
 
     from learner.distributed import init_distributed
-    from learner.rewards import RewardFn, RewardFunctions
-    from learner.rollouts import StepSamples
+    from learner.reward_functions import RewardFn, RewardFunctions
+    from learner.step_samples import StepSamples
     from learner.tiny import build_bpe_tokenizer
     from learner.trainer import PPOTrainer
     from protocol.config import load_config

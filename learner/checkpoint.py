@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from learner.distributed import is_rank0
+
 log = logging.getLogger("learner.checkpoint")
 
 STATE_FILE = "learner_state.json"
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
@@ -46,14 +44,14 @@ class CheckpointManager:
         """Collective: every rank calls it (DeepSpeed and the ZeRO-3 gather need all of them)."""
         name = f"step-{step:08d}"
         tmp, final = self.directory / f".tmp-{name}", self.directory / name
-        if _rank0():
+        if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
         for engine_name, engine in engines.items():
             engine.save_checkpoint(str(tmp / engine_name), tag="state", save_latest=False)
         export_actor(str(tmp / "hf"))
-        if _rank0():
+        if is_rank0():
             _write_atomically(tmp / STATE_FILE, json.dumps({**state, "step": step}, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from protocol.codec import decode, encode
 from protocol.messages import PackedBatch
 
-from learner.rollouts import StepSamples
+from learner.step_samples import StepSamples
 
 
 def init_distributed() -> None:

@@ -33,7 +33,7 @@ from protocol.messages import PackedBatch, SamplingSpec, WorkGrant
 from learner.algo import pass_at_k
 from learner.data import EncodedPrompt
 from learner.grants import prompt_specs
-from learner.rollouts import StepSamples
+from learner.step_samples import StepSamples
 
 log = logging.getLogger("learner.evaluation")
 

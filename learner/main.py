@@ -42,8 +42,8 @@ from learner.hub import RolloutHub
 from learner.metrics import MetricsBackendError, MetricsLogger
 from learner.recording import RecordingError, RecordingReader, RecordingWriter
 from learner.replay import ReplayHub, reusable_batches
-from learner.rewards import RewardFnError, RewardFunctions
-from learner.rollouts import StepSamples
+from learner.reward_functions import RewardFnError, RewardFunctions
+from learner.step_samples import StepSamples
 from learner.trainer import PPOTrainer, select_rows
 from learner.weight_sync import WeightPublisher
 
@@ -57,7 +57,7 @@ async def train(cfg: RunConfig) -> dict[str, float]:
     planner = learner.grant_planner()
     evaluator = learner.evaluator(planner)
     async with learner.open_hub() as hub:
-        await hub.publish(learner.weights(version=learner.start_step))
+        await hub.publish(learner.weight_update(version=learner.start_step))
         hub.offer(planner.release(published_version=learner.start_step))
         evaluator.offer_due(learner.start_step, hub)
         for step in range(learner.start_step, learner.num_steps):
@@ -65,7 +65,7 @@ async def train(cfg: RunConfig) -> dict[str, float]:
             batches = await collect(step, learner, planner, evaluator, hub, cfg.transport.batch_timeout_s)
             waited = time.perf_counter() - started
             metrics = await asyncio.to_thread(learner.train_step, step, batches)
-            update = learner.weights(version=step + 1)
+            update = learner.weight_update(version=step + 1)
             await hub.publish(update)
             hub.offer(planner.release(published_version=step + 1))
             evaluator.offer_due(step + 1, hub)
@@ -257,7 +257,8 @@ class Learner:
     def vocab_size(self) -> int:
         return int(self.trainer.actor_module.config.vocab_size)
 
-    def weights(self, version: int):
+    def weight_update(self, version: int):
+        """The WeightUpdate that carries the current policy weights as version `version`."""
         return self.publisher.build(version)
 
     def share_and_score(self, batch: PackedBatch | None) -> PackedBatch:

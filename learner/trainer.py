@@ -25,14 +25,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from protocol.config import RunConfig
-from learner.algo import (approx_kl, compute_advantages, entropy_bonus, kl_loss, lr_at, masked_mean,
-                          overlong_penalty, policy_loss, shape_token_rewards, truncated_importance_weights, value_loss)
+from learner.algo import (approx_kl, clip_rewards, combine_rewards, compute_advantages, entropy_bonus, kl_loss,
+                          lr_at, masked_mean, overlong_penalty, policy_loss, shape_token_rewards, truncated_importance_weights, value_loss)
 from learner.algo.kl import AdaptiveKLController, FixedKLController
 from learner.models.actor import Actor, LoraSpec
 from learner.models.packing import unpack_to_padded
 from learner.models.value_model import build_value_model
-from learner.rewards import RewardFunctions, clip_rewards, combine_rewards, score_functions
-from learner.rollouts import StepSamples
+from learner.reward_functions import RewardFunctions, score_functions
+from learner.step_samples import StepSamples
 
 
 def deepspeed_config(cfg: RunConfig) -> dict:
@@ -221,12 +221,13 @@ class PPOTrainer:
         r = self.cfg.reward
         components, weights = {}, {}
         for column, (name, weight) in enumerate(zip(self.reward_fns.names, self.reward_fns.weights)):
-            components[f"function {name}"], weights[f"function {name}"] = function_scores[:, column].tolist(), weight
+            components[f"function {name}"], weights[f"function {name}"] = function_scores[:, column], weight
         if model_scores is not None:
-            components["model"], weights["model"] = model_scores.tolist(), r.model_weight
+            components["model"], weights["model"] = model_scores, r.model_weight
         if overlong is not None:
-            components["overlong"], weights["overlong"] = overlong.tolist(), 1.0
-        return torch.tensor(clip_rewards(combine_rewards(components, weights), r.clip or None), dtype=torch.float32)
+            components["overlong"], weights["overlong"] = overlong, 1.0
+        total = combine_rewards(components, weights)
+        return (clip_rewards(total, r.clip) if r.clip else total).to(torch.float32)
 
     @torch.no_grad()
     def rewards(self, samples: StepSamples,

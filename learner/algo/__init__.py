@@ -1,7 +1,7 @@
 """PPO math layer: small pure functions over padded ``[B, A]`` token tensors.
 
 Submodules: :mod:`.masked` (masked reductions), :mod:`.kl` (KL estimators and
-controllers), :mod:`.rewards` (reward shaping), :mod:`.advantages` (advantage
+controllers), :mod:`.rewards` (reward math: combining, clipping, shaping), :mod:`.advantages` (advantage
 estimators and dispatcher), :mod:`.losses` (loss terms and aggregation), :mod:`.schedule` (the learning-rate
 schedule), :mod:`.evaluation` (held-out evaluation metrics), :mod:`.filtering` (dynamic sampling's
 group selection).
@@ -34,7 +34,7 @@ from .losses import (
     value_loss,
 )
 from .masked import masked_mean, masked_sum, masked_whiten
-from .rewards import clip_rewards, last_action_index, overlong_penalty, shape_token_rewards
+from .rewards import clip_rewards, combine_rewards, last_action_index, overlong_penalty, shape_token_rewards
 from .schedule import LR_SCHEDULES, lr_at
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "approx_kl",
     "broadcast_to_tokens",
     "clip_rewards",
+    "combine_rewards",
     "compute_advantages",
     "discounted_returns",
     "dr_grpo_advantages",

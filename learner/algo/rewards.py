@@ -1,12 +1,16 @@
-"""Turning sequence scores (reward model / verifier outputs) into per-token rewards."""
+"""Reward math: combining and clipping sequence scores (reward functions, reward model, penalties)
+and turning them into per-token rewards. Scoring itself (calling the user's reward functions) is
+:mod:`learner.reward_functions`."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
 from .masked import as_bool_mask, require_same_shape
 
-__all__ = ["last_action_index", "shape_token_rewards", "clip_rewards", "overlong_penalty"]
+__all__ = ["last_action_index", "shape_token_rewards", "combine_rewards", "clip_rewards", "overlong_penalty"]
 
 
 def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
@@ -51,6 +55,27 @@ def shape_token_rewards(
     rows = torch.arange(kl.shape[0], device=kl.device)[has_action]
     # index_put with accumulate adds the score on top of that token's KL penalty.
     return rewards.index_put((rows, last[has_action]), scores[has_action].to(rewards.dtype), accumulate=True)
+
+
+def combine_rewards(components: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """Weighted sum of named score components. Shapes: each component ``[B]`` -> ``[B]`` (float64).
+
+        total[b] = sum_k weights[k] * components[k][b]      (k in the order of ``components``)
+
+    Summed in float64, one component after the other, so the result does not depend on how many
+    components there are. The two key sets must be equal.
+    """
+    if set(components) != set(weights):
+        raise ValueError(f"reward components {sorted(components)} and weights {sorted(weights)} must have the same keys")
+    if not components:
+        raise ValueError("combine_rewards needs at least one component")
+    shapes = {k: tuple(v.shape) for k, v in components.items()}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
+        raise ValueError(f"reward components must be [B] with one B, got shapes {shapes}")
+    total = torch.zeros(next(iter(shapes.values())), dtype=torch.float64)
+    for name, scores in components.items():
+        total = total + float(weights[name]) * scores.to(torch.float64)
+    return total
 
 
 def clip_rewards(scores: torch.Tensor, clip: float) -> torch.Tensor:

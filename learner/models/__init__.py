@@ -8,7 +8,6 @@ token and at pads. See :mod:`learner.models.packing`.
 from .actor import Actor, LoraSpec, resolve_dtype
 from .logprobs import entropy_from_logits, log_probs_from_logits
 from .packing import (
-    pack_from_padded,
     packed_model_kwargs,
     padded_action_mask,
     padded_position_ids,
@@ -29,7 +28,6 @@ __all__ = [
     "build_value_model",
     "log_probs_from_logits",
     "entropy_from_logits",
-    "pack_from_padded",
     "packed_model_kwargs",
     "padded_action_mask",
     "padded_position_ids",

@@ -33,7 +33,6 @@ __all__ = [
     "padded_rows",
     "forward_in_length_buckets",
     "unpack_to_padded",
-    "pack_from_padded",
     "padded_position_ids",
     "padded_action_mask",
     "VARLEN_ATTN_IMPLEMENTATIONS",
@@ -270,24 +269,6 @@ def unpack_to_padded(
     action_mask = torch.zeros(b, a_max, dtype=torch.bool, device=flat.device)
     action_mask[row, col] = True
     return padded, action_mask
-
-
-def pack_from_padded(
-    padded: torch.Tensor, cu_seqlens: torch.Tensor, prompt_lens: torch.Tensor
-) -> torch.Tensor:
-    """Inverse of :func:`unpack_to_padded`: ``padded [B, A, ...]`` -> ``flat [T, ...]``.
-
-    Prompt positions are 0; entries of ``padded`` beyond each response length are ignored.
-    ``A`` may be larger than the longest response. Differentiable w.r.t. ``padded``.
-    """
-    total = int(cu_seqlens[-1])
-    flat_idx, row, col, a_max = _action_index(cu_seqlens.to(padded.device), prompt_lens, total)
-    if padded.dim() < 2 or padded.shape[0] != cu_seqlens.numel() - 1 or padded.shape[1] < a_max:
-        raise ValueError(
-            f"padded must be [B={cu_seqlens.numel() - 1}, A>={a_max}, ...], got {tuple(padded.shape)}"
-        )
-    flat = padded.new_zeros((total,) + tuple(padded.shape[2:]))
-    return flat.index_put((flat_idx,), padded[row, col])
 
 
 def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from learner.algo import (
     aggregate_loss,
     approx_kl,
     clip_rewards,
+    combine_rewards,
     compute_advantages,
     discounted_returns,
     dr_grpo_advantages,
@@ -210,6 +211,18 @@ def test_overlong_penalty_by_hand():
 
 def test_clip_rewards():
     close(clip_rewards(t([-7.0, 0.5, 3.0]), 2.0), [-2.0, 0.5, 2.0])
+    with pytest.raises(ValueError, match="positive"):
+        clip_rewards(t([1.0]), 0.0)
+
+
+def test_combine_rewards():
+    # 1*1 + 0.5*10 = 6, 1*2 + 0.5*0 = 2
+    total = combine_rewards({"a": t([1.0, 2.0]), "b": t([10.0, 0.0])}, {"a": 1.0, "b": 0.5})
+    assert total.dtype == torch.float64 and total.tolist() == [6.0, 2.0]
+    with pytest.raises(ValueError, match="same keys"):
+        combine_rewards({"a": t([1.0])}, {"a": 1.0, "b": 1.0})
+    with pytest.raises(ValueError, match="one B"):
+        combine_rewards({"a": t([1.0]), "b": t([1.0, 2.0])}, {"a": 1.0, "b": 1.0})
 
 
 # ----------------------------------------------------------------------------- advantages

@@ -1,4 +1,4 @@
-"""Prompt datasets (learner/data.py) and reward functions (learner/rewards.py)."""
+"""Prompt datasets (learner/data.py) and reward functions (learner/reward_functions.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ import pytest
 import torch
 
 from learner.data import DatasetError, EncodedPrompt, PromptDataset, PromptRow, load_prompt_rows
-from learner.rewards import (
+from learner.reward_functions import (
     RewardFn,
     RewardFnError,
-    clip_rewards,
-    combine_rewards,
     load_reward_fn,
     score_batch,
 )
@@ -380,18 +378,3 @@ def test_score_batch_wraps_exceptions_and_plain_function_names():
     assert isinstance(info.value.__cause__, KeyError)
     with pytest.raises(ValueError, match="equal lengths"):
         score_batch(bad_reward, ["p"], ["c", "d"], [None])
-
-
-# ---------------------------------------------------------------------------- combine / clip
-
-
-def test_combine_and_clip():
-    assert combine_rewards({"a": [1.0, 2.0], "b": [10.0, 0.0]}, {"a": 1.0, "b": 0.5}) == [6.0, 2.0]
-    with pytest.raises(ValueError, match="same keys"):
-        combine_rewards({"a": [1.0]}, {"a": 1.0, "b": 1.0})
-    with pytest.raises(ValueError, match="different lengths"):
-        combine_rewards({"a": [1.0], "b": [1.0, 2.0]}, {"a": 1.0, "b": 1.0})
-    assert clip_rewards([-5, 0.5, 5], 1.0) == [-1.0, 0.5, 1.0]
-    assert clip_rewards([-5, 5], None) == [-5.0, 5.0]
-    with pytest.raises(ValueError):
-        clip_rewards([1.0], 0.0)

@@ -12,7 +12,7 @@ import torch
 from learner.data import PromptDataset, PromptRow
 from learner.distributed import GroupDealer, _join, _split
 from learner.grants import GrantPlanner
-from learner.rollouts import StepSamples
+from learner.step_samples import StepSamples
 from learner.tiny import build_tokenizer
 from protocol.codec import decode, encode
 from protocol.config import load_config

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from learner.data import load_prompt_rows
-from learner.rewards import load_reward_fn, score_batch
+from learner.reward_functions import load_reward_fn, score_batch
 from learner.tasks.gsm8k import (
     FORMAT_BONUS,
     extract_answer,

@@ -10,7 +10,7 @@ import pytest
 import learner.sft
 import learner.tiny
 from learner import bpe
-from learner.rewards import load_reward_fn, score_batch
+from learner.reward_functions import load_reward_fn, score_batch
 from learner.tasks import addition, longtail
 from learner.tasks.arithmetic import arithmetic_reward
 from learner.tasks.arithmetic import make_rows as arithmetic_rows

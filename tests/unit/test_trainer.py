@@ -21,8 +21,8 @@ import learner.algo.losses
 import learner.trainer
 from learner.algo import approx_kl, informative_groups, select_groups
 from learner.checkpoint import CheckpointManager
-from learner.rewards import RewardFn, RewardFunctions
-from learner.rollouts import StepSamples
+from learner.reward_functions import RewardFn, RewardFunctions
+from learner.step_samples import StepSamples
 from learner.tiny import build_tiny_model, build_tokenizer
 from learner.trainer import NonFiniteLossError, PPOTrainer, ScoredPart, require_finite_loss, select_rows
 from protocol.config import load_config

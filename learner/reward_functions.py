@@ -44,8 +44,6 @@ __all__ = [
     "load_reward_fn",
     "score_batch",
     "score_functions",
-    "combine_rewards",
-    "clip_rewards",
 ]
 
 
@@ -353,27 +351,3 @@ class RewardServer:
             raise RewardServerError(f"reward server {self.url} answered status {status} without a JSON "
                                     f"{{\"rewards\": [...]}}: {text[:200]!r}", retryable=False)
         return rewards
-
-
-def combine_rewards(components: Mapping[str, Sequence[float]], weights: Mapping[str, float]) -> list[float]:
-    """Weighted sum ``sum_k weights[k] * components[k][i]``; the two key sets must be equal."""
-    if set(components) != set(weights):
-        raise ValueError(
-            f"reward components {sorted(components)} and weights {sorted(weights)} must have the same keys"
-        )
-    if not components:
-        raise ValueError("combine_rewards needs at least one component")
-    lengths = {k: len(v) for k, v in components.items()}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"reward components have different lengths: {lengths}")
-    n = next(iter(lengths.values()))
-    return [sum(float(weights[k]) * float(components[k][i]) for k in components) for i in range(n)]
-
-
-def clip_rewards(values: Sequence[float], clip: float | None) -> list[float]:
-    """Clamp each value to ``[-clip, clip]``; ``None`` leaves them unchanged."""
-    if clip is None:
-        return [float(v) for v in values]
-    if not clip > 0:
-        raise ValueError(f"reward clip must be positive, got {clip}")
-    return [min(max(float(v), -clip), clip) for v in values]
