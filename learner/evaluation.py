@@ -33,6 +33,7 @@ from protocol.messages import PackedBatch, SamplingSpec, WorkGrant
 from learner.algo import pass_at_k
 from learner.data import EncodedPrompt
 from learner.grants import prompt_specs
+from learner.hub_interface import Hub
 from learner.step_samples import StepSamples
 
 log = logging.getLogger("learner.evaluation")
@@ -105,7 +106,7 @@ class Evaluator:
         every = self.every_steps
         return version in (0, self.final_version) or (every > 0 and version % every == 0)
 
-    def offer_due(self, version: int, hub) -> None:
+    def offer_due(self, version: int, hub: Hub) -> None:
         """Offer `hub` the round of `version` if it is due. A round due while the previous one is
         still out is skipped, except the final one: the previous one is then given up (its answers
         still coming are ignored)."""
@@ -158,7 +159,7 @@ class Evaluator:
         completed, self.completed = self.completed, {}
         return completed
 
-    async def finish(self, hub, timeout_s: float) -> dict[str, float]:
+    async def finish(self, hub: Hub, timeout_s: float) -> dict[str, float]:
         """Wait for the round still out (the final one) and return its metrics."""
         if self.outstanding:
             async for batch in hub.evaluation_arrivals(timeout_s):

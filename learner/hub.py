@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,8 +32,6 @@ import numpy as np
 from protocol.messages import (Heartbeat, Hello, PackedBatch, RolloutError, Shutdown, WeightAck,
                                WeightUpdate, WorkGrant)
 from protocol.transport import LearnerEndpoint, PeerUnreachableError
-
-from learner.recording import RecordingWriter
 
 log = logging.getLogger("learner.hub")
 
@@ -73,17 +70,12 @@ class PublishedVersion:
 
 
 class RolloutHub:
+    """The live learner.hub_interface.Hub: grants go to the connected rollouts, their answers are
+    checked and handed to the driver. `serve()` (the receive loop) must run beside it."""
+
     def __init__(self, endpoint: LearnerEndpoint, *, ack_timeout_s: float, peer_timeout_s: float = 60.0,
-                 progress_timeout_s: float = 300.0, straggler_timeout_s: float = 0.0, min_live_rollouts: int = 0,
-                 recorder: RecordingWriter | None = None):
+                 progress_timeout_s: float = 300.0, straggler_timeout_s: float = 0.0, min_live_rollouts: int = 0):
         self.endpoint = endpoint
-        self.recorder = recorder
-        self.last_record: int | None = None
-        self.record_of_grant: dict[int, int] = {}
-        self.seed_of_grant: dict[int, int | None] = {}  # the sampling seed that generated each answer
-        self.consumed: dict[int, dict[str, list]] = {}
-        if recorder is not None:
-            endpoint.on_accept = self._record
         self.ack_timeout_s = ack_timeout_s
         self.peer_timeout_s = peer_timeout_s
         self.progress_timeout_s = progress_timeout_s
@@ -103,31 +95,13 @@ class RolloutHub:
         self.discarded: collections.Counter[str] = collections.Counter()
         self.failure: RolloutFailure | None = None
         self.dropped_peers = 0
-        self.reusable: dict[tuple[int, tuple[int, ...]], tuple[int, PackedBatch]] = {}
-        self.reused = 0
         self.changed = asyncio.Condition()
 
     # ------------------------------------------------------------------ driver-facing API
     def offer(self, grants: list[WorkGrant]) -> None:
-        """Queue grants; they go to rollouts with free slots, oldest first. A training grant that a
-        recorded batch of a crashed run already answers (see `reuse`) is answered from the recording."""
+        """Queue grants; they go to rollouts with free slots, oldest first."""
         for grant in grants:
-            if grant.evaluation:
-                self.eval_pending.append(grant)
-                continue
-            key = (grant.step, tuple(p.prompt_id for p in grant.prompts))
-            number, batch = self.reusable.pop(key, (None, None))
-            if batch is not None and batch.num_sequences == len(grant.prompts) * grant.n_samples:
-                self.batches[grant.step].append(dataclasses.replace(batch, grant_id=grant.grant_id))
-                self.record_of_grant[grant.grant_id] = number
-                self.seed_of_grant[grant.grant_id] = grant.request_seed(0, batch.grant_id)  # its first grant
-                self.reused += 1
-            else:
-                self.pending.append(grant)
-
-    def reuse(self, recorded: dict[tuple[int, tuple[int, ...]], tuple[int, PackedBatch]]) -> None:
-        """Batches a crashed run recorded but never trained on, keyed by (step, prompt ids)."""
-        self.reusable = dict(recorded)
+            (self.eval_pending if grant.evaluation else self.pending).append(grant)
 
     async def wait_for_rollouts(self, count: int, timeout_s: float) -> None:
         """Wait until `count` rollouts have said hello; TimeoutError after `timeout_s`."""
@@ -166,11 +140,7 @@ class RolloutHub:
                 if not batch.evaluation:
                     yielded += 1
                 yield batch
-        batches = sorted(self.batches.pop(step), key=lambda b: b.grant_id)
-        if self.recorder is not None:  # (a step with dynamic sampling asks more than once)
-            consumed = self.consumed.setdefault(step, {"consumed": [], "seeds": {"sampling": []}})
-            consumed["consumed"] += [self.record_of_grant.pop(b.grant_id) for b in batches]
-            consumed["seeds"]["sampling"] += [self.seed_of_grant.pop(b.grant_id) for b in batches]
+        self.batches.pop(step, None)
 
     async def evaluation_arrivals(self, timeout_s: float):
         """Yield evaluation batches as they are accepted, for as long as the caller asks; TimeoutError
@@ -203,20 +173,9 @@ class RolloutHub:
                                f"grant(s){evaluation} unassigned")
         await self._next_change(remaining)
 
-    async def collect(self, step: int, expected_batches: int, timeout_s: float) -> list[PackedBatch]:
-        """Wait until every grant of `step` has been answered; batches in grant order (evaluation
-        batches that arrive meanwhile are left out)."""
-        batches = [b async for b in self.arrivals(step, expected_batches, timeout_s) if not b.evaluation]
-        return sorted(batches, key=lambda b: b.grant_id)
-
     def end_step(self, step: int, fingerprint: dict[str, str], metrics: dict[str, float]) -> None:
-        """Record which messages `step` consumed and what it produced (when recording)."""
-        if self.recorder is not None:
-            self.recorder.append_step(step, {**self.consumed.pop(step), "weight_version": step + 1,
-                                             "fingerprint": fingerprint, "metrics": metrics})
-
-    def _record(self, peer: bytes, frames) -> None:
-        self.last_record = self.recorder.append_message(peer, frames)
+        """Nothing to do: the rollouts learn of new weights from `publish` (recording a step is
+        learner.recording_hub's)."""
 
     async def heartbeats(self, interval_s: float) -> None:
         """Tell every rollout the learner is alive (they give up on a silent learner)."""
@@ -229,7 +188,7 @@ class RolloutHub:
         for peer in list(self.peers.values()):
             await self._send(peer, Shutdown(reason=reason))
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict:
         latencies = [lat for pv in self.published.values() for lat in pv.ack_latency.values()]
         applies = [s for pv in self.published.values() for s in pv.apply_seconds.values()]
         return {"rollouts": len(self.peers),
@@ -239,7 +198,7 @@ class RolloutHub:
                 "discarded_batches": float(sum(self.discarded.values())),
                 "duplicate_answers": float(self.discarded["duplicate_answer"]),
                 "dropped_rollouts": float(self.dropped_peers),
-                "reused_recorded_batches": float(self.reused)}
+                "applied_versions": self.applied_versions()}
 
     def applied_versions(self) -> dict[str, list[int]]:
         """Weight versions each rollout acknowledged (with a matching fingerprint)."""
@@ -315,13 +274,7 @@ class RolloutHub:
             self.answered.add(batch.grant_id)
             for other in self.peers.values():  # the other holder is free for new work
                 other.grants.pop(batch.grant_id, None)
-        if grant.evaluation:
-            self.eval_batches.append(batch)
-            return
-        if self.recorder is not None:
-            self.record_of_grant[batch.grant_id] = self.last_record
-            self.seed_of_grant[batch.grant_id] = grant.request_seed(0)
-        self.batches[grant.step].append(batch)
+        (self.eval_batches if grant.evaluation else self.batches[grant.step]).append(batch)
 
     def _on_ack(self, peer: Peer, ack: WeightAck) -> None:
         published = self.published.get(ack.version)

@@ -25,12 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from protocol.codec import DecodeLimits
 from protocol.config import (ConfigArgumentParser, ConfigError, RunConfig, check_inputs, config_from_args,
                              config_from_dict, config_to_dict)
 from protocol.messages import SCHEMA_VERSION, PackedBatch
-from protocol.keys import CurveKeyError, server_keys_from_dir
-from protocol.transport import LearnerEndpoint, check_transport_security
+from protocol.keys import CurveKeyError
 
 from learner.algo import informative_groups, select_groups
 from learner.data import DatasetError, DataSpec, EncodedPrompt, PromptDataset, load_prompts
@@ -38,17 +36,17 @@ from learner.checkpoint import CheckpointManager
 from learner.distributed import GroupDealer, StepBroadcaster, init_distributed, is_rank0, per_rank, reduce_metrics
 from learner.evaluation import Evaluator
 from learner.grants import GrantPlanner
-from learner.hub import RolloutHub
+from learner.hub_factory import open_hub
+from learner.hub_interface import Hub
 from learner.metrics import MetricsBackendError, MetricsLogger
 from learner.recording import RecordingError, RecordingReader, RecordingWriter
-from learner.replay import ReplayHub, reusable_batches
+from learner.recording_hub import reusable_batches
 from learner.reward_functions import RewardFnError, RewardFunctions
 from learner.step_samples import StepSamples
 from learner.trainer import PPOTrainer, select_rows
 from learner.weight_sync import WeightPublisher
 
 log = logging.getLogger("learner")
-SHUTDOWN_FLUSH_S = 5.0
 
 
 async def train(cfg: RunConfig) -> dict[str, float]:
@@ -77,7 +75,7 @@ async def train(cfg: RunConfig) -> dict[str, float]:
     return learner.finish()
 
 
-async def collect(step: int, learner: Learner, planner: GrantPlanner, evaluator: Evaluator, hub,
+async def collect(step: int, learner: Learner, planner: GrantPlanner, evaluator: Evaluator, hub: Hub,
                   timeout_s: float) -> list[PackedBatch]:
     """The batches of `step`, each shared with the other learner ranks and scored as it arrives (while
     the rest of the step is on its way), evaluation batches scored meanwhile; with dynamic sampling,
@@ -212,47 +210,24 @@ class Learner:
 
     @contextlib.asynccontextmanager
     async def open_hub(self):
-        if not is_rank0():
-            yield FollowerHub()
-            return
-        if self.cfg.replay.path:
-            hub = ReplayHub(self.cfg.replay.path, verify=self.cfg.replay.verify,
-                            dump_step=self.cfg.replay.stop_after_step, dump_dir=self.run_dir)
-            yield hub
-            self.hub_stats = hub.stats()
-            return
-        t = self.cfg.transport
-        check_transport_security(self.cfg)
-        limits = DecodeLimits(max_frame_bytes=t.max_message_mb << 20, vocab_size=self.vocab_size())
-        recorder = None
-        if self.cfg.output.record:
-            recording = self.run_dir / "recording"
-            recorder = RecordingWriter.open_existing(recording) if self.cfg.train.resume and recording.exists() \
-                else RecordingWriter(recording, run_config=config_to_dict(self.cfg), protocol_version=SCHEMA_VERSION)
-            self.recorder = recorder
-        curve = server_keys_from_dir(t.curve_dir) if t.curve_dir else None
-        with LearnerEndpoint(self.cfg.run_id, host=t.bind_host, port=t.port, limits=limits, curve=curve,
-                             rcvhwm=t.receive_queue) as endpoint:
-            log.info("learner listening on %s", endpoint.address)
-            hub = RolloutHub(endpoint, ack_timeout_s=t.weight_ack_timeout_s, peer_timeout_s=t.peer_timeout_s,
-                             progress_timeout_s=t.progress_timeout_s, straggler_timeout_s=t.straggler_timeout_s,
-                             min_live_rollouts=t.min_live_rollouts, recorder=recorder)
-            hub.reuse(self.reusable)
-            tasks = [asyncio.create_task(hub.serve()), asyncio.create_task(hub.heartbeats(t.heartbeat_s))]
-            try:
-                await hub.wait_for_rollouts(t.min_rollouts, t.batch_timeout_s)
+        """This rank's hub (learner.hub_factory), the run recorded on rank 0 with output.record."""
+        live = is_rank0() and not self.cfg.replay.path
+        self.recorder = self.open_recording() if live and self.cfg.output.record else None
+        try:
+            async with open_hub(self.cfg, rank0=is_rank0(), run_dir=self.run_dir, vocab_size=self.vocab_size(),
+                                recorder=self.recorder, reusable=self.reusable) as hub:
                 yield hub
-            finally:
-                for task in tasks:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                if recorder is not None:
-                    recorder.close()
-                self.hub_stats = hub.stats() | {"applied_versions": hub.applied_versions()}
-                # linger so that a Shutdown just sent reaches the rollouts (over CURVE on a slow link it
-                # may still be queued); otherwise they would wait transport.peer_timeout_s to give up
-                endpoint.close(linger_s=SHUTDOWN_FLUSH_S)
+            self.hub_stats = hub.stats()
+        finally:
+            if self.recorder is not None:
+                self.recorder.close()
+
+    def open_recording(self) -> RecordingWriter:
+        """The run's recording (output.record): a new one, or the interrupted run's on resume."""
+        recording = self.run_dir / "recording"
+        if self.cfg.train.resume and recording.exists():
+            return RecordingWriter.open_existing(recording)
+        return RecordingWriter(recording, run_config=config_to_dict(self.cfg), protocol_version=SCHEMA_VERSION)
 
     def vocab_size(self) -> int:
         return int(self.trainer.actor_module.config.vocab_size)
@@ -359,27 +334,6 @@ class Learner:
 def peak_rss_mib() -> float:
     """The largest resident memory this process has had so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class FollowerHub:
-    """The hub seen by ranks > 0: they talk to no rollout and get each step's batches from rank 0."""
-
-    async def arrivals(self, step, expected, timeout):
-        """One placeholder per batch of the step: `Learner.share_and_score` receives the batch itself."""
-        for _ in range(expected):
-            yield None
-
-    def offer(self, grants):
-        pass
-
-    async def publish(self, update):
-        pass
-
-    def end_step(self, step, fingerprint, metrics):
-        pass
-
-    async def shutdown_rollouts(self, reason):
-        pass
 
 
 # Mistakes in what the user gave (config, data, reward function, keys, recording, logging backends):

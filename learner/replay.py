@@ -2,7 +2,7 @@
 
 A recording (learner.recording) holds every wire message the learner accepted, byte for byte, and
 one record per optimizer step naming the messages that step consumed and the fingerprint of the
-weights it produced. `ReplayHub` has the driver-facing interface of `RolloutHub`: `arrivals(step)`
+weights it produced. `ReplayHub` is a learner.hub_interface.Hub: `arrivals(step)`
 decodes the recorded batches of that step (with the same validating codec as the live path) in
 the recorded order, and `end_step` checks that each replayed step has the recorded losses and
 produces weights with the recorded fingerprint, so a replay that drifts says at which step.
@@ -65,6 +65,11 @@ class ReplayHub:
         for batch in batches:
             yield batch
 
+    async def evaluation_arrivals(self, timeout_s: float):
+        """A replay evaluates nothing (no rollouts to generate evaluations): nothing comes here."""
+        return
+        yield  # (an async generator that yields nothing)
+
     async def publish(self, update: WeightUpdate) -> None:
         """No rollouts to send weights to (end_step checks them against the recording)."""
 
@@ -110,20 +115,3 @@ class ReplayHub:
     def stats(self) -> dict:
         return {"replayed_from": str(self.reader.directory), "replayed_steps": len(self.steps)}
 
-
-def reusable_batches(directory: Path, after_step: int) -> dict[tuple[int, tuple[int, ...]], tuple[int, PackedBatch]]:
-    """Recorded batches of steps after `after_step`, keyed by (step, prompt ids), with their record numbers.
-
-    After a crash, a run resumed from the checkpoint of `after_step` plans the same prompts for the
-    same steps again; these batches answer them without generating anything twice. The newest
-    recording of a key wins (a run may have crashed more than once). Evaluation batches are never
-    trained on, so never reused.
-    """
-    reader = RecordingReader(directory, on_damage="stop")
-    found = {}
-    for record in reader.messages():
-        body = decode(record.frames).body
-        if isinstance(body, PackedBatch) and not body.evaluation and body.step > after_step:
-            prompts = tuple(int(p) for p in dict.fromkeys(body.prompt_ids.tolist()))
-            found[(body.step, prompts)] = (record.number, body)
-    return found

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from learner.recording import RecordingReader
-from learner.replay import reusable_batches
+from learner.recording_hub import reusable_batches
 from protocol import decode
 from protocol.messages import PackedBatch
 from tests.e2e.conftest import ROOT, leftover_processes

@@ -1,4 +1,5 @@
-"""Valid PackedBatch answers to WorkGrants, shared by the unit tests that play a rollout."""
+"""Valid PackedBatch answers to WorkGrants, and the driver's way of taking them from a hub, shared by
+the unit tests that play a rollout."""
 
 from __future__ import annotations
 
@@ -36,3 +37,10 @@ def answer(grant: WorkGrant, version: int, *, grant_id: int | None = None, promp
         weight_versions=np.full(b, version), last_weight_versions=np.full(b, version if last_version is None else last_version),
         finish_reasons=["stop"] * b, labels=labels, gen_seconds=0.25,
         evaluation=grant.evaluation if evaluation is None else evaluation)
+
+
+async def training_batches(hub, step: int, expected: int, timeout_s: float) -> list[PackedBatch]:
+    """The training batches of `step`, taken from `hub.arrivals` as the learner's driver takes them
+    (evaluation batches that come meanwhile left out), in grant order."""
+    batches = [b async for b in hub.arrivals(step, expected, timeout_s) if not b.evaluation]
+    return sorted(batches, key=lambda b: b.grant_id)

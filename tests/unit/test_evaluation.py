@@ -20,7 +20,7 @@ from learner.evaluation import EVAL_SEED_STREAM, Evaluator, grant_size
 from learner.grants import GrantPlanner
 from learner.plot import plot_run
 from learner.recording import RecordingWriter
-from learner.replay import reusable_batches
+from learner.recording_hub import reusable_batches
 from learner.tiny import build_tokenizer
 from protocol import SCHEMA_VERSION, encode
 from protocol.config import ConfigError, load_config

@@ -35,7 +35,7 @@ from protocol.messages import (SCHEMA_VERSION, Heartbeat, Hello, PackedBatch, Pr
                                SamplingSpec, WeightAck, WeightUpdate, WorkGrant, pack_weight_buckets)
 from protocol.transport import LearnerEndpoint, PeerBackloggedError, PeerUnreachableError, RolloutClient
 from protocol.weights import weight_fingerprint
-from tests.unit.batches import answer
+from tests.unit.batches import answer, training_batches
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -128,7 +128,7 @@ async def run_steps(hub: RolloutHub, first_step: int, steps: int, grants_per_ste
     for step in range(first_step, first_step + steps):
         grants = [make_grant(1000 * step + g, step) for g in range(grants_per_step)]
         hub.offer(grants)
-        batches = await hub.collect(step, grants_per_step, timeout_s=TIMEOUT)
+        batches = await training_batches(hub, step, grants_per_step, timeout_s=TIMEOUT)
         assert [b.grant_id for b in batches] == [g.grant_id for g in grants]
         for batch, grant in zip(batches, grants):
             assert batch == answer(grant, 0)

@@ -18,7 +18,7 @@ from protocol.messages import (Heartbeat, Hello, PromptSpec, RolloutError, Sampl
                                WeightAck, WeightUpdate, WorkGrant, pack_weight_buckets)
 from protocol.transport import LearnerEndpoint, PeerUnreachableError, RolloutClient
 from protocol.weights import weight_fingerprint
-from tests.unit.batches import answer
+from tests.unit.batches import answer, training_batches
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -130,7 +130,7 @@ async def eventually(predicate, timeout: float = TIMEOUT) -> None:
 
 
 def start_collect(hub: RolloutHub, step: int, expected: int, timeout_s: float = TIMEOUT) -> asyncio.Task:
-    return asyncio.create_task(hub.collect(step, expected, timeout_s=timeout_s))
+    return asyncio.create_task(training_batches(hub, step, expected, timeout_s=timeout_s))
 
 
 async def expect_failure(task: asyncio.Task, *needles: str) -> RolloutFailure:
@@ -527,7 +527,7 @@ async def test_collect_timeout_without_rollouts(env):
     endpoint, hub, connect = env
     hub.offer([make_grant(0), make_grant(1)])
     with pytest.raises(TimeoutError) as exc:
-        await hub.collect(0, 2, timeout_s=0.2)
+        await training_batches(hub, 0, 2, timeout_s=0.2)
     msg = str(exc.value)
     assert "0/2 batches" in msg and "0 rollout(s) connected" in msg and "2 grant(s) unassigned" in msg
 

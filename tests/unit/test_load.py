@@ -45,6 +45,7 @@ from protocol.messages import (Hello, PackedBatch, PromptSpec, SamplingSpec, Shu
                                WorkGrant, pack_weight_buckets)
 from protocol.transport import LearnerEndpoint, RolloutClient
 from protocol.weights import weight_fingerprint
+from tests.unit.batches import training_batches
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -380,7 +381,7 @@ async def test_flood_faster_than_a_slow_learner_keeps_memory_bounded_and_drops_n
                 started = time.monotonic()
                 while step in offered:
                     t0 = time.monotonic()
-                    batches = await hub.collect(step, GRANTS_PER_STEP, timeout_s=COLLECT_TIMEOUT)
+                    batches = await training_batches(hub, step, GRANTS_PER_STEP, timeout_s=COLLECT_TIMEOUT)
                     collect_waits.append(time.monotonic() - t0)
                     assert [b.grant_id for b in batches] == [g.grant_id for g in offered[step]], f"step {step}"
                     for batch, grant in zip(batches, offered[step]):
