@@ -98,7 +98,7 @@ def summary(path: str, out=None) -> RecordingError | None:
     if isinstance(h.get("created_at"), (int, float)):
         print(f"created          {_time(h['created_at'])}", file=out)
     try:
-        segments = reader._segments()
+        segments = reader.segments()
     except RecordingError:
         segments = []  # reported as damage below
     print(f"segments         {len(segments)} ({sum(p.stat().st_size for p in segments)} bytes)", file=out)
@@ -274,7 +274,7 @@ def validate(path: str, out=None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m learner.inspect_recording", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", help="recording directory (holds header.json, segment-*.log, index.jsonl)")
+    parser.add_argument("path", help="recording directory (holds header.json and segment-*.log)")
     parser.add_argument("--steps", action="store_true", help="one line per optimizer-step record")
     parser.add_argument("--samples", type=int, metavar="N", default=None,
                         help="decode packed_batch messages and print the first N samples")

@@ -7,8 +7,6 @@ Layout of a recording directory::
     segment-000000.log     records, back to back
     segment-000001.log     ... a new segment starts when the next record would push the
                            current one past ``segment_bytes`` (a bigger record gets its own)
-    index.jsonl            one line per record: {"number", "kind", "segment", "offset",
-                           "length" (bytes on disk, header included), "crc" (CRC32 of the payload)}
 
 Every record is a fixed 32-byte little-endian header followed by its payload::
 
@@ -26,10 +24,11 @@ Message payload: ``received_at f64, peer_len u32, peer, n_frames u32``, then eac
 ``len u64, bytes`` -- the frames exactly as they were received, byte for byte.
 Step payload: ``written_at f64, step i64``, then the step info as UTF-8 JSON.
 
-Durability: each record is written and flushed (``fsync=True`` also fsyncs) before its index line
-is, so a crash leaves at most a partially written last record (and an index that is one line
-short); the reader stops in front of it and :meth:`RecordingWriter.open_existing` cuts it off.
-The index is only a shortcut for :meth:`RecordingReader.record`; the segments are authoritative.
+Durability: each record is written and flushed (``fsync=True`` also fsyncs) before the append
+returns, so a crash leaves at most a partially written last record; the reader stops in front of
+it and :meth:`RecordingWriter.open_existing` cuts it off. Records are found by reading their
+headers alone (:meth:`RecordingReader.locations`). Recordings written before this code also hold
+an ``index.jsonl`` (a shortcut to those positions): it is not read, and ``open_existing`` removes it.
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ from protocol.messages import SCHEMA_VERSION
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "Location",
     "Record",
     "RecordingError",
     "RecordingReader",
@@ -64,7 +64,7 @@ FORMAT_NAME = "streamrlhf-recording"
 FORMAT_VERSION = 1
 MAGIC = b"SRRC"
 HEADER_FILE = "header.json"
-INDEX_FILE = "index.jsonl"
+OLD_INDEX_FILE = "index.jsonl"  # written by earlier versions of this code; nothing reads it
 _SEGMENT_RE = re.compile(r"^segment-(\d{6,})\.log$")
 
 _HEAD = struct.Struct("<4sBBHQQI")  # magic, type, flags, reserved, number, payload length, payload crc
@@ -77,7 +77,6 @@ _STEP_PREFIX = struct.Struct("<dq")  # written_at, step
 
 _TYPE_MESSAGE, _TYPE_STEP = 1, 2
 _KINDS = {_TYPE_MESSAGE: "message", _TYPE_STEP: "step"}
-_TYPES = {v: k for k, v in _KINDS.items()}
 _READ_CHUNK = 1 << 20
 
 
@@ -133,7 +132,9 @@ class Record:
 
 
 @dataclass(frozen=True)
-class _Pos:
+class Location:
+    """Where record ``number`` lies (segment index, byte offset of its header) and what its header says."""
+
     number: int
     kind: str
     segment: int
@@ -143,12 +144,8 @@ class _Pos:
 
     @property
     def end(self) -> int:
+        """The byte offset just after the record."""
         return self.offset + HEADER_BYTES + self.payload_len
-
-    def index_line(self) -> str:
-        return json.dumps({"number": self.number, "kind": self.kind, "segment": self.segment,
-                           "offset": self.offset, "length": HEADER_BYTES + self.payload_len,
-                           "crc": self.crc}) + "\n"
 
 
 def _pack_header(rtype: int, number: int, payload_len: int, crc: int) -> bytes:
@@ -215,7 +212,7 @@ def _write_fully(fd: int, parts: list[Any]) -> None:
 # --------------------------------------------------------------------------- reading primitives
 
 
-def _read_header(f: BinaryIO, path: Path, offset: int, size: int, expected: int) -> _Pos:
+def _read_header(f: BinaryIO, path: Path, offset: int, size: int, expected: int) -> Location:
     """Parse and check the record header at ``offset`` (file position must be there)."""
     if size - offset < HEADER_BYTES:
         raise RecordingError("truncated", path, f"truncated record: only {size - offset} of the "
@@ -241,13 +238,13 @@ def _read_header(f: BinaryIO, path: Path, offset: int, size: int, expected: int)
     if offset + HEADER_BYTES + length > size:
         raise RecordingError("truncated", path, f"truncated record: payload of {length} bytes declared, "
                              f"only {size - offset - HEADER_BYTES} present", record=expected, offset=offset)
-    return _Pos(number, _KINDS[rtype], -1, offset, length, crc)
+    return Location(number, _KINDS[rtype], -1, offset, length, crc)
 
 
 class _PayloadReader:
     """Reads a payload piecewise from the file, bounds-checked, accumulating its CRC."""
 
-    def __init__(self, f: BinaryIO, pos: _Pos, path: Path) -> None:
+    def __init__(self, f: BinaryIO, pos: Location, path: Path) -> None:
         self.f, self.pos, self.path = f, pos, path
         self.left = pos.payload_len
         self.crc = 0
@@ -281,7 +278,7 @@ class _PayloadReader:
             raise self.fail("bad_payload", f"payload inconsistent: {self.left} unparsed trailing bytes")
 
 
-def _read_payload(f: BinaryIO, pos: _Pos, path: Path) -> Record:
+def _read_payload(f: BinaryIO, pos: Location, path: Path) -> Record:
     """Read and verify the payload of the record whose header ``pos`` describes (file positioned after it)."""
     p = _PayloadReader(f, pos, path)
     if pos.kind == "message":
@@ -351,6 +348,45 @@ def _load_header(directory: Path, protocol_version: int | None) -> dict:
     return header
 
 
+def _cut_torn_tail(directory: Path, segments: list[Path], damage: RecordingError, fsync: bool) -> int:
+    """Cut off a torn last record (a crash while writing it), found damaged as `damage`; returns the
+    index of the segment cut. A damaged record that is not the last one is refused."""
+    cut_seg = next((i for i, p in enumerate(segments) if str(p) == damage.file), None)
+    if cut_seg is None or damage.offset is None:
+        raise RecordingError("not_resumable", damage.file, f"cannot resume: {damage.problem}",
+                             record=damage.record, offset=damage.offset)
+    path = segments[cut_seg]
+    last = cut_seg == len(segments) - 1 or all(p.stat().st_size == 0 for p in segments[cut_seg + 1:])
+    if not (last and (damage.code == "truncated" or _unfinished(path, damage))):
+        raise RecordingError("not_resumable", damage.file,
+                             f"cannot resume: damage before the last record ({damage.problem})",
+                             record=damage.record, offset=damage.offset)
+    log.warning("recording %s: cutting off a torn last record: %s (%d bytes dropped)",
+                directory, damage, path.stat().st_size - damage.offset)
+    with open(path, "r+b") as f:
+        f.truncate(damage.offset)
+        if fsync:
+            os.fsync(f.fileno())
+    for extra in segments[cut_seg + 1:]:  # empty segments after the torn one
+        extra.unlink()
+    return cut_seg
+
+
+def _unfinished(path: Path, damage: RecordingError) -> bool:
+    """Whether the damaged bytes from `damage.offset` to the end of `path` are a last record whose
+    writing did not finish: zeros (space allocated, nothing written), or exactly one record whose
+    payload is wrong (written, not flushed)."""
+    with open(path, "rb") as f:
+        f.seek(damage.offset)
+        tail = f.read()
+    if not tail.strip(b"\0"):
+        return True
+    if len(tail) < HEADER_BYTES or damage.code not in ("crc_mismatch", "bad_payload"):
+        return False
+    length = _HEAD.unpack_from(tail)[5]
+    return HEADER_BYTES + length == len(tail)
+
+
 # --------------------------------------------------------------------------- reader
 
 
@@ -372,12 +408,10 @@ class RecordingReader:
         self.on_damage = on_damage
         self.header: dict = _load_header(self.directory, protocol_version)
         self.damage: RecordingError | None = None
-        self._positions: list[_Pos] | None = None
-        self._locate_damage: RecordingError | None = None
+        self._located: tuple[list[Location], RecordingError | None] | None = None
 
-    # ----------------------------------------------------------- sequential
-
-    def _segments(self) -> list[Path]:
+    def segments(self) -> list[Path]:
+        """The segment files, in order (RecordingError ``missing_segment`` if one is missing)."""
         return _list_segments(self.directory)
 
     def _damaged(self, err: RecordingError) -> None:
@@ -389,26 +423,20 @@ class RecordingReader:
         """Every record in order, each CRC-checked."""
         self.damage = None
         try:
-            segments = self._segments()
+            segments = self.segments()
+            locations, damage = self.locations()
         except RecordingError as err:
             self._damaged(err)
             return
-        number = 0
-        for seg_idx, path in enumerate(segments):
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                offset = 0
-                while offset < size:
-                    try:
-                        pos = _read_header(f, path, offset, size, number)
-                        pos = _Pos(pos.number, pos.kind, seg_idx, offset, pos.payload_len, pos.crc)
-                        rec = _read_payload(f, pos, path)
-                    except RecordingError as err:
-                        self._damaged(err)
-                        return
-                    yield rec
-                    number += 1
-                    offset = pos.end
+        for location in locations:
+            try:
+                record = _read_record(segments[location.segment], location)
+            except RecordingError as err:
+                self._damaged(err)
+                return
+            yield record
+        if damage is not None:
+            self._damaged(damage)
 
     def messages(self) -> Iterator[Record]:
         return (r for r in self if r.kind == "message")
@@ -418,117 +446,57 @@ class RecordingReader:
 
     # ----------------------------------------------------------- random access
 
-    def _load_index(self, segments: list[Path]) -> list[_Pos]:
-        """The longest prefix of index.jsonl whose entries are consistent (numbers 0..n-1, inside the files)."""
-        path = self.directory / INDEX_FILE
-        try:
-            f = open(path, "rb")
-        except OSError:
-            return []
-        sizes = [p.stat().st_size for p in segments]
-        out: list[_Pos] = []
-        prev_end = (0, 0)
-        with f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break  # torn last line
-                try:
-                    e = json.loads(raw)
-                    pos = _Pos(int(e["number"]), str(e["kind"]), int(e["segment"]), int(e["offset"]),
-                               int(e["length"]) - HEADER_BYTES, int(e["crc"]))
-                except (ValueError, KeyError, TypeError):
-                    break
-                if (pos.number != len(out) or pos.kind not in _TYPES or not 0 <= pos.segment < len(segments)
-                        or pos.payload_len < 0 or (pos.segment, pos.offset) < prev_end
-                        or pos.end > sizes[pos.segment]):
-                    break
-                out.append(pos)
-                prev_end = (pos.segment, pos.end)
-        return out
-
-    def _check_pos(self, f: BinaryIO, path: Path, pos: _Pos) -> bool:
-        f.seek(pos.offset)
-        try:
-            got = _read_header(f, path, pos.offset, os.fstat(f.fileno()).st_size, pos.number)
-        except RecordingError:
-            return False
-        return (got.kind, got.payload_len, got.crc) == (pos.kind, pos.payload_len, pos.crc)
-
-    def _locate(self, *, use_index: bool = True) -> list[_Pos]:
-        """Positions of every intact record header: the index, then a header scan of what it lacks.
-
-        A damaged header stops the scan; the error is kept in ``self._locate_damage``.
-        """
-        if self._positions is not None:
-            return self._positions
-        segments = self._segments()
-        positions = self._load_index(segments) if use_index else []
-        if positions:
-            last = positions[-1]
-            if not self._header_matches(segments[last.segment], last):
-                log.warning("%s does not match the segments; locating records by a scan",
-                            self.directory / INDEX_FILE)
-                positions = []
-        seg_idx, offset = (positions[-1].segment, positions[-1].end) if positions else (0, 0)
-        number = len(positions)
-        damage = None
-        while seg_idx < len(segments) and damage is None:
-            path = segments[seg_idx]
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                while offset < size:
-                    f.seek(offset)
-                    try:
-                        pos = _read_header(f, path, offset, size, number)
-                    except RecordingError as err:
-                        damage = err
-                        break
-                    positions.append(_Pos(number, pos.kind, seg_idx, offset, pos.payload_len, pos.crc))
-                    number += 1
-                    offset = positions[-1].end
-            seg_idx += 1
-            offset = 0
-        self._positions = positions
-        self._locate_damage = damage
-        return positions
+    def locations(self) -> tuple[list[Location], RecordingError | None]:
+        """Where every record with an intact header lies, in order, found by reading the headers
+        alone (payloads are CRC-checked when a record is read), and the error at the first damaged
+        header (None if there is none). Read once, on first use."""
+        if self._located is None:
+            self._located = _scan_headers(self.segments())
+        return self._located
 
     def __len__(self) -> int:
-        """Number of records with an intact header (index + scan; payloads are not CRC-checked here)."""
-        positions = self._locate()
-        if self._locate_damage is not None and self.on_damage == "raise":
-            raise self._locate_damage
-        return len(positions)
+        """Number of records with an intact header (their payloads are not CRC-checked here)."""
+        locations, damage = self.locations()
+        if damage is not None and self.on_damage == "raise":
+            raise damage
+        return len(locations)
 
     def record(self, number: int) -> Record:
-        """Record ``number`` (CRC-checked), found through the index; falls back to a scan if needed."""
+        """Record ``number``, CRC-checked."""
         if isinstance(number, bool) or not isinstance(number, int) or number < 0:
             raise IndexError(f"record number must be a non-negative int, got {number!r}")
-        positions = self._locate()
-        if number >= len(positions):
-            if self._locate_damage is not None:
-                raise self._locate_damage
-            raise IndexError(f"record {number} does not exist (the recording has {len(positions)} records)")
-        segments = self._segments()
-        pos = positions[number]
-        if not self._header_matches(segments[pos.segment], pos):
-            # stale index: locate the records from the segments alone and try once more
-            self._positions = None
-            positions = self._locate(use_index=False)
-            if number >= len(positions):
-                if self._locate_damage is not None:
-                    raise self._locate_damage
-                raise IndexError(f"record {number} does not exist (the recording has {len(positions)} records)")
-            pos = positions[number]
-        path = segments[pos.segment]
-        with open(path, "rb") as f:
-            f.seek(pos.offset)
-            pos = _read_header(f, path, pos.offset, os.fstat(f.fileno()).st_size, number)
-            pos = _Pos(pos.number, pos.kind, positions[number].segment, pos.offset, pos.payload_len, pos.crc)
-            return _read_payload(f, pos, path)
+        locations, damage = self.locations()
+        if number >= len(locations):
+            if damage is not None:
+                raise damage
+            raise IndexError(f"record {number} does not exist (the recording has {len(locations)} records)")
+        location = locations[number]
+        return _read_record(self.segments()[location.segment], location)
 
-    def _header_matches(self, path: Path, pos: _Pos) -> bool:
+
+def _read_record(path: Path, location: Location) -> Record:
+    """The record at `location` in segment `path`, its payload CRC-checked."""
+    with open(path, "rb") as f:
+        f.seek(location.offset + HEADER_BYTES)
+        return _read_payload(f, location, path)
+
+
+def _scan_headers(segments: list[Path]) -> tuple[list[Location], RecordingError | None]:
+    """The locations of the records in `segments` up to the first damaged header, and its error."""
+    locations: list[Location] = []
+    for seg_idx, path in enumerate(segments):
         with open(path, "rb") as f:
-            return self._check_pos(f, path, pos)
+            size = os.fstat(f.fileno()).st_size
+            offset = 0
+            while offset < size:
+                f.seek(offset)
+                try:
+                    head = _read_header(f, path, offset, size, len(locations))
+                except RecordingError as err:
+                    return locations, err
+                locations.append(Location(head.number, head.kind, seg_idx, offset, head.payload_len, head.crc))
+                offset = locations[-1].end
+    return locations, None
 
 
 # --------------------------------------------------------------------------- writer
@@ -588,103 +556,40 @@ class RecordingWriter:
         self._seg_size = seg_size
         self._next = next_number
         self._seg = open(directory / segment_name(seg_idx), "ab", buffering=0)
-        self._index = open(directory / INDEX_FILE, "ab")
 
     @classmethod
     def open_existing(cls, directory: str | os.PathLike, *, fsync: bool = False,
                       segment_bytes: int | None = None) -> "RecordingWriter":
         """Reopen a recording for appending; numbering continues after its last intact record.
 
-        Every record header is scanned (payloads are not re-read, except the last record's).
-        A torn last record (a crash while writing it) is cut off with a log warning; a damaged
-        header anywhere else raises :class:`RecordingError` (``code="not_resumable"``) and changes
-        nothing (payload CRCs of earlier records are checked by the reader / ``--validate``).
-        The index is rebuilt when it does not match the segments. ``segment_bytes`` defaults to
+        Every record header is read, and the last record's payload. A torn last record (a crash
+        while writing it) is cut off with a log warning; a damaged header anywhere else raises
+        :class:`RecordingError` (``code="not_resumable"``) and changes nothing (payload CRCs of
+        earlier records are checked by the reader / ``--validate``). ``segment_bytes`` defaults to
         the value in the header.
         """
         directory = Path(directory)
         reader = RecordingReader(directory, on_damage="stop")
-        header = reader.header
-        if segment_bytes is None:
-            segment_bytes = int(header.get("segment_bytes", 256 << 20))
-        segments = reader._segments()
-        positions = list(reader._locate(use_index=False))  # header scan: cheap, and checks the index
-        damage = reader._locate_damage
-        # The header scan does not read payloads: verify the last record's payload too.
-        if positions and damage is None:
-            last = positions[-1]
-            path = segments[last.segment]
-            with open(path, "rb") as f:
-                f.seek(last.offset + HEADER_BYTES)
-                try:
-                    _read_payload(f, last, path)
-                except RecordingError as err:
-                    damage = err
-                    positions.pop()
+        segments = reader.segments()
+        locations, damage = reader.locations()
+        locations = list(locations)
+        if locations and damage is None:
+            try:  # the header scan does not read payloads: check the last one
+                reader.record(locations[-1].number)
+            except RecordingError as err:
+                damage = err
+                locations.pop()
         if damage is not None:
-            seg_idx = positions[-1].segment if positions else 0
-            # the damaged record starts at the end of the last good one, or at 0 of the following segment
-            cut_seg = next((i for i, p in enumerate(segments) if str(p) == damage.file), None)
-            if cut_seg is None or damage.offset is None:
-                raise RecordingError("not_resumable", damage.file, f"cannot resume: {damage.problem}",
-                                     record=damage.record, offset=damage.offset)
-            path = segments[cut_seg]
-            size = path.stat().st_size
-            torn = cut_seg == len(segments) - 1 or all(p.stat().st_size == 0 for p in segments[cut_seg + 1:])
-            if torn and damage.code not in ("truncated",):
-                # a last record written over its full extent but with bad bytes, or zero-filled space
-                with open(path, "rb") as f:
-                    f.seek(damage.offset)
-                    tail = f.read()
-                zero_tail = not tail.strip(b"\0")
-                exact_last = False
-                if len(tail) >= HEADER_BYTES and damage.code in ("crc_mismatch", "bad_payload"):
-                    _, _, _, _, _, length, _ = _HEAD.unpack_from(tail)
-                    exact_last = HEADER_BYTES + length == len(tail)
-                torn = zero_tail or exact_last
-            if not torn:
-                raise RecordingError("not_resumable", damage.file,
-                                     f"cannot resume: damage before the last record ({damage.problem})",
-                                     record=damage.record, offset=damage.offset)
-            log.warning("recording %s: cutting off a torn last record: %s (%d bytes dropped)",
-                        directory, damage, size - damage.offset)
-            with open(path, "r+b") as f:
-                f.truncate(damage.offset)
-                f.flush()
-                if fsync:
-                    os.fsync(f.fileno())
-            for extra in segments[cut_seg + 1:]:  # empty segments after the torn one
-                extra.unlink()
-            segments = segments[: cut_seg + 1]
-            seg_idx = cut_seg
+            seg_idx = _cut_torn_tail(directory, segments, damage, fsync)
         else:
-            seg_idx = len(segments) - 1 if segments else 0
-        if not segments:
-            (directory / segment_name(0)).touch()
-            seg_size = 0
-        else:
-            seg_size = (directory / segment_name(seg_idx)).stat().st_size
-        # index: keep it when it is exactly the positions, else rewrite it
-        expected = "".join(p.index_line() for p in positions).encode()
-        index_path = directory / INDEX_FILE
-        try:
-            current = index_path.read_bytes()
-        except FileNotFoundError:
-            current = None
-        if current != expected:
-            if current is not None:
-                log.warning("recording %s: rewriting %s (%d records)", directory, INDEX_FILE, len(positions))
-            tmp = directory / (INDEX_FILE + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write(expected)
-                f.flush()
-                if fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, index_path)
+            seg_idx = max(len(segments) - 1, 0)
+        (directory / OLD_INDEX_FILE).unlink(missing_ok=True)
+        segment = directory / segment_name(seg_idx)
         self = cls.__new__(cls)
-        self._setup(directory, segment_bytes=segment_bytes, fsync=fsync, seg_idx=seg_idx, seg_size=seg_size,
-                    next_number=len(positions))
-        self.header = header
+        self._setup(directory, segment_bytes=segment_bytes or int(reader.header.get("segment_bytes", 256 << 20)),
+                    fsync=fsync, seg_idx=seg_idx, seg_size=segment.stat().st_size if segment.exists() else 0,
+                    next_number=len(locations))
+        self.header = reader.header
         return self
 
     # ----------------------------------------------------------- appending
@@ -750,17 +655,8 @@ class RecordingWriter:
             except BaseException as exc:
                 self._undo(start, exc)
                 raise
-            pos = _Pos(number, _KINDS[rtype], self._seg_idx, start, length, crc)
-            self._seg_size = pos.end
+            self._seg_size = start + HEADER_BYTES + length
             self._next = number + 1
-            try:
-                self._index.write(pos.index_line().encode())
-                self._index.flush()
-                if self.fsync:
-                    os.fsync(self._index.fileno())
-            except BaseException as exc:  # the record is safe; the index is only a shortcut
-                self._broken = exc
-                raise
             return number
 
     def _undo(self, start: int, exc: BaseException) -> None:
@@ -784,22 +680,18 @@ class RecordingWriter:
         """Force everything written so far to disk (fsync), whatever the ``fsync`` setting."""
         with self._lock:
             if not self._closed:
-                self._index.flush()
                 os.fsync(self._seg.fileno())
-                os.fsync(self._index.fileno())
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            for f in (self._seg, self._index):
-                try:
-                    f.flush()
-                    if self.fsync:
-                        os.fsync(f.fileno())
-                finally:
-                    f.close()
+            try:
+                if self.fsync:
+                    os.fsync(self._seg.fileno())
+            finally:
+                self._seg.close()
 
     @property
     def closed(self) -> bool:

@@ -13,6 +13,7 @@ import pytest
 
 from learner.recording import (
     HEADER_BYTES,
+    Location,
     Record,
     RecordingError,
     RecordingReader,
@@ -78,8 +79,10 @@ def _segment_files(path: Path) -> list[Path]:
     return sorted(path.glob("segment-*.log"))
 
 
-def _index(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / "index.jsonl").read_text().splitlines()]
+def _locations(path: Path) -> list[Location]:
+    locations, damage = RecordingReader(path).locations()
+    assert damage is None
+    return locations
 
 
 # --------------------------------------------------------------------------- format
@@ -98,11 +101,13 @@ def test_round_trip_messages_and_steps(tmp_path):
     assert [r.number for r in reader.messages()] == [0, 1, 3, 4, 6, 7]
     assert [r.step for r in reader.steps()] == [0, 1, 2]
     assert len(reader) == 9
-    # the index has one consistent line per record
-    index = _index(rec_dir)
-    assert [e["number"] for e in index] == list(range(9))
-    assert [e["kind"] for e in index] == [r.kind for r in records]
-    assert sum(e["length"] for e in index) == sum(p.stat().st_size for p in _segment_files(rec_dir))
+    # the records' headers locate every one of them, back to back
+    locations = _locations(rec_dir)
+    assert [loc.number for loc in locations] == list(range(9))
+    assert [loc.kind for loc in locations] == [r.kind for r in records]
+    assert [loc.offset for loc in locations[1:]] == [loc.end for loc in locations[:-1]]
+    assert locations[-1].end == sum(p.stat().st_size for p in _segment_files(rec_dir))
+    assert not (rec_dir / "index.jsonl").exists()
 
 
 def test_real_wire_message_is_stored_byte_for_byte(tmp_path):
@@ -130,11 +135,11 @@ def test_segment_roll_over_and_numbering(tmp_path):
     records = list(reader)
     assert [r.number for r in records] == list(range(12)) and (big, after) == (10, 11)
     assert [r.segment for r in records] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6]
-    assert [e["segment"] for e in _index(rec_dir)] == [r.segment for r in records]
+    assert [loc.segment for loc in _locations(rec_dir)] == [r.segment for r in records]
     assert reader.record(10).frames == [bytes(1000)]
 
 
-def test_random_access_and_index_fallback(tmp_path):
+def test_random_access(tmp_path):
     rec_dir = tmp_path / "rec"
     written = _build(rec_dir, segment_bytes=300)
     assert len(_segment_files(rec_dir)) > 2
@@ -145,31 +150,32 @@ def test_random_access_and_index_fallback(tmp_path):
     with pytest.raises(IndexError, match="does not exist"):
         reader.record(len(written))
 
-    # index shorter than the segments (crash between record and index line): the rest is scanned
-    lines = (rec_dir / "index.jsonl").read_text().splitlines(keepends=True)
-    (rec_dir / "index.jsonl").write_text("".join(lines[:4]) + lines[4][:10])
-    reader = RecordingReader(rec_dir)
-    assert [reader.record(n) for n in range(len(expected))] == expected
-    # no index at all
-    (rec_dir / "index.jsonl").unlink()
-    reader = RecordingReader(rec_dir)
-    assert reader.record(8) == expected[8] and len(reader) == len(expected)
-    # a stale index pointing at the wrong places is detected and ignored
-    bogus = [dict(e, offset=e["offset"] + 1) for e in [json.loads(line) for line in lines]]
-    (rec_dir / "index.jsonl").write_text("".join(json.dumps(e) + "\n" for e in bogus))
-    reader = RecordingReader(rec_dir)
-    assert [reader.record(n) for n in (8, 2)] == [expected[8], expected[2]]
+
+def test_recording_with_the_index_of_earlier_versions(tmp_path):
+    """Earlier versions also wrote index.jsonl: such a recording reads the same, and appending to it
+    removes the index (it would no longer match)."""
+    rec_dir = tmp_path / "rec"
+    _build(rec_dir)
+    expected = list(RecordingReader(rec_dir))
+    lines = [json.dumps({"number": loc.number, "kind": loc.kind, "segment": loc.segment, "offset": loc.offset,
+                         "length": loc.end - loc.offset, "crc": loc.crc}) + "\n" for loc in _locations(rec_dir)]
+    (rec_dir / "index.jsonl").write_text("".join(lines))
+    assert list(RecordingReader(rec_dir)) == expected and RecordingReader(rec_dir).record(8) == expected[8]
+    with RecordingWriter.open_existing(rec_dir) as w:
+        assert w.append_step(9, {}) == len(expected)
+    assert not (rec_dir / "index.jsonl").exists()
+    assert list(RecordingReader(rec_dir))[:-1] == expected
 
 
 # --------------------------------------------------------------------------- damage
 
 
 def _cut_last_record_in_half(rec_dir: Path) -> tuple[Path, int, int]:
-    last = _index(rec_dir)[-1]
-    seg = rec_dir / f"segment-{last['segment']:06d}.log"
+    last = _locations(rec_dir)[-1]
+    seg = rec_dir / f"segment-{last.segment:06d}.log"
     with open(seg, "r+b") as f:
-        f.truncate(last["offset"] + last["length"] // 2)
-    return seg, last["number"], last["offset"]
+        f.truncate(last.offset + (last.end - last.offset) // 2)
+    return seg, last.number, last.offset
 
 
 def test_truncated_tail_stop_and_raise(tmp_path):
@@ -198,17 +204,17 @@ def test_truncated_tail_stop_and_raise(tmp_path):
 def test_corrupt_byte_in_the_middle(tmp_path):
     rec_dir = tmp_path / "rec"
     written = _build(rec_dir)
-    entry = _index(rec_dir)[4]
+    entry = _locations(rec_dir)[4]
     seg = rec_dir / "segment-000000.log"
     data = bytearray(seg.read_bytes())
-    data[entry["offset"] + HEADER_BYTES + 20] ^= 0x40  # inside record 4's payload
+    data[entry.offset + HEADER_BYTES + 20] ^= 0x40  # inside record 4's payload
     seg.write_bytes(bytes(data))
 
     with pytest.raises(RecordingError) as info:
         list(RecordingReader(rec_dir))
     err = info.value
-    assert (err.code, err.record, err.offset) == ("crc_mismatch", 4, entry["offset"])
-    assert f"record 4 at byte offset {entry['offset']}" in str(err) and "CRC mismatch" in str(err)
+    assert (err.code, err.record, err.offset) == ("crc_mismatch", 4, entry.offset)
+    assert f"record 4 at byte offset {entry.offset}" in str(err) and "CRC mismatch" in str(err)
     assert seg.name in str(err)
     reader = RecordingReader(rec_dir, on_damage="stop")
     _check(list(reader), written[:4])
@@ -218,14 +224,14 @@ def test_corrupt_byte_in_the_middle(tmp_path):
     assert RecordingReader(rec_dir).record(5).number == 5  # random access to intact records still works
 
     # a flipped bit in a record header (e.g. its length) is caught by the header CRC
-    data[entry["offset"] + HEADER_BYTES + 20] ^= 0x40
-    data[entry["offset"] + 16] ^= 0x01
+    data[entry.offset + HEADER_BYTES + 20] ^= 0x40
+    data[entry.offset + 16] ^= 0x01
     seg.write_bytes(bytes(data))
     reader = RecordingReader(rec_dir, on_damage="stop")
     assert len(list(reader)) == 4
-    assert (reader.damage.code, reader.damage.record, reader.damage.offset) == ("bad_record_header", 4, entry["offset"])
+    assert (reader.damage.code, reader.damage.record, reader.damage.offset) == ("bad_record_header", 4, entry.offset)
     # garbage instead of a record
-    data[entry["offset"] : entry["offset"] + 4] = b"XXXX"
+    data[entry.offset : entry.offset + 4] = b"XXXX"
     seg.write_bytes(bytes(data))
     with pytest.raises(RecordingError, match="bad magic"):
         list(RecordingReader(rec_dir))
@@ -277,7 +283,7 @@ def test_open_existing_continues_numbering(tmp_path):
     _check(records, written)
     assert records[-2].frames == [b"x"] and records[-1].step == 99
     assert len(_segment_files(rec_dir)) >= n_segments
-    assert [e["number"] for e in _index(rec_dir)] == list(range(len(written) + 2))
+    assert [loc.number for loc in _locations(rec_dir)] == list(range(len(written) + 2))
 
 
 def test_open_existing_truncates_torn_tail(tmp_path, caplog):
@@ -293,7 +299,7 @@ def test_open_existing_truncates_torn_tail(tmp_path, caplog):
     records = list(RecordingReader(rec_dir))
     _check(records[:-1], written[:-1])
     assert records[-1].number == number and records[-1].frames == [b"", b"y"]
-    assert [e["number"] for e in _index(rec_dir)] == list(range(number + 1))
+    assert [loc.number for loc in _locations(rec_dir)] == list(range(number + 1))
     reader = RecordingReader(rec_dir)
     assert reader.record(number).peer == b"again"
 
@@ -308,10 +314,10 @@ def test_open_existing_truncates_torn_tail(tmp_path, caplog):
 def test_open_existing_refuses_damage_before_the_tail(tmp_path):
     rec_dir = tmp_path / "rec"
     _build(rec_dir)
-    entry = _index(rec_dir)[2]
+    entry = _locations(rec_dir)[2]
     seg = rec_dir / "segment-000000.log"
     data = bytearray(seg.read_bytes())
-    data[entry["offset"]] ^= 0xFF  # bad magic on record 2 of 9
+    data[entry.offset] ^= 0xFF  # bad magic on record 2 of 9
     seg.write_bytes(bytes(data))
     with pytest.raises(RecordingError, match="cannot resume") as info:
         RecordingWriter.open_existing(rec_dir)
