@@ -420,11 +420,11 @@ class RecordingReader:
             raise err
 
     def __iter__(self) -> Iterator[Record]:
-        """Every record in order, each CRC-checked."""
+        """Every record in order, each CRC-checked (the recording as it is now: read afresh)."""
         self.damage = None
         try:
             segments = self.segments()
-            locations, damage = self.locations()
+            locations, damage = _scan_headers(segments)
         except RecordingError as err:
             self._damaged(err)
             return
