@@ -56,7 +56,7 @@ free_port() { "$py" -c 'from protocol.transport import free_tcp_port; print(free
 # Refuse in a second what the processes would refuse later (the learner only after loading its
 # model): a missing input (a model, the data, a reward function file...; for the learner also no
 # reward at all: protocol.config.check_inputs), and unauthenticated plain TCP off the loopback
-# interface (protocol.transport.check_transport_security: transport.bind_host / learner_host,
+# interface (protocol.network_policy.check_transport_security: transport.bind_host / learner_host,
 # curve_dir, curve_required_off_loopback); with CURVE, load the keys the processes will load.
 # Usage: check_start learner [INDEX...] | check_start rollout INDEX... (INDEX: the rollouts started).
 # Prints "on" or "off" (CURVE); exits 2, with the reason, when something is refused.
@@ -66,7 +66,7 @@ check_start() {
 import sys
 from protocol.config import ConfigArgumentParser, ConfigError, check_inputs, config_from_args
 from protocol.keys import CurveKeyError, client_keys_from_dir, server_keys_from_dir
-from protocol.transport import check_transport_security
+from protocol.network_policy import check_transport_security
 split = sys.argv.index("--")
 prog, role, indices, flags = sys.argv[1], sys.argv[2], sys.argv[3:split], sys.argv[split + 1:]
 try:

@@ -12,7 +12,8 @@ from typing import AsyncIterator
 from protocol.codec import DecodeLimits
 from protocol.config import RunConfig
 from protocol.keys import server_keys_from_dir
-from protocol.transport import LearnerEndpoint, check_transport_security
+from protocol.network_policy import check_transport_security
+from protocol.transport import LearnerEndpoint
 
 from learner.follower_hub import FollowerHub
 from learner.hub import RolloutHub

@@ -30,40 +30,28 @@ is then a CURVE server: every connection is encrypted and the learner
 authenticated by its public key.  With an allow-list of client public keys, a
 ZAP handler admits only those clients; a client without keys, with another
 key, or with the wrong server public key never completes the handshake, so
-nothing it sends reaches ``recv`` and nothing can be sent to it.
-
-The ZAP handler is pyzmq's :class:`zmq.auth.thread.ThreadAuthenticator`,
-bound inside the endpoint's own context, not the asyncio authenticator: ZAP
-requests are answered in a thread of their own, so handshakes complete while
-the learner's event loop is busy (decoding a large batch, publishing weights)
-and whether or not a loop is running (the endpoint is created and closed
-synchronously, and may outlive the loop it was created under); with
-:class:`zmq.auth.asyncio.AsyncioAuthenticator` a handshake would wait for the
-loop and the endpoint could only be created inside a running loop.  The
-handler's sockets are plain (sync) sockets of the endpoint's context, which
-it stops before terminating that context.  Without ``curve`` nothing changes
-(plain TCP; use it on 127.0.0.1 only, see :func:`check_transport_security`).
+nothing it sends reaches ``recv`` and nothing can be sent to it (the ZAP
+handler and the client's handshake monitor: :mod:`protocol.curve`).  Without
+``curve`` nothing changes (plain TCP; use it on 127.0.0.1 only, see
+:func:`protocol.network_policy.check_transport_security`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
-from zmq.utils import z85
-from zmq.utils.monitor import parse_monitor_message
 
 from .codec import DEFAULT_LIMITS, DecodeLimits, decode, encode
-from .config import ConfigError
+from .curve import CURVE_FRAME_OVERHEAD, HandshakeWatcher, setup_curve_client, setup_curve_server
 from .errors import ProtocolError
 from .keys import CurveClientKeys, CurveServerKeys
+from .log_throttle import LOG_FIRST, worth_logging
 from .messages import Envelope, Hello
 
 __all__ = [
@@ -72,33 +60,11 @@ __all__ = [
     "PeerUnreachableError",
     "PeerBackloggedError",
     "free_tcp_port",
-    "CurveServerKeys",
-    "CurveClientKeys",
-    "InsecureTransportError",
-    "CurveHandshakeError",
-    "check_transport_security",
-    "is_loopback_host",
-    "ZAP_DOMAIN",
 ]
 
 log = logging.getLogger(__name__)
 
 RejectCallback = Callable[[bytes, ProtocolError], None]
-
-
-#: ZAP domain of the learner's CURVE server socket.
-ZAP_DOMAIN = "streamrlhf"
-
-# A CURVE MESSAGE command wraps each frame in 33 bytes ("\x07MESSAGE", 8-byte nonce, 16-byte MAC,
-# 1 flags byte); libzmq applies ZMQ_MAXMSGSIZE to that wrapped frame.
-_CURVE_FRAME_OVERHEAD = 33
-
-# A CURVE client gives up after this many handshakes in a row cut short by the learner (libzmq retries
-# those; a protocol error or a refusal it detects itself ends the connection at once).
-_HANDSHAKE_FAILURES_FATAL = 3
-
-# Rejections logged in full per reason code before logging only at powers of two.
-_LOG_FIRST_REJECTIONS = 10
 
 
 class PeerUnreachableError(ConnectionError):
@@ -107,75 +73,6 @@ class PeerUnreachableError(ConnectionError):
 
 class PeerBackloggedError(PeerUnreachableError):
     """The learner tried to send to a peer that has not read its last SNDHWM messages (stuck or hostile)."""
-
-
-class CurveHandshakeError(ConnectionError):
-    """The CURVE handshake with the learner failed: this rollout's key was refused, or the learner's
-    public key (or the learner's CURVE setting) does not match."""
-
-
-class InsecureTransportError(ConfigError):
-    """The transport would accept unauthenticated connections from the network."""
-
-
-def _event_name(value: int) -> str:
-    try:
-        return zmq.Event(value).name
-    except ValueError:
-        return str(value)
-
-
-def _protocol_error_name(value: int) -> str:
-    for name in dir(zmq):
-        if name.startswith("PROTOCOL_ERROR_") and getattr(zmq, name) == value:
-            return name
-    return str(value)
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback IP addresses (``127.0.0.0/8``, ``::1``); False for anything
-    else, including ``0.0.0.0`` / ``*`` (every interface) and host or interface names (not resolved)."""
-    host = host.strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_transport_security(cfg: Any) -> bool:
-    """Refuse to run unauthenticated plain TCP off the loopback interface.
-
-    ``cfg`` is a ``TransportConfig`` (or a ``RunConfig``, whose ``transport``
-    section is used).  Raises :class:`InsecureTransportError` when
-    ``curve_required_off_loopback`` is true, ``curve_dir`` is empty and
-    ``bind_host`` or ``learner_host`` is not a loopback address; raises
-    ``ConfigError`` when ``curve_dir`` is set but is not a directory.  Returns
-    whether CURVE is on.
-    """
-    t = getattr(cfg, "transport", cfg)
-    curve_dir = str(getattr(t, "curve_dir", "") or "")
-    if curve_dir:
-        if not Path(curve_dir).is_dir():
-            raise ConfigError(f"transport.curve_dir {curve_dir!r} is not a directory; generate the keys with "
-                              f"`python -m protocol.keys generate {curve_dir} --name learner --name rollout-0 ...`")
-        return True
-    if not getattr(t, "curve_required_off_loopback", True):
-        return False
-    for key in ("bind_host", "learner_host"):
-        host = str(getattr(t, key))
-        if not is_loopback_host(host):
-            raise InsecureTransportError(
-                f"transport.{key} is {host!r}, not a loopback address, and CURVE is off: any host that can "
-                f"reach the port could feed the learner samples or take its work and weights. Generate keys "
-                f"with `python -m protocol.keys generate KEYDIR --name learner --name rollout-0 --name rollout-1` "
-                f"(one rollout-N per rollout process) and pass --transport.curve_dir KEYDIR to every process, "
-                f"or bind to 127.0.0.1, or (on a network you trust completely) set "
-                f"--transport.curve_required_off_loopback false.")
-    return False
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -207,7 +104,7 @@ class _Owned:
     _sock: zmq.asyncio.Socket
 
     _auth: Any = None  # ZAP authenticator thread (LearnerEndpoint with a CURVE allow-list)
-    _monitor: Any = None  # handshake monitor (RolloutClient with CURVE): a plain socket of our context
+    _handshakes: HandshakeWatcher | None = None  # RolloutClient with CURVE
 
     def _open(self, kind: int, limits: DecodeLimits, rcvhwm: int, sndhwm: int, curve: bool = False) -> None:
         self._ctx = zmq.asyncio.Context()
@@ -215,7 +112,7 @@ class _Owned:
         try:
             self._sock = self._ctx.socket(kind)
             self._sock.setsockopt(zmq.LINGER, 0)
-            overhead = _CURVE_FRAME_OVERHEAD if curve else 0
+            overhead = CURVE_FRAME_OVERHEAD if curve else 0
             self._sock.setsockopt(zmq.MAXMSGSIZE, int(limits.max_frame_bytes) + overhead)
             self._sock.setsockopt(zmq.RCVHWM, int(rcvhwm))
             self._sock.setsockopt(zmq.SNDHWM, int(sndhwm))
@@ -246,12 +143,9 @@ class _Owned:
             return
         self._closed = True
         try:
-            if self._monitor is not None:
-                try:
-                    self._sock.disable_monitor()
-                finally:
-                    self._monitor.close(linger=0)
-                    self._monitor = None
+            if self._handshakes is not None:
+                self._handshakes.close()
+                self._handshakes = None
         finally:
             self._close_rest(linger_s)
 
@@ -269,8 +163,8 @@ class _Owned:
     def _record(self, peer: bytes, exc: ProtocolError) -> None:
         self.rejections[exc.reason_code] += 1
         count = self.rejections[exc.reason_code]
-        if count <= _LOG_FIRST_REJECTIONS or count & (count - 1) == 0:
-            more = "" if count <= _LOG_FIRST_REJECTIONS else f" ({count} rejections with this reason so far; not all logged)"
+        if worth_logging(count):
+            more = "" if count <= LOG_FIRST else f" ({count} rejections with this reason so far; not all logged)"
             log.warning("%s rejected a message from %r: %s%s", type(self).__name__, peer, exc, more)
         if self._on_reject is not None:
             try:
@@ -346,7 +240,7 @@ class LearnerEndpoint(_Owned):
         try:
             self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             if curve is not None:
-                self._setup_curve_server(curve)
+                self._auth = setup_curve_server(self._ctx, self._sock, curve, self._note_curve_denied)
             if address is not None:
                 self._sock.bind(address)
             elif port:
@@ -358,44 +252,12 @@ class LearnerEndpoint(_Owned):
             self.close()
             raise
 
-    def _setup_curve_server(self, curve: CurveServerKeys) -> None:
-        if not zmq.has("curve"):
-            raise RuntimeError("CURVE requested but this libzmq has no CURVE support (zmq.has('curve') is False)")
-        if curve.allowed_clients is not None:
-            from zmq.auth.thread import ThreadAuthenticator
-
-            allowed = frozenset(curve.allowed_clients)
-            names = dict(curve.allowed_clients)
-            endpoint = self
-
-            class _AllowList:
-                def callback(self, domain: str, key: bytes) -> bool:  # runs in the authenticator thread
-                    if key in allowed:
-                        return True
-                    endpoint.curve_denied += 1  # one writer (this thread); readers only read
-                    n = endpoint.curve_denied
-                    if n <= _LOG_FIRST_REJECTIONS or n & (n - 1) == 0:
-                        log.warning("LearnerEndpoint(%s): refused a CURVE client whose public key %s is not in "
-                                    "the allow-list (%d refusals so far)", endpoint.address, key.decode("ascii"), n)
-                    return False
-
-            class _Authenticator(ThreadAuthenticator):
-                def curve_user_id(self, client_public_key: bytes) -> str:  # ZMQ "User-Id" of its messages
-                    z85_key = z85.encode(client_public_key)
-                    return names.get(z85_key, z85_key.decode("ascii"))
-
-            self._auth = _Authenticator(self._ctx, log=logging.getLogger(f"{__name__}.zap"))
-            self._auth.start()  # binds inproc://zeromq.zap.01 in this endpoint's own context
-            self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=_AllowList())
-            self._sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
-            if hasattr(zmq, "ZAP_ENFORCE_DOMAIN"):  # fail closed if the handler were ever missing
-                try:
-                    self._sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-                except zmq.ZMQError:
-                    pass
-        self._sock.setsockopt(zmq.CURVE_SERVER, 1)
-        self._sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key)
-        self._sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public_key)
+    def _note_curve_denied(self, key: bytes) -> None:  # runs in the ZAP handler's thread
+        self.curve_denied += 1  # one writer (that thread); readers only read
+        n = self.curve_denied
+        if worth_logging(n):
+            log.warning("LearnerEndpoint(%s): refused a CURVE client whose public key %s is not in "
+                        "the allow-list (%d refusals so far)", self.address, key.decode("ascii"), n)
 
     async def recv(self, timeout: float | None = None) -> tuple[bytes, Envelope]:
         """Next valid message as ``(peer_identity, envelope)``; invalid ones are counted and skipped.
@@ -478,12 +340,11 @@ class RolloutClient(_Owned):
     learner that holds the secret key of ``curve.server_public_key``.
     ``None``: plain TCP.  With CURVE the client watches its handshakes:
     once the learner has refused its key (libzmq then stops reconnecting, and
-    a send would wait forever), or after
-    ``_HANDSHAKE_FAILURES_FATAL`` failed handshakes in a row without a
-    successful one or after a handshake protocol error (wrong learner key,
-    learner without CURVE), ``send`` and
-    ``recv`` raise :class:`CurveHandshakeError` saying so (a protocol error
-    seen by the client ends the connection at once: libzmq does not retry it).
+    a send would wait forever), after a few failed handshakes in a row, or
+    after a handshake protocol error (wrong learner key, learner without
+    CURVE), ``send`` and ``recv`` raise
+    :class:`protocol.curve.CurveHandshakeError` saying so (see
+    :class:`protocol.curve.HandshakeWatcher`).
     """
 
     def __init__(
@@ -515,57 +376,18 @@ class RolloutClient(_Owned):
         try:
             self._sock.setsockopt(zmq.ROUTING_ID, identity)
             if curve is not None:
-                if not zmq.has("curve"):
-                    raise RuntimeError("CURVE requested but this libzmq has no CURVE support (zmq.has('curve') is False)")
-                self._sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public_key)
-                self._sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public_key)
-                self._sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key)
-                self._watch_handshakes()
+                setup_curve_client(self._sock, curve)
+                self._handshakes = HandshakeWatcher(self._ctx, self._sock, curve, address,
+                                                    f"RolloutClient({producer_id!r})")
             self._sock.connect(address)
         except BaseException:
             self.close()
             raise
 
-    def _watch_handshakes(self) -> None:
-        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH \
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-        endpoint = f"inproc://rollout-client-monitor-{id(self):x}"
-        self._sock.monitor(endpoint, events)
-        self._monitor = zmq.Context.shadow(self._ctx.underlying).socket(zmq.PAIR)  # plain: polled without awaiting
-        self._monitor.setsockopt(zmq.LINGER, 0)
-        self._monitor.connect(endpoint)
-        self._handshake_failures = 0
-        self._handshake_error: str | None = None
-
     def _check_handshake(self) -> None:
         """Raise :class:`CurveHandshakeError` if the CURVE handshake has definitely failed."""
-        if self._monitor is None or self._closed:
-            return
-        while self._handshake_error is None:
-            try:
-                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-            kind, value = event["event"], event["value"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshake_failures = 0
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._handshake_error = (
-                    f"the learner at {self.address} refused this rollout's CURVE public key "
-                    f"{self.curve.public_key.decode()} (ZAP status {value}): it is not in the learner's allow-list; "
-                    f"copy this rollout's .key file into the learner's transport.curve_dir and restart the learner")
-            else:
-                # A protocol error detected here ends the connection for good (libzmq does not
-                # reconnect after one); a handshake cut short by the learner ("no detail") is retried.
-                self._handshake_failures += 1
-                if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL or self._handshake_failures >= _HANDSHAKE_FAILURES_FATAL:
-                    self._handshake_error = (
-                        f"the CURVE handshake with {self.address} failed ({self._handshake_failures} attempt(s), "
-                        f"last: {_event_name(kind)}, {_protocol_error_name(value) if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL else value}): "
-                        f"the learner's public key {self.curve.server_public_key.decode()} is not the key of the "
-                        f"learner listening there, or that learner does not use CURVE")
-        if self._handshake_error is not None:
-            raise CurveHandshakeError(f"RolloutClient({self.producer_id!r}): {self._handshake_error}")
+        if self._handshakes is not None and not self._closed:
+            self._handshakes.check()
 
     async def send(self, msg: Any, weight_version: int) -> None:
         """Send ``msg`` to the learner, stamped with run_id, producer_id, next seq and ``weight_version``."""

@@ -28,7 +28,8 @@ from protocol.config import ConfigArgumentParser, ConfigError, RunConfig, check_
 from protocol.messages import (Heartbeat, Hello, RolloutError, Shutdown, WeightAck, WeightUpdate,
                                WorkGrant)
 from protocol.keys import CurveKeyError, client_keys_from_dir
-from protocol.transport import RolloutClient, check_transport_security
+from protocol.network_policy import check_transport_security
+from protocol.transport import RolloutClient
 from rollout.engine import VLLMGenerator, configure_cpu_threads, timed
 
 log = logging.getLogger("rollout")

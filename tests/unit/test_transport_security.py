@@ -27,8 +27,9 @@ from protocol.keys import (CurveClientKeys, CurveKeyError, CurveServerKeys, Inse
                            load_public_key, main as keys_main, server_keys_from_dir)
 from protocol.messages import Heartbeat, Hello, PromptSpec, SamplingSpec, WorkGrant
 from protocol.codec import DecodeLimits
-from protocol.transport import (CurveHandshakeError, InsecureTransportError, LearnerEndpoint, PeerUnreachableError,
-                                RolloutClient, check_transport_security, is_loopback_host)
+from protocol.curve import CurveHandshakeError
+from protocol.network_policy import InsecureTransportError, check_transport_security, is_loopback_host
+from protocol.transport import LearnerEndpoint, PeerUnreachableError, RolloutClient
 
 pytestmark = [pytest.mark.timeout(30),
               pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE (libsodium)")]
@@ -151,7 +152,7 @@ async def test_authorised_clients_round_trip_over_curve_and_everything_is_closed
             await round_trips(ep, b)
         assert ep.rejections == {} and ep.curve_denied == 0
     assert ep.closed and ep.context.closed and ep._auth is None
-    assert a.closed and a._monitor is None and b.closed
+    assert a.closed and a._handshakes is None and b.closed
     assert threading.active_count() == threads_before, "the ZAP authenticator thread was not stopped"
     assert len(os.listdir("/proc/self/fd")) == fds_before, "file descriptors leaked"
 

@@ -1,0 +1,65 @@
+"""Network policy: refuse unauthenticated plain TCP off the loopback interface.
+
+Checked at start-up by the learner, the rollouts and the launch scripts (launch/common.sh), before
+anything binds or connects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+__all__ = ["InsecureTransportError", "check_transport_security", "is_loopback_host"]
+
+
+class InsecureTransportError(ConfigError):
+    """The transport would accept unauthenticated connections from the network."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (``127.0.0.0/8``, ``::1``); False for anything
+    else, including ``0.0.0.0`` / ``*`` (every interface) and host or interface names (not resolved)."""
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport_security(cfg: Any) -> bool:
+    """Refuse to run unauthenticated plain TCP off the loopback interface.
+
+    ``cfg`` is a ``TransportConfig`` (or a ``RunConfig``, whose ``transport``
+    section is used).  Raises :class:`InsecureTransportError` when
+    ``curve_required_off_loopback`` is true, ``curve_dir`` is empty and
+    ``bind_host`` or ``learner_host`` is not a loopback address; raises
+    ``ConfigError`` when ``curve_dir`` is set but is not a directory.  Returns
+    whether CURVE is on.
+    """
+    t = getattr(cfg, "transport", cfg)
+    curve_dir = str(getattr(t, "curve_dir", "") or "")
+    if curve_dir:
+        if not Path(curve_dir).is_dir():
+            raise ConfigError(f"transport.curve_dir {curve_dir!r} is not a directory; generate the keys with "
+                              f"`python -m protocol.keys generate {curve_dir} --name learner --name rollout-0 ...`")
+        return True
+    if not getattr(t, "curve_required_off_loopback", True):
+        return False
+    for key in ("bind_host", "learner_host"):
+        host = str(getattr(t, key))
+        if not is_loopback_host(host):
+            raise InsecureTransportError(
+                f"transport.{key} is {host!r}, not a loopback address, and CURVE is off: any host that can "
+                f"reach the port could feed the learner samples or take its work and weights. Generate keys "
+                f"with `python -m protocol.keys generate KEYDIR --name learner --name rollout-0 --name rollout-1` "
+                f"(one rollout-N per rollout process) and pass --transport.curve_dir KEYDIR to every process, "
+                f"or bind to 127.0.0.1, or (on a network you trust completely) set "
+                f"--transport.curve_required_off_loopback false.")
+    return False
