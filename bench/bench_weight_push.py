@@ -42,7 +42,7 @@ def gather_all_update(actor, publisher, version: int):
     import deepspeed
     import torch
 
-    from learner.weight_sync import raw_bytes
+    from protocol.buffers import tensor_bytes as raw_bytes
     from protocol.messages import WeightUpdate, pack_weight_buckets
     from protocol.weights import fingerprint_names, weight_fingerprint
 

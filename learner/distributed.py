@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from protocol.buffers import frame_list_parts, split_frame_list
 from protocol.codec import decode, encode
 from protocol.messages import PackedBatch
 
@@ -51,7 +52,7 @@ class StepBroadcaster:
         if self.world_size == 1:
             return batches
         if is_rank0():
-            blobs = [_join(encode(b, run_id="", producer_id="rank0", seq=i, weight_version=0))
+            blobs = [b"".join(frame_list_parts(encode(b, run_id="", producer_id="rank0", seq=i, weight_version=0)))
                      for i, b in enumerate(batches)]
             sizes = torch.tensor([len(blobs)] + [len(b) for b in blobs], dtype=torch.long)
             count = torch.tensor([sizes.numel()], dtype=torch.long)
@@ -68,27 +69,9 @@ class StepBroadcaster:
             return batches
         out, offset, raw = [], 0, payload.numpy().tobytes()
         for size in sizes[1:].tolist():
-            out.append(decode(_split(raw[offset: offset + size])).body)
+            out.append(decode(split_frame_list(raw[offset: offset + size])).body)
             offset += size
         return out
-
-
-def _join(frames) -> bytes:
-    """Length-prefixed concatenation of a message's frames."""
-    parts = []
-    for f in frames:
-        data = bytes(f)
-        parts += [len(data).to_bytes(8, "little"), data]
-    return b"".join(parts)
-
-
-def _split(blob: bytes) -> list[bytes]:
-    frames, offset = [], 0
-    while offset < len(blob):
-        size = int.from_bytes(blob[offset: offset + 8], "little")
-        frames.append(blob[offset + 8: offset + 8 + size])
-        offset += 8 + size
-    return frames
 
 
 class GroupDealer:

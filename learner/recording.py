@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
 
+from protocol.buffers import FrameListError, byte_view, frame_list_parts, read_frame_list
 from protocol.messages import SCHEMA_VERSION
 
 __all__ = [
@@ -71,8 +72,6 @@ _HEAD = struct.Struct("<4sBBHQQI")  # magic, type, flags, reserved, number, payl
 _HEAD_CRC = struct.Struct("<I")
 HEADER_BYTES = _HEAD.size + _HEAD_CRC.size  # 32
 _MSG_PREFIX = struct.Struct("<dI")  # received_at, peer length
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 _STEP_PREFIX = struct.Struct("<dq")  # written_at, step
 
 _TYPE_MESSAGE, _TYPE_STEP = 1, 2
@@ -153,15 +152,6 @@ def _pack_header(rtype: int, number: int, payload_len: int, crc: int) -> bytes:
     return head + _HEAD_CRC.pack(zlib.crc32(head))
 
 
-def _byte_view(frame: Any) -> memoryview:
-    view = memoryview(frame)
-    if not view.c_contiguous:
-        raise ValueError("frame is not a C-contiguous buffer")
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B") if view.nbytes else memoryview(b"")
-    return view
-
-
 def _json_default(obj: Any) -> Any:
     # numpy scalars / arrays (and anything else exposing tolist / item) become plain Python values
     for attr in ("tolist", "item"):
@@ -193,7 +183,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_fully(fd: int, parts: list[Any]) -> None:
     """Write every buffer (no copies), resuming after partial writes."""
-    bufs = [v for v in (_byte_view(p) for p in parts) if v.nbytes]
+    bufs = [v for v in (byte_view(p) for p in parts) if v.nbytes]
     i = 0
     while i < len(bufs):
         if hasattr(os, "writev"):
@@ -284,14 +274,11 @@ def _read_payload(f: BinaryIO, pos: Location, path: Path) -> Record:
     if pos.kind == "message":
         received_at, peer_len = _MSG_PREFIX.unpack(p.read(_MSG_PREFIX.size, "message prefix"))
         peer = p.read(peer_len, "peer identity")
-        (n_frames,) = _U32.unpack(p.read(_U32.size, "frame count"))
-        if n_frames * _U64.size > p.left:
+        try:
+            frames = read_frame_list(p.read, p.left)
+        except FrameListError as exc:
             p.finish(check_left=False)
-            raise p.fail("bad_payload", f"payload inconsistent: {n_frames} frames cannot fit in {p.left} bytes")
-        frames = []
-        for i in range(n_frames):
-            (n,) = _U64.unpack(p.read(_U64.size, f"frame {i} length"))
-            frames.append(p.read(n, f"frame {i}"))
+            raise p.fail("bad_payload", f"payload inconsistent: {exc}") from None
         p.finish()
         return Record(pos.number, "message", received_at, peer=peer, frames=frames,
                       segment=pos.segment, offset=pos.offset)
@@ -606,16 +593,11 @@ class RecordingWriter:
         are (no copy). ``received_at`` defaults to now.
         """
         peer_b = bytes(peer)
-        views = [_byte_view(fr) for fr in frames]
+        frame_list = frame_list_parts(frames)
         if received_at is None:
             received_at = time.time()
         received_at = float(received_at)
-        prefix = _MSG_PREFIX.pack(received_at, len(peer_b)) + peer_b + _U32.pack(len(views))
-        parts: list[Any] = [prefix]
-        for v in views:
-            parts.append(_U64.pack(v.nbytes))
-            parts.append(v)
-        return self._append(_TYPE_MESSAGE, parts)
+        return self._append(_TYPE_MESSAGE, [_MSG_PREFIX.pack(received_at, len(peer_b)), peer_b, *frame_list])
 
     def append_step(self, step: int, info: dict, *, written_at: float | None = None) -> int:
         """Store one optimizer-step record; returns its record number.

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
+from .buffers import byte_view
+
 
 def fingerprint_names(names: Sequence[str], count: int = 4) -> list[str]:
     """Pick `count` tensor names deterministically (evenly spaced over the sorted names)."""
@@ -23,5 +25,5 @@ def fingerprint_names(names: Sequence[str], count: int = 4) -> list[str]:
 
 def weight_fingerprint(named_bytes: Mapping[str, bytes | memoryview]) -> dict[str, str]:
     """BLAKE2b (16-byte digest, hex) of each tensor's raw bytes, keyed by tensor name."""
-    return {name: hashlib.blake2b(memoryview(buf).cast("B"), digest_size=16).hexdigest()
+    return {name: hashlib.blake2b(byte_view(buf), digest_size=16).hexdigest()
             for name, buf in sorted(named_bytes.items())}

@@ -13,12 +13,8 @@ from collections.abc import Iterable
 import torch
 from safetensors import safe_open
 
+from protocol.buffers import tensor_bytes
 from protocol.weights import weight_fingerprint
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a tensor (bf16 included, which numpy cannot represent)."""
-    return memoryview(t.detach().contiguous().view(torch.uint8).numpy())
 
 
 class WeightReloadExtension:

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from learner.data import PromptDataset, PromptRow
-from learner.distributed import GroupDealer, _join, _split
+from learner.distributed import GroupDealer
 from learner.grants import GrantPlanner
 from learner.step_samples import StepSamples
 from learner.tiny import build_tokenizer
+from protocol.buffers import frame_list_parts, split_frame_list
 from protocol.codec import decode, encode
 from protocol.config import load_config
 from protocol.messages import PackedBatch, WorkGrant
@@ -340,16 +341,16 @@ def test_dealer_partitions_whole_groups_balanced_by_tokens_over_a_step():
         [b"x" * 300, memoryview(np.arange(5, dtype=np.int32)), bytearray(b"\x00\x01"), b""],
     ],
 )
-def test_join_split_round_trip(frames):
-    blob = _join(frames)
-    assert len(blob) == 8 * len(frames) + sum(len(bytes(f)) for f in frames)
-    assert _split(blob) == [bytes(f) for f in frames]
+def test_frame_list_round_trip(frames):
+    blob = b"".join(frame_list_parts(frames))
+    assert len(blob) == 4 + 8 * len(frames) + sum(len(bytes(f)) for f in frames)
+    assert [bytes(f) for f in split_frame_list(blob)] == [bytes(f) for f in frames]
 
 
-def test_join_split_packed_batch_round_trip(two_batches):
+def test_frame_list_packed_batch_round_trip(two_batches):
     for i, batch in enumerate(two_batches):
         frames = encode(batch, run_id="", producer_id="rank0", seq=i, weight_version=0)
-        env = decode(_split(_join(frames)))
+        env = decode(split_frame_list(b"".join(frame_list_parts(frames))))
         assert env.body == batch and env.seq == i and env.producer_id == "rank0"
 
 

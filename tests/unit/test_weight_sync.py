@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from learner.models import Actor
-from learner.weight_sync import WeightPublisher, raw_bytes
+from learner.weight_sync import WeightPublisher
+from protocol.buffers import tensor_bytes as raw_bytes
 from protocol.weights import fingerprint_names, weight_fingerprint
 from tests.unit.test_models import tiny_lm
 
