@@ -7,19 +7,13 @@ from collections.abc import Iterable
 
 import torch
 
+from protocol.buffers import tensor_bytes
+from protocol.dtypes import float_dtype_name
 from protocol.messages import WeightUpdate, pack_weight_buckets
 from protocol.weights import fingerprint_names, weight_fingerprint
 
 from learner.models.actor import Actor
 from learner.trainer import zero3_gather
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def raw_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's raw little-endian bytes (works for bf16, which numpy cannot hold)."""
-    return memoryview(t.contiguous().view(torch.uint8).numpy())
-
 
 class WeightPublisher:
     """Builds the update that rollout engines load: full (LoRA-merged) weights in the engine's dtype.
@@ -31,7 +25,7 @@ class WeightPublisher:
 
     def __init__(self, actor: Actor, *, engine_dtype: str, bucket_bytes: int, zero_stage: int):
         self.actor = actor
-        self.dtype = _DTYPES[engine_dtype]
+        self.dtype = getattr(torch, float_dtype_name(engine_dtype))
         self.bucket_bytes = bucket_bytes
         self.gather = zero3_gather if zero_stage == 3 else None
 
@@ -50,7 +44,7 @@ def build_weight_update(version: int, named_tensors: Iterable[tuple[str, torch.T
     def engine_tensors():
         for name, t in named_tensors:
             t = t.to(dtype) if t.is_floating_point() else t
-            yield name, str(t.dtype).removeprefix("torch."), tuple(t.shape), raw_bytes(t)
+            yield name, str(t.dtype).removeprefix("torch."), tuple(t.shape), tensor_bytes(t)
 
     metas, buckets = pack_weight_buckets(engine_tensors(), bucket_bytes)
     update = WeightUpdate(version=version, tensors=metas, buckets=buckets, fingerprint={})

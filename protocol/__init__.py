@@ -5,12 +5,12 @@ numpy only: this package must never import torch, nor anything from
 """
 
 from .codec import DEFAULT_LIMITS, LOGPROB_SLACK, DecodeLimits, decode, encode, validate
+from .dtypes import WEIGHT_DTYPES, numpy_storage_dtype
 from .errors import REASON_CODES, ProtocolError
 from .messages import (
     FINISH_REASONS,
     MESSAGE_TYPES,
     SCHEMA_VERSION,
-    WEIGHT_DTYPES,
     Envelope,
     Heartbeat,
     Hello,
@@ -24,7 +24,6 @@ from .messages import (
     WeightAck,
     WeightUpdate,
     WorkGrant,
-    numpy_storage_dtype,
     pack_weight_buckets,
 )
 

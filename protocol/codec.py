@@ -43,12 +43,13 @@ from typing import Any, Callable, Sequence
 import msgpack
 import numpy as np
 
+from .buffers import byte_view
+from .dtypes import ARRAY_DTYPES as _WIRE_DTYPES, WEIGHT_DTYPES
 from .errors import ProtocolError
 from .messages import (
     FINISH_REASONS,
     MESSAGE_TYPES,
     SCHEMA_VERSION,
-    WEIGHT_DTYPES,
     Envelope,
     Heartbeat,
     Hello,
@@ -61,7 +62,6 @@ from .messages import (
     WeightAck,
     WeightUpdate,
     WorkGrant,
-    _byte_view,
 )
 
 __all__ = ["DecodeLimits", "DEFAULT_LIMITS", "LOGPROB_SLACK", "encode", "decode", "validate"]
@@ -70,12 +70,6 @@ __all__ = ["DecodeLimits", "DEFAULT_LIMITS", "LOGPROB_SLACK", "encode", "decode"
 LOGPROB_SLACK = 1e-4
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_WIRE_DTYPES = {
-    "int32": np.dtype("<i4"),
-    "int64": np.dtype("<i8"),
-    "uint8": np.dtype("<u1"),
-    "float32": np.dtype("<f4"),
-}
 
 
 @dataclass(frozen=True)
@@ -591,9 +585,9 @@ def _frame_of(value: Any, dtype: str) -> tuple[list[int], memoryview]:
     """Zero-copy 1-D byte view of an array / buffer plus its shape (copies only if not contiguous LE)."""
     if isinstance(value, np.ndarray):
         arr = np.ascontiguousarray(value, dtype=_WIRE_DTYPES[dtype])
-        return [int(d) for d in arr.shape], _byte_view(arr)
+        return [int(d) for d in arr.shape], byte_view(arr)
     try:
-        view = _byte_view(value)
+        view = byte_view(value)
     except (TypeError, ValueError) as exc:
         raise ProtocolError("bad_type", f"{dtype} frame: expected a C-contiguous bytes-like object ({exc})") from None
     return [view.nbytes], view
@@ -841,7 +835,7 @@ def _frame_views(frames: Any, limits: DecodeLimits) -> list[memoryview]:
     total = 0
     for i, frame in enumerate(frames):
         try:
-            view = _byte_view(frame)
+            view = byte_view(frame)
         except (TypeError, ValueError) as exc:
             raise ProtocolError("bad_type", f"frame {i}: expected a C-contiguous bytes-like object, got {_tn(frame)} ({exc})") from None
         if view.nbytes > limits.max_frame_bytes:

@@ -12,7 +12,7 @@ Every message travels inside an :class:`Envelope` whose header fields are
 ``schema_version, kind, run_id, producer_id, seq, weight_version``.
 
 This module must only depend on numpy (no torch, nothing from rollout/ or
-learner/).
+learner/). Dtype names: :mod:`protocol.dtypes`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping, Union
 
 import numpy as np
 
+from .buffers import byte_view
+from .dtypes import WEIGHT_DTYPES, numpy_storage_dtype
+
 __all__ = [
     "SCHEMA_VERSION",
     "FINISH_REASONS",
-    "WEIGHT_DTYPES",
-    "numpy_storage_dtype",
     "Hello",
     "SamplingSpec",
     "PromptSpec",
@@ -50,26 +51,6 @@ SCHEMA_VERSION: int = 5
 #: Allowed values of ``PackedBatch.finish_reasons``.
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
 
-#: Allowed weight tensor dtypes -> item size in bytes.
-WEIGHT_DTYPES: Mapping[str, int] = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int64": 8,
-    "int32": 4,
-}
-
-# numpy dtype used to *store* / view each weight dtype.  numpy has no
-# bfloat16: its raw 2-byte pattern is exposed as uint16 (see WeightUpdate).
-_STORAGE_DTYPES: Mapping[str, np.dtype] = {
-    "float32": np.dtype("<f4"),
-    "float16": np.dtype("<f2"),
-    "bfloat16": np.dtype("<u2"),
-    "int64": np.dtype("<i8"),
-    "int32": np.dtype("<i4"),
-}
-
-
 #: Sampling seeds are taken modulo this (see `SamplingSpec.sample_seed`).
 SEED_SPACE: int = 2**32
 
@@ -80,14 +61,6 @@ def _mix64(value: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return z ^ (z >> 31)
-
-
-def numpy_storage_dtype(dtype: str) -> np.dtype:
-    """Little-endian numpy dtype holding a weight dtype (``bfloat16`` -> ``uint16`` bit pattern)."""
-    try:
-        return _STORAGE_DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unsupported weight dtype {dtype!r}; allowed: {sorted(WEIGHT_DTYPES)}") from None
 
 
 def _as_array(name: str, value: Any, dtype: str) -> np.ndarray:
@@ -108,18 +81,6 @@ def _as_array(name: str, value: Any, dtype: str) -> np.ndarray:
     if target.kind == "f" and arr.dtype.kind in "biuf":
         return arr.astype(target)
     raise TypeError(f"{name}: cannot convert an array of dtype {arr.dtype} to {target.name}")
-
-
-def _byte_view(data: Any) -> memoryview:
-    """1-D unsigned-byte memoryview of a C-contiguous buffer (no copy)."""
-    view = memoryview(data)
-    if not view.c_contiguous:
-        raise ValueError("buffer is not C-contiguous")
-    if view.format == "B" and view.ndim == 1:
-        return view
-    if view.nbytes == 0:
-        return memoryview(b"")
-    return view.cast("B")
 
 
 def _values_equal(a: Any, b: Any) -> bool:
@@ -390,7 +351,7 @@ class WeightUpdate(_Message):
         """Raw bytes of one tensor (a memoryview slice of its bucket, no copy)."""
         if isinstance(meta, str):
             meta = self._by_name(meta)
-        view = _byte_view(self.buckets[meta.bucket])
+        view = byte_view(self.buckets[meta.bucket])
         return view[meta.offset : meta.offset + meta.nbytes]
 
     def array(self, meta: TensorMeta | str) -> np.ndarray:
@@ -479,7 +440,7 @@ def pack_weight_buckets(
         if any(d < 0 for d in shape):
             raise ValueError(f"tensor {name!r}: negative dimension in shape {shape}")
         try:
-            view = _byte_view(data)
+            view = byte_view(data)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"tensor {name!r}: data must be a C-contiguous bytes-like object ({exc})") from None
         nbytes = math.prod(shape) * WEIGHT_DTYPES[dtype]

@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 # vLLM schedules requests of a smaller priority value first (equal ones first come, first served).
 EVALUATION_PRIORITY = 1
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "int64": torch.int64, "int32": torch.int32}
 
 
 def configure_cpu_threads(cfg: RolloutConfig, process_index: int) -> None:
@@ -208,7 +206,7 @@ class VLLMGenerator:
         with warnings.catch_warnings():
             # Read-only views of the received frames: the model copies them into its own parameters.
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            tensors = {m.name: torch.frombuffer(update.tensor_bytes(m), dtype=_TORCH_DTYPES[m.dtype]).view(m.shape)
+            tensors = {m.name: torch.frombuffer(update.tensor_bytes(m), dtype=getattr(torch, m.dtype)).view(m.shape)
                        for m in update.tensors}
         names = sorted(update.fingerprint)
         path = None

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from protocol.dtypes import float_dtype_name
+
 from .logprobs import entropy_from_logits, log_probs_from_hidden, log_probs_from_logits
 from .packing import (
     VARLEN_ATTN_IMPLEMENTATIONS,
@@ -33,24 +35,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Actor", "LoraSpec", "resolve_dtype"]
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``"float32" | "bfloat16" | "float16"`` (or fp32/bf16/fp16, or a torch.dtype) -> torch.dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+    return getattr(torch, float_dtype_name(str(dtype)))
 
 
 def check_4bit_available() -> None:
