@@ -31,6 +31,7 @@ import numpy as np
 
 from protocol.messages import (Heartbeat, Hello, PackedBatch, RolloutError, Shutdown, WeightAck,
                                WeightUpdate, WorkGrant)
+from protocol.log_throttle import worth_logging
 from protocol.transport import LearnerEndpoint, PeerUnreachableError
 
 log = logging.getLogger("learner.hub")
@@ -408,7 +409,7 @@ class RolloutHub:
         flood cannot turn into a flood of log records."""
         self.discarded[reason] += 1
         n = self.discarded[reason]
-        if n <= 10 or n & (n - 1) == 0:
+        if worth_logging(n):
             log.warning("discarded message (%s, %d so far): %s", reason, n, detail)
 
     def _raise_if_failed(self) -> None:

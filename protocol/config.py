@@ -23,6 +23,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import yaml
 
+from .dtypes import FLOAT_DTYPES
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or inconsistent; the message says which."""
@@ -162,7 +164,7 @@ class RolloutConfig:
     stop_strings: list = opt([], "Strings that end a response when its text contains one. The response keeps every "
                                  "token up to the one that completes the stop string, and is trained on them (as on "
                                  "an EOS token); reward functions see it with the stop string.")
-    engine_dtype: str = opt("float32", "vLLM engine dtype.", ("float32", "bfloat16", "float16"))
+    engine_dtype: str = opt("float32", "vLLM engine dtype.", FLOAT_DTYPES)
     tensor_parallel_size: int = opt(1, "vLLM tensor parallelism per rollout process.")
     engine_process: bool = opt(False, "Run vLLM's engine core in a process of its own, as vLLM does by default "
                                       "(always so with tensor_parallel_size > 1). Off: with one worker the engine "
@@ -198,15 +200,25 @@ class RolloutConfig:
                                ("exit", "wait"))
 
 
+# Names the algorithm options choose from. learner/algo dispatches on them and imports them from
+# here (the learner may import the protocol, not the other way round): one list for both.
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+IS_LEVELS = ("token", "sequence", "sequence_geometric")  # truncated importance sampling (tis_level, besides "off")
+IS_MODES = ("clamp", "mask")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
 @dataclass
 class AlgoConfig:
     advantage_estimator: str = opt("grpo", "How advantages are computed.",
-                                   ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"))
+                                   ADVANTAGE_ESTIMATORS)
     gamma: float = opt(1.0, "Discount factor of gae, reinforce_pp and reinforce_pp_baseline; grpo, dr_grpo and "
                             "rloo take no discount (it must stay 1 with them).")
     lam: float = opt(0.95, "GAE lambda.")
     kl_coef: float = opt(0.0, "KL penalty coefficient against the frozen reference policy; 0 skips the reference model.")
-    kl_estimator: str = opt("k3", "KL estimator.", ("k1", "k2", "k3"))
+    kl_estimator: str = opt("k3", "KL estimator.", KL_ESTIMATORS)
     kl_clamp: float = opt(10.0, "Every per-token KL estimate to the reference is clamped to [-kl_clamp, kl_clamp], "
                                 "in the reward and in the loss (OpenRLHF's 10); must be > 0.")
     kl_mode: str = opt("loss", "Apply KL as a loss term or shape it into the token rewards.", ("loss", "reward"))
@@ -220,14 +232,14 @@ class AlgoConfig:
     clip_high: float = opt(0.2, "PPO ratio clip above 1 (raise it for clip-higher).")
     dual_clip: float = opt(0.0, "Dual-clip constant c > 1 for negative advantages; 0 disables.")
     loss_aggregation: str = opt("token_mean", "How per-token losses are reduced.",
-                                ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
+                                AGGREGATION_MODES)
     tis_level: str = opt("token", "Truncated importance sampling between behaviour (vLLM) and learner log-probs: "
                                   "per token, per sequence (the product of its token ratios), or sequence_geometric "
                                   "(drop sequences whose geometric mean ratio is outside [tis_floor, tis_cap]; kept "
                                   "tokens are weighted by their own ratio, as OpenRLHF 0.11; needs tis_mode mask).",
-                         ("off", "token", "sequence", "sequence_geometric"))
+                         ("off", *IS_LEVELS))
     tis_mode: str = opt("clamp", "Weights outside [tis_floor, tis_cap] are clamped into it, or masked to 0.",
-                        ("clamp", "mask"))
+                        IS_MODES)
     tis_cap: float = opt(2.0, "Upper bound of the importance weights.")
     tis_floor: float = opt(0.0, "Lower bound of the importance weights; 0: none (OpenRLHF's band is [0.5, 5]).")
     entropy_coef: float = opt(0.0, "Entropy bonus coefficient.")
@@ -256,7 +268,7 @@ class TrainConfig:
     lr: float = opt(1e-4, "Actor learning rate (the peak of lr_schedule).")
     lr_schedule: str = opt("constant", "Learning rate of actor and critic per step, after the warm-up: constant, or "
                                        "decaying linearly or along a half cosine to min_lr_ratio x lr at num_steps.",
-                           ("constant", "linear", "cosine"))
+                           LR_SCHEDULES)
     lr_warmup_steps: int = opt(0, "Steps of linear warm-up (step s < W trains at (s + 1) / W x lr); 0: none. "
                                   "Set this or lr_warmup_ratio, not both.")
     lr_warmup_ratio: float = opt(0.0, "Warm-up as a fraction of num_steps (rounded up to whole steps); 0: none.")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from protocol.config import ADVANTAGE_ESTIMATORS
+
 from .masked import as_bool_mask, masked_whiten, require_same_shape
 from .rewards import shape_token_rewards
 
@@ -31,8 +33,6 @@ __all__ = [
     "sequence_to_token_advantages",
     "compute_advantages",
 ]
-
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
 
 def _check_token_tensor(name: str, tensor: torch.Tensor, action_mask: torch.Tensor) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from protocol.config import KL_ESTIMATORS
+
 from .masked import as_bool_mask, require_same_shape
 
 __all__ = ["KL_ESTIMATORS", "LOG_RATIO_BOUND", "approx_kl", "FixedKLController", "AdaptiveKLController"]
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 #: Log-ratios are bounded to [-LOG_RATIO_BOUND, LOG_RATIO_BOUND] before exp() (OpenRLHF's value):
 #: exp(20) ~ 4.85e8 is finite in float32 and bfloat16, and so is its gradient.

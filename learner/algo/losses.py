@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from protocol.config import AGGREGATION_MODES, IS_LEVELS, IS_MODES
+
 from .kl import LOG_RATIO_BOUND, approx_kl
 from .masked import as_bool_mask, masked_mean, masked_sum, require_same_shape
 
@@ -42,9 +44,6 @@ __all__ = [
     "kl_loss",
 ]
 
-AGGREGATION_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-IS_LEVELS = ("token", "sequence", "sequence_geometric")
-IS_MODES = ("clamp", "mask")
 POLICY_RATIO_LEVELS = ("token", "sequence")
 
 Normalizer = float | int | torch.Tensor | None

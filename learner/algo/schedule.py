@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["LR_SCHEDULES", "lr_at"]
+from protocol.config import LR_SCHEDULES
 
-LR_SCHEDULES = ("constant", "linear", "cosine")
+__all__ = ["LR_SCHEDULES", "lr_at"]
 
 
 def lr_at(step: int, *, num_steps: int, warmup_steps: int = 0, schedule: str = "constant",
