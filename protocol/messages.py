@@ -11,6 +11,11 @@ frames.
 Every message travels inside an :class:`Envelope` whose header fields are
 ``schema_version, kind, run_id, producer_id, seq, weight_version``.
 
+Each field is declared once, with its wire spec (:func:`protocol.schema.wire`): how it travels
+(a msgpack body entry or raw frames) and which values it may hold. Encoding, decoding and the
+type and range checks follow from it; the rules between fields are each class's ``INVARIANTS``
+(:mod:`protocol.invariants`). Any change to a field or its allowed values bumps ``SCHEMA_VERSION``.
+
 This module must only depend on numpy (no torch, nothing from rollout/ or
 learner/). Dtype names: :mod:`protocol.dtypes`.
 """
@@ -18,13 +23,16 @@ learner/). Dtype names: :mod:`protocol.dtypes`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Iterable, Iterator, Mapping, Union
 
 import numpy as np
 
+from . import invariants
 from .buffers import byte_view
 from .dtypes import WEIGHT_DTYPES, numpy_storage_dtype
+from .schema import (Array, Bool, Buffers, Choice, Float, Int, List, Map, Nested, Optional, Ragged, Scalar, Schema,
+                     Shape, Str, TokenId, wire, wire_fields)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -63,26 +71,6 @@ def _mix64(value: int) -> int:
     return z ^ (z >> 31)
 
 
-def _as_array(name: str, value: Any, dtype: str) -> np.ndarray:
-    """Convert ``value`` to an array of ``dtype`` without copying when it already is one."""
-    target = np.dtype(dtype)
-    arr = np.asarray(value)
-    if arr.dtype == target:
-        return arr
-    if arr.size == 0 and arr.dtype.kind in "biuf":
-        return arr.astype(target)
-    if target.kind in "iu" and arr.dtype.kind in "biu":
-        if arr.dtype.kind != "b":
-            info = np.iinfo(target)
-            lo, hi = int(arr.min()), int(arr.max())
-            if lo < info.min or hi > info.max:
-                raise ValueError(f"{name}: values [{lo}, {hi}] do not fit in {target.name}")
-        return arr.astype(target)
-    if target.kind == "f" and arr.dtype.kind in "biuf":
-        return arr.astype(target)
-    raise TypeError(f"{name}: cannot convert an array of dtype {arr.dtype} to {target.name}")
-
-
 def _values_equal(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return (
@@ -102,10 +90,8 @@ def _values_equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-class _Message:
-    """Base of all messages: value equality that understands numpy arrays and buffers."""
-
-    KIND: ClassVar[str] = ""
+class _ValueEquality:
+    """Value equality that understands numpy arrays and buffers."""
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -113,6 +99,12 @@ class _Message:
         return all(_values_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))  # type: ignore[arg-type]
 
     __hash__ = None  # type: ignore[assignment]  # hold arrays / lists
+
+
+class _Message(_ValueEquality, Schema):
+    """Base of all messages: fields declared with their wire specs (see protocol.schema)."""
+
+    KIND: ClassVar[str] = ""
 
 
 # --------------------------------------------------------------------------- control messages
@@ -123,13 +115,13 @@ class Hello(_Message):
     """rollout -> learner, first message after connecting (also resets the per-peer seq check)."""
 
     KIND: ClassVar[str] = "hello"
-    engine_info: dict[str, str | int | float]
+    engine_info: dict[str, str | int | float] = wire(Map(Scalar()))
 
 
 @dataclass(frozen=True, eq=False)
 class Heartbeat(_Message):
     KIND: ClassVar[str] = "heartbeat"
-    state: str
+    state: str = wire(Str())
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,8 +130,8 @@ class Shutdown(_Message):
     progress in time): it abandons its work and says hello again instead of exiting."""
 
     KIND: ClassVar[str] = "shutdown"
-    reason: str
-    rejoin: bool = False
+    reason: str = wire(Str())
+    rejoin: bool = wire(Bool(), default=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,8 +139,8 @@ class RolloutError(_Message):
     """rollout -> learner: something went wrong; ``fatal`` means the rollout is going away."""
 
     KIND: ClassVar[str] = "rollout_error"
-    message: str
-    fatal: bool
+    message: str = wire(Str())
+    fatal: bool = wire(Bool())
 
 
 # --------------------------------------------------------------------------- work
@@ -165,14 +157,18 @@ class SamplingSpec(_Message):
     """
 
     KIND: ClassVar[str] = ""
-    temperature: float
-    top_p: float
-    top_k: int
-    max_new_tokens: int
-    stop_token_ids: list[int]
-    seed: int | None  # the run's sampling seed; every sample derives its own (see `sample_seed`)
-    stop_strings: list[str] = field(default_factory=list)
-    min_new_tokens: int = 0  # EOS, the stop tokens and stop strings cannot end a response shorter than this
+    INVARIANTS = staticmethod(invariants.sampling_spec)
+    temperature: float = wire(Float(lo=0, note=" (0: greedy)"))
+    top_p: float = wire(Float(above=0, hi=1))
+    top_k: int = wire(Int(lo=-1))
+    max_new_tokens: int = wire(Int(lo=1))
+    # EOS, the stop tokens and stop strings cannot end a response shorter than this (keyword-only:
+    # declared here for its place on the wire)
+    min_new_tokens: int = wire(Int(lo=0), default=0, kw_only=True)
+    stop_token_ids: list[int] = wire(List(TokenId(), "max_array_len"))
+    # the run's sampling seed; every sample derives its own (see `sample_seed`)
+    seed: int | None = wire(Optional(Int()))
+    stop_strings: list[str] = wire(List(Str(non_empty=True), "max_array_len"), default_factory=list)
 
     def sample_seed(self, sample_number: int) -> int | None:
         """The vLLM seed of the run's `sample_number`-th sample (None: unseeded).
@@ -190,12 +186,10 @@ class SamplingSpec(_Message):
 @dataclass(frozen=True, eq=False)
 class PromptSpec(_Message):
     KIND: ClassVar[str] = ""
-    prompt_id: int
-    token_ids: np.ndarray  # int32 [P], P >= 1
-    label: str | None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "token_ids", _as_array("token_ids", self.token_ids, "int32"))
+    INVARIANTS = staticmethod(invariants.prompt_spec)
+    prompt_id: int = wire(Int())
+    token_ids: np.ndarray = wire(Array("int32"))  # [P], P >= 1
+    label: str | None = wire(Optional(Str()))
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,13 +202,16 @@ class WorkGrant(_Message):
     """
 
     KIND: ClassVar[str] = "work_grant"
-    grant_id: int
-    step: int
-    min_weight_version: int
-    n_samples: int
-    sampling: SamplingSpec
-    prompts: list[PromptSpec]
-    evaluation: bool = False
+    INVARIANTS = staticmethod(invariants.work_grant)
+    grant_id: int = wire(Int(lo=0))
+    step: int = wire(Int(lo=0))
+    min_weight_version: int = wire(Int(lo=0))
+    n_samples: int = wire(Int(lo=1))
+    sampling: SamplingSpec = wire(Nested(SamplingSpec))
+    # prompt token ids travel as two frames: prompt_tokens (all concatenated), prompt_cu_seqlens
+    prompts: list[PromptSpec] = wire(Ragged(PromptSpec, array="token_ids", prefix="prompt",
+                                            max_len="max_sequences", min_len=1))
+    evaluation: bool = wire(Bool(), default=False)
 
     def request_seed(self, prompt_index: int, grant_id: int | None = None) -> int | None:
         """The vLLM seed of the request for prompt `prompt_index` (None: unseeded).
@@ -251,37 +248,26 @@ class PackedBatch(_Message):
     """
 
     KIND: ClassVar[str] = "packed_batch"
-    grant_id: int
-    step: int
-    tokens: np.ndarray  # int32 [T]
-    cu_seqlens: np.ndarray  # int32 [B+1]
-    prompt_lens: np.ndarray  # int32 [B]
-    loss_mask: np.ndarray  # uint8 [T]
-    behaviour_logprobs: np.ndarray  # float32 [T]
-    prompt_ids: np.ndarray  # int64 [B]
-    sample_indices: np.ndarray  # int32 [B]
-    weight_versions: np.ndarray  # int32 [B]
-    last_weight_versions: np.ndarray  # int32 [B], >= weight_versions
-    finish_reasons: list[str]  # len B, each in FINISH_REASONS
-    labels: list[str | None]  # len B
-    gen_seconds: float  # engine time spent generating these sequences (shared steps split evenly)
-    evaluation: bool = False
+    INVARIANTS = staticmethod(invariants.packed_batch)
+    grant_id: int = wire(Int(lo=0))
+    step: int = wire(Int(lo=0))
+    tokens: np.ndarray = wire(Array("int32"))  # [T]
+    cu_seqlens: np.ndarray = wire(Array("int32"))  # [B+1]
+    prompt_lens: np.ndarray = wire(Array("int32"))  # [B]
+    loss_mask: np.ndarray = wire(Array("uint8"))  # [T]
+    behaviour_logprobs: np.ndarray = wire(Array("float32"))  # [T]
+    prompt_ids: np.ndarray = wire(Array("int64"))  # [B]
+    sample_indices: np.ndarray = wire(Array("int32"))  # [B]
+    weight_versions: np.ndarray = wire(Array("int32"))  # [B]
+    last_weight_versions: np.ndarray = wire(Array("int32"))  # [B], >= weight_versions
+    finish_reasons: list[str] = wire(List(Choice(FINISH_REASONS), "max_sequences"))  # len B
+    labels: list[str | None] = wire(List(Optional(Str()), "max_sequences"))  # len B
+    # engine time spent generating these sequences (shared steps split evenly)
+    gen_seconds: float = wire(Float(lo=0))
+    evaluation: bool = wire(Bool(), default=False)
 
-    ARRAY_DTYPES: ClassVar[Mapping[str, str]] = {
-        "tokens": "int32",
-        "cu_seqlens": "int32",
-        "prompt_lens": "int32",
-        "loss_mask": "uint8",
-        "behaviour_logprobs": "float32",
-        "prompt_ids": "int64",
-        "sample_indices": "int32",
-        "weight_versions": "int32",
-        "last_weight_versions": "int32",
-    }
-
-    def __post_init__(self) -> None:
-        for name, dtype in self.ARRAY_DTYPES.items():
-            object.__setattr__(self, name, _as_array(name, getattr(self, name), dtype))
+    #: name -> dtype of the array fields (one raw frame each, in this order)
+    ARRAY_DTYPES: ClassVar[Mapping[str, str]]
 
     @property
     def num_sequences(self) -> int:
@@ -302,23 +288,22 @@ class PackedBatch(_Message):
         return (self.seq_lens - self.prompt_lens).astype(np.int32, copy=False)
 
 
+PackedBatch.ARRAY_DTYPES = {name: spec.dtype for name, spec in wire_fields(PackedBatch) if isinstance(spec, Array)}
+
+
 # --------------------------------------------------------------------------- weights
 
 
 @dataclass(frozen=True)
-class TensorMeta:
+class TensorMeta(Schema):
     """Where one weight tensor lives: ``buckets[bucket][offset:offset+nbytes]``, C order, little-endian."""
 
-    name: str
-    dtype: str  # one of WEIGHT_DTYPES
-    shape: tuple[int, ...]
-    bucket: int
-    offset: int
-    nbytes: int
-
-    def __post_init__(self) -> None:
-        if isinstance(self.shape, list):
-            object.__setattr__(self, "shape", tuple(self.shape))
+    name: str = wire(Str())
+    dtype: str = wire(Choice(WEIGHT_DTYPES, code="bad_dtype"))
+    shape: tuple[int, ...] = wire(Shape())
+    bucket: int = wire(Int())
+    offset: int = wire(Int(lo=0))
+    nbytes: int = wire(Int(lo=0))
 
     @property
     def numel(self) -> int:
@@ -342,10 +327,11 @@ class WeightUpdate(_Message):
     """
 
     KIND: ClassVar[str] = "weight_update"
-    version: int
-    tensors: list[TensorMeta]
-    buckets: list[bytes | bytearray | memoryview]
-    fingerprint: dict[str, str]
+    INVARIANTS = staticmethod(invariants.weight_update)
+    version: int = wire(Int(lo=0))
+    tensors: list[TensorMeta] = wire(List(Nested(TensorMeta), "max_tensors"))
+    buckets: list[bytes | bytearray | memoryview] = wire(Buffers(frame="bucket"))  # one frame each
+    fingerprint: dict[str, str] = wire(Map(Str()))
 
     def tensor_bytes(self, meta: TensorMeta | str) -> memoryview:
         """Raw bytes of one tensor (a memoryview slice of its bucket, no copy)."""
@@ -394,9 +380,9 @@ class WeightAck(_Message):
     """rollout -> learner after applying a WeightUpdate (echoes the fingerprint it saw)."""
 
     KIND: ClassVar[str] = "weight_ack"
-    version: int
-    fingerprint: dict[str, str]
-    apply_seconds: float
+    version: int = wire(Int(lo=0))
+    fingerprint: dict[str, str] = wire(Map(Str()))
+    apply_seconds: float = wire(Float(lo=0))
 
 
 def pack_weight_buckets(
@@ -474,10 +460,9 @@ MESSAGE_TYPES: Mapping[str, type] = {
 
 
 @dataclass(frozen=True, eq=False)
-class Envelope(_Message):
+class Envelope(_ValueEquality):
     """A decoded message with its header fields."""
 
-    KIND: ClassVar[str] = ""
     schema_version: int
     kind: str
     run_id: str
