@@ -34,6 +34,8 @@ from protocol.messages import (Heartbeat, Hello, PackedBatch, RolloutError, Shut
 from protocol.log_throttle import worth_logging
 from protocol.transport import LearnerEndpoint, PeerUnreachableError
 
+from learner.weight_fanout import WeightFanout
+
 log = logging.getLogger("learner.hub")
 
 # Grants held per rollout: its engine generates both together, and the next one is already there
@@ -75,7 +77,8 @@ class RolloutHub:
     checked and handed to the driver. `serve()` (the receive loop) must run beside it."""
 
     def __init__(self, endpoint: LearnerEndpoint, *, ack_timeout_s: float, peer_timeout_s: float = 60.0,
-                 progress_timeout_s: float = 300.0, straggler_timeout_s: float = 0.0, min_live_rollouts: int = 0):
+                 progress_timeout_s: float = 300.0, straggler_timeout_s: float = 0.0, min_live_rollouts: int = 0,
+                 weight_relay_fanout: int = 0):
         self.endpoint = endpoint
         self.ack_timeout_s = ack_timeout_s
         self.peer_timeout_s = peer_timeout_s
@@ -93,6 +96,8 @@ class RolloutHub:
         self.eval_batches: list[PackedBatch] = []
         self.published: dict[int, PublishedVersion] = {}
         self.latest: WeightUpdate | None = None  # the only update kept in full: late joiners need it
+        self.fanout = WeightFanout(weight_relay_fanout, self._send_to)
+        self.orphaned: set[bytes] = set()  # rollouts cut off from their relay parent: the latest goes to them directly
         self.discarded: collections.Counter[str] = collections.Counter()
         self.failure: RolloutFailure | None = None
         self.dropped_peers = 0
@@ -118,13 +123,12 @@ class RolloutHub:
         log.info("%d rollout(s) connected, handing out work", len(self.peers))
 
     async def publish(self, update: WeightUpdate) -> None:
-        """Send a new weight version to every connected rollout (and to any that connects later).
-
-        """
+        """Send a new weight version to every connected rollout, directly or through the relay tree
+        (learner.weight_fanout), and to any that connects later."""
         self.latest = update
         self.published[update.version] = PublishedVersion(update.version, dict(update.fingerprint), time.monotonic())
-        for peer in list(self.peers.values()):
-            await self._send(peer, update)
+        self.orphaned.clear()  # this version's tree is made of the rollouts connected now
+        await self.fanout.publish(update, list(self.peers))
 
     async def arrivals(self, step: int, expected_batches: int, timeout_s: float):
         """Yield the batches of `step` as they are accepted, until every grant of the step is
@@ -199,6 +203,7 @@ class RolloutHub:
                 "discarded_batches": float(sum(self.discarded.values())),
                 "duplicate_answers": float(self.discarded["duplicate_answer"]),
                 "dropped_rollouts": float(self.dropped_peers),
+                "weight_bytes_sent": float(self.fanout.bytes_sent),
                 "applied_versions": self.applied_versions()}
 
     def applied_versions(self) -> dict[str, list[int]]:
@@ -221,7 +226,7 @@ class RolloutHub:
             peer = self.peers.get(identity)
             message = envelope.body
             if isinstance(message, Hello):
-                await self._on_hello(identity, envelope.producer_id)
+                await self._on_hello(identity, envelope.producer_id, message)
             elif peer is None:
                 # before its hello, or after it was dropped (it is told to rejoin)
                 self._discard("unknown_peer", f"{envelope.kind} from {identity!r}, not a connected rollout")
@@ -243,15 +248,17 @@ class RolloutHub:
             async with self.changed:
                 self.changed.notify_all()
 
-    async def _on_hello(self, identity: bytes, producer_id: str) -> None:
+    async def _on_hello(self, identity: bytes, producer_id: str, hello: Hello) -> None:
         now = time.monotonic()
         if identity in self.peers:
             # A restarted process with the same identity: its old grants go back to the queue.
             self._requeue(list(self.peers[identity].grants.values()))
         peer = self.peers[identity] = Peer(identity, producer_id, now, now, now)
         log.info("rollout %s connected (%d total)", producer_id, len(self.peers))
+        relay_address = hello.engine_info.get("relay_address")
+        self.fanout.connected(identity, producer_id.split("@", 1)[0], relay_address if isinstance(relay_address, str) else None)
         if self.latest is not None:
-            await self._send(peer, self.latest)
+            await self.fanout.send_direct(identity, self.latest)
 
     def _on_batch(self, peer: Peer, batch: PackedBatch) -> None:
         if batch.grant_id in self.answered:  # a straggler's grant that another rollout answered first
@@ -295,6 +302,7 @@ class RolloutHub:
 
     # ------------------------------------------------------------------ helpers
     async def _dispatch(self) -> None:
+        await self._resend_to_orphans()
         for peer in sorted(self.peers.values(), key=lambda p: len(p.grants)):
             while len(peer.held(evaluation=False)) < MAX_GRANTS_PER_PEER and peer.identity in self.peers:
                 if self.pending:
@@ -357,6 +365,21 @@ class RolloutHub:
         self._requeue([g for g in peer.grants.values() if g.grant_id not in held_elsewhere])
         peer.grants.clear()
         self.dropped_peers += 1
+        self.orphaned |= set(self.fanout.orphans(peer.identity, {p.identity: p.applied_version for p in self.peers.values()}))
+
+    async def _resend_to_orphans(self) -> None:
+        """The latest version, straight to each rollout a dropped relay parent cut off from it."""
+        while self.orphaned:
+            identity = self.orphaned.pop()
+            if identity in self.peers and self.latest is not None:
+                log.warning("sending weight version %d straight to %s: cut off from its relay parent",
+                            self.latest.version, self.peers[identity].producer_id)
+                await self.fanout.send_direct(identity, self.latest)
+
+    async def _send_to(self, identity: bytes, message) -> None:
+        peer = self.peers.get(identity)
+        if peer is not None:
+            await self._send(peer, message)
 
     def _requeue(self, grants: list[WorkGrant]) -> None:
         """Put grants back at the front of their queues (training or evaluation), in their order."""
@@ -384,10 +407,17 @@ class RolloutHub:
         if runnable and now - peer.last_progress > self.progress_timeout_s:
             return (f"made no progress for {now - peer.last_progress:.0f} s on work it could generate "
                     f"(transport.progress_timeout_s {self.progress_timeout_s:g})")
+        applied = {p.identity: p.applied_version for p in self.peers.values()}
         for pv in reversed(self.published.values()):
             if pv.version <= peer.applied_version:
                 break
-            if now - pv.sent_at > self.ack_timeout_s and peer.connected_at < pv.sent_at:
+            if self.fanout.upstream_of_stuck(peer.identity, pv.version, applied):
+                continue  # the rollout relaying it to this one has not applied it either: that one is stuck
+            started = self.fanout.ack_clock_start(peer.identity, pv.version, pv.sent_at)
+            if now - started > self.ack_timeout_s and peer.connected_at < pv.sent_at:
+                if self.fanout.second_chance(peer.identity, pv.version):
+                    self.orphaned.add(peer.identity)  # its relay parent did not pass the version on
+                    return None
                 return (f"did not apply weight version {pv.version} within {self.ack_timeout_s:g} s "
                         f"(transport.weight_ack_timeout_s)")
         return None

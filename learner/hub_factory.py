@@ -58,7 +58,7 @@ async def rollout_hub(cfg: RunConfig, *, vocab_size: int, recorder: RecordingWri
         wire = endpoint if recorder is None else RecordedEndpoint(endpoint, recorder)
         rollouts = RolloutHub(wire, ack_timeout_s=t.weight_ack_timeout_s, peer_timeout_s=t.peer_timeout_s,
                               progress_timeout_s=t.progress_timeout_s, straggler_timeout_s=t.straggler_timeout_s,
-                              min_live_rollouts=t.min_live_rollouts)
+                              min_live_rollouts=t.min_live_rollouts, weight_relay_fanout=t.weight_relay_fanout)
         tasks = [asyncio.create_task(rollouts.serve()), asyncio.create_task(rollouts.heartbeats(t.heartbeat_s))]
         try:
             await rollouts.wait_for_rollouts(t.min_rollouts, t.batch_timeout_s)

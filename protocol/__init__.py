@@ -21,10 +21,14 @@ from .messages import (
     SamplingSpec,
     Shutdown,
     TensorMeta,
+    RelayTarget,
     WeightAck,
+    WeightBucket,
+    WeightHeader,
     WeightUpdate,
     WorkGrant,
     pack_weight_buckets,
+    relay_children,
 )
 
 # Imported on first use: the transport imports protocol.keys, and a package that imports a module
@@ -55,6 +59,10 @@ __all__ = [
     "PackedBatch",
     "TensorMeta",
     "WeightUpdate",
+    "WeightHeader",
+    "WeightBucket",
+    "RelayTarget",
+    "relay_children",
     "WeightAck",
     "Heartbeat",
     "Shutdown",

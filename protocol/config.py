@@ -306,7 +306,21 @@ class TransportConfig:
     learner_host: str = opt("127.0.0.1", "Address rollouts connect to.")
     port: int = opt(0, "Learner port; 0 picks a free one (launch scripts pass it on).")
     weight_bucket_mb: int = opt(64, "Weights are published in buckets of this many MiB.")
-    weight_dir: str = opt("/dev/shm", "Where a rollout stages received weights for its engine.", path=OUTPUT)
+    weight_dir: str = opt("/dev/shm", "Where a rollout whose engine workers are other processes "
+                                      "(rollout.engine_process, tensor_parallel_size > 1) hands them received "
+                                      "tensors, one or two small files at a time.", path=OUTPUT)
+    weight_relay_fanout: int = opt(2, "How weight versions reach the rollouts. 0: the learner sends each "
+                                      "rollout the whole update (rank 0 sends one copy per rollout). N >= 1: "
+                                      "streamed bucket by bucket to one rollout, and each rollout forwards every "
+                                      "bucket to at most N others as soon as it has it (a tree; 1: a chain), "
+                                      "loading it meanwhile: rank 0 sends one copy per update whatever the "
+                                      "number of rollouts. Rollouts that connect later, or that a dropped relay "
+                                      "node cut off, get the version straight from the learner.")
+    relay_host: str = opt("", "Address each rollout binds its weight relay socket to (a random port) and "
+                              "announces to the learner; the others must reach it. Empty: the address of the "
+                              "interface this rollout reaches learner_host through. Off loopback it needs "
+                              "CURVE like the learner's socket (curve_dir; the relay then admits only the "
+                              "keys in curve_dir).")
     weight_ack_timeout_s: float = opt(120.0, "Seconds each rollout has to apply a weight version; one that takes "
                                              "longer is dropped and told to rejoin (see progress_timeout_s).")
     batch_timeout_s: float = opt(600.0, "Seconds the learner waits for a step's samples before failing.")
@@ -446,6 +460,11 @@ class RunConfig:
         t = self.transport
         if t.progress_timeout_s <= 0:
             raise ConfigError(f"transport.progress_timeout_s must be > 0, got {t.progress_timeout_s}")
+        if t.weight_relay_fanout < 0:
+            raise ConfigError(f"transport.weight_relay_fanout must be >= 0 (0: unicast), got {t.weight_relay_fanout}")
+        if t.relay_host and not t.weight_relay_fanout:
+            raise ConfigError(f"transport.relay_host {t.relay_host!r} is set but transport.weight_relay_fanout is 0 "
+                              f"(no relay): drop relay_host or set a fanout")
         for key, value in (("min_live_rollouts", t.min_live_rollouts), ("straggler_timeout_s", t.straggler_timeout_s)):
             if value < 0:
                 raise ConfigError(f"transport.{key} must be >= 0 (0: off), got {value}")

@@ -16,7 +16,8 @@ from .dtypes import WEIGHT_DTYPES
 from .errors import ProtocolError
 from .limits import DecodeLimits
 
-__all__ = ["LOGPROB_SLACK", "sampling_spec", "prompt_spec", "work_grant", "packed_batch", "weight_update"]
+__all__ = ["LOGPROB_SLACK", "sampling_spec", "prompt_spec", "work_grant", "packed_batch", "weight_update",
+           "weight_header", "weight_bucket", "relay_target"]
 
 #: Response-token behaviour log-probs may exceed 0 by at most this (float noise).
 LOGPROB_SLACK = 1e-4
@@ -166,10 +167,36 @@ def packed_batch(batch: Any, path: str, limits: DecodeLimits) -> None:
 def weight_update(update: Any, path: str, limits: DecodeLimits) -> None:
     """Tensor names are unique; each tensor's bytes match its dtype and shape, lie inside its bucket
     and overlap no other tensor's."""
-    sizes = [memoryview(bucket).nbytes for bucket in update.buckets]
+    _tensor_layout(update.tensors, [memoryview(bucket).nbytes for bucket in update.buckets], path)
+
+
+def weight_header(header: Any, path: str, limits: DecodeLimits) -> None:
+    """The announced buckets fit the limits, and the tensors fit them as in a whole update."""
+    for j, size in enumerate(header.bucket_sizes):
+        if size > limits.max_frame_bytes:
+            raise ProtocolError("too_large", f"{path}.bucket_sizes[{j}]: {size} bytes > max_frame_bytes {limits.max_frame_bytes}")
+    if sum(header.bucket_sizes) > limits.max_total_bytes:
+        raise ProtocolError("too_large", f"{path}.bucket_sizes: {sum(header.bucket_sizes)} bytes > max_total_bytes "
+                                         f"{limits.max_total_bytes}")
+    _tensor_layout(header.tensors, header.bucket_sizes, path)
+
+
+def weight_bucket(bucket: Any, path: str, limits: DecodeLimits) -> None:
+    """A bucket index a header can announce (below ``limits.max_buckets``)."""
+    if bucket.index >= limits.max_buckets:
+        raise ProtocolError("bad_value", f"{path}.index: {bucket.index} >= max_buckets {limits.max_buckets}")
+
+
+def relay_target(target: Any, path: str, limits: DecodeLimits) -> None:
+    """A TCP address (ZeroMQ syntax): a relay never points at a file or another transport."""
+    if not target.address.startswith("tcp://"):
+        raise ProtocolError("bad_value", f"{path}.address: expected tcp://host:port, got {target.address[:60]!r}")
+
+
+def _tensor_layout(tensors: Any, sizes: list[int], path: str) -> None:
     names: set[str] = set()
     spans: list[list[tuple[int, int, int]]] = [[] for _ in sizes]
-    for i, meta in enumerate(update.tensors):
+    for i, meta in enumerate(tensors):
         where = f"{path}.tensors[{i}] ({meta.name!r})"
         if meta.name in names:
             raise ProtocolError("bad_value", f"{where}: duplicate tensor name")

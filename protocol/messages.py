@@ -44,6 +44,9 @@ __all__ = [
     "PackedBatch",
     "TensorMeta",
     "WeightUpdate",
+    "RelayTarget",
+    "WeightHeader",
+    "WeightBucket",
     "WeightAck",
     "Heartbeat",
     "Shutdown",
@@ -52,9 +55,10 @@ __all__ = [
     "MESSAGE_TYPES",
     "Envelope",
     "pack_weight_buckets",
+    "relay_children",
 ]
 
-SCHEMA_VERSION: int = 5
+SCHEMA_VERSION: int = 6
 
 #: Allowed values of ``PackedBatch.finish_reasons``.
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
@@ -368,11 +372,83 @@ class WeightUpdate(_Message):
     def total_bytes(self) -> int:
         return sum(memoryview(b).nbytes for b in self.buckets)
 
+    def header(self, relay: list[RelayTarget] = (), fanout: int = 1) -> WeightHeader:
+        """The :class:`WeightHeader` that streams this update (its buckets: :meth:`bucket_messages`)."""
+        return WeightHeader(version=self.version, tensors=list(self.tensors),
+                            bucket_sizes=[byte_view(b).nbytes for b in self.buckets],
+                            fingerprint=dict(self.fingerprint), relay=list(relay), fanout=fanout)
+
+    def bucket_messages(self) -> list[WeightBucket]:
+        """Each bucket as a :class:`WeightBucket` (views of this update's buckets, no copy)."""
+        return [WeightBucket(version=self.version, index=k, data=b) for k, b in enumerate(self.buckets)]
+
     def _by_name(self, name: str) -> TensorMeta:
         for meta in self.tensors:
             if meta.name == name:
                 return meta
         raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class RelayTarget(Schema):
+    """A rollout's relay socket: where weight buckets are forwarded to it, and the name of its CURVE key
+    (``rollout-N``; its public key ``rollout-N.key`` in ``transport.curve_dir`` authenticates it)."""
+
+    INVARIANTS = staticmethod(invariants.relay_target)
+    address: str = wire(Str())
+    key_name: str = wire(Str())
+
+
+@dataclass(frozen=True, eq=False)
+class WeightHeader(_Message):
+    """learner (or a relaying rollout) -> rollout: the first message of a streamed weight update.
+
+    The update's tensors arrive next as ``len(bucket_sizes)`` :class:`WeightBucket` messages of the
+    same version, in index order, each holding the raw bytes of the tensors whose ``bucket`` is its
+    index (:class:`TensorMeta` as in :class:`WeightUpdate`), so a receiver loads and forwards bucket k
+    while k+1 is on the way. ``fingerprint`` is the learner's. ``relay`` lists the receiver's
+    descendants in the relay tree: it forwards the header and every bucket to its children,
+    ``relay_children(relay, fanout)``, each child with its own descendants (empty: a leaf).
+    """
+
+    KIND: ClassVar[str] = "weight_header"
+    INVARIANTS = staticmethod(invariants.weight_header)
+    version: int = wire(Int(lo=0))
+    tensors: list[TensorMeta] = wire(List(Nested(TensorMeta), "max_tensors"))
+    bucket_sizes: list[int] = wire(List(Int(lo=0), "max_buckets"))
+    fingerprint: dict[str, str] = wire(Map(Str()))
+    relay: list[RelayTarget] = wire(List(Nested(RelayTarget), "max_sequences"))
+    fanout: int = wire(Int(lo=1))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bucket_sizes)
+
+
+@dataclass(frozen=True, eq=False)
+class WeightBucket(_Message):
+    """learner (or a relaying rollout) -> rollout: bucket ``index`` of the streamed update ``version``
+    (see :class:`WeightHeader`); ``data`` is a read-only view of the received frame after decode."""
+
+    KIND: ClassVar[str] = "weight_bucket"
+    INVARIANTS = staticmethod(invariants.weight_bucket)
+    version: int = wire(Int(lo=0))
+    index: int = wire(Int(lo=0))
+    data: np.ndarray = wire(Array("uint8"))  # the bucket's bytes (a view of the frame after decode)
+
+
+def relay_children(descendants: list[RelayTarget], fanout: int) -> list[tuple[RelayTarget, list[RelayTarget]]]:
+    """Split a relay node's descendants into at most ``fanout`` subtrees of nearly equal size.
+
+    Returns ``[(child, the child's descendants), ...]``: each subtree is a contiguous run of
+    ``descendants`` whose first entry is the child. Applied at every node, this builds a tree of depth
+    about log_fanout(n) (fanout 1: a chain), in which every node sends each bucket ``fanout`` times at most.
+    """
+    if fanout < 1:
+        raise ValueError(f"fanout must be >= 1, got {fanout}")
+    count = min(fanout, len(descendants))
+    bounds = [round(i * len(descendants) / count) for i in range(count + 1)] if count else [0]
+    return [(descendants[a], descendants[a + 1: b]) for a, b in zip(bounds, bounds[1:])]
 
 
 @dataclass(frozen=True, eq=False)
@@ -450,12 +526,14 @@ def pack_weight_buckets(
 
 # --------------------------------------------------------------------------- envelope
 
-Message = Union[Hello, WorkGrant, PackedBatch, WeightUpdate, WeightAck, Heartbeat, Shutdown, RolloutError]
+Message = Union[Hello, WorkGrant, PackedBatch, WeightUpdate, WeightHeader, WeightBucket, WeightAck, Heartbeat, Shutdown,
+                RolloutError]
 
 #: kind string -> message class
 MESSAGE_TYPES: Mapping[str, type] = {
     cls.KIND: cls
-    for cls in (Hello, WorkGrant, PackedBatch, WeightUpdate, WeightAck, Heartbeat, Shutdown, RolloutError)
+    for cls in (Hello, WorkGrant, PackedBatch, WeightUpdate, WeightHeader, WeightBucket, WeightAck, Heartbeat, Shutdown,
+                RolloutError)
 }
 
 

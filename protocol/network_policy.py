@@ -7,12 +7,13 @@ anything binds or connects.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
 
-__all__ = ["InsecureTransportError", "check_transport_security", "is_loopback_host"]
+__all__ = ["InsecureTransportError", "check_transport_security", "is_loopback_host", "relay_bind_host"]
 
 
 class InsecureTransportError(ConfigError):
@@ -39,7 +40,8 @@ def check_transport_security(cfg: Any) -> bool:
     ``cfg`` is a ``TransportConfig`` (or a ``RunConfig``, whose ``transport``
     section is used).  Raises :class:`InsecureTransportError` when
     ``curve_required_off_loopback`` is true, ``curve_dir`` is empty and
-    ``bind_host`` or ``learner_host`` is not a loopback address; raises
+    ``bind_host``, ``learner_host`` or (with the weight relay on) a given ``relay_host`` is not a
+    loopback address; raises
     ``ConfigError`` when ``curve_dir`` is set but is not a directory.  Returns
     whether CURVE is on.
     """
@@ -52,7 +54,8 @@ def check_transport_security(cfg: Any) -> bool:
         return True
     if not getattr(t, "curve_required_off_loopback", True):
         return False
-    for key in ("bind_host", "learner_host"):
+    relay_host_given = getattr(t, "weight_relay_fanout", 0) and getattr(t, "relay_host", "")
+    for key in ("bind_host", "learner_host", *(("relay_host",) if relay_host_given else ())):
         host = str(getattr(t, key))
         if not is_loopback_host(host):
             raise InsecureTransportError(
@@ -63,3 +66,16 @@ def check_transport_security(cfg: Any) -> bool:
                 f"or bind to 127.0.0.1, or (on a network you trust completely) set "
                 f"--transport.curve_required_off_loopback false.")
     return False
+
+
+def relay_bind_host(t: Any) -> str:
+    """The address a rollout binds its weight relay socket to (``TransportConfig`` `t`): ``relay_host``,
+    or else the address of the interface that routes to ``learner_host`` (loopback when the learner is
+    on loopback, so the relay is off loopback only where the learner's socket is too)."""
+    if t.relay_host:
+        return t.relay_host
+    if is_loopback_host(t.learner_host):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((t.learner_host, int(t.port) or 9))  # UDP: picks the route, sends nothing
+        return str(probe.getsockname()[0])

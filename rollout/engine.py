@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from protocol.config import RolloutConfig
-from protocol.messages import PackedBatch, WeightUpdate, WorkGrant
+from protocol.messages import PackedBatch, TensorMeta, WeightUpdate, WorkGrant
 from protocol.placement import parse_cores
 
 if TYPE_CHECKING:
@@ -188,48 +191,116 @@ class VLLMGenerator:
         self.llm.llm_engine.engine_core.shutdown()
 
     def apply_weights(self, update: WeightUpdate, staging_dir: str, timeout_s: float) -> dict[str, str]:
-        """Load a WeightUpdate into the running engine; returns the fingerprint the workers saw.
+        """Load a whole WeightUpdate (see `apply_weight_stream`)."""
+        return self.apply_weight_stream(update.version, sorted(update.fingerprint),
+                                        ((m, update.tensor_bytes(m)) for m in update.tensors), staging_dir, timeout_s)
 
-        Scheduling pauses (running requests are kept) and the workers reload their weights. With
-        inflight_update recompute (and finish, where nothing runs) the KV cache is dropped, the
-        running requests' included: they are recomputed with the new weights when scheduling
-        resumes, so no token is sampled from a mix of two versions, and no prompt reuses a prefix
-        cached under the old ones. With keep, running requests keep the KV cache of their tokens so
-        far, computed under the old weights, and attend to it with the new ones (prefix caching is
-        off, so no other request can). A worker in this process reads the received frames in place;
-        workers in other processes read a file staged in `staging_dir` and raise TimeoutError if
-        they do not finish within `timeout_s`.
+    def apply_weight_stream(self, version: int, fingerprint_names: list[str],
+                            tensors: Iterable[tuple[TensorMeta, memoryview]], staging_dir: str,
+                            timeout_s: float) -> dict[str, str]:
+        """Load weight version `version` into the running engine as its tensors come; returns the
+        fingerprint the workers saw.
+
+        `tensors` yields each tensor's meta and raw bytes, possibly waiting for them to arrive
+        (rollout.weight_stream). Scheduling pauses (running requests are kept) and the workers reload
+        their weights. With inflight_update recompute (and finish, where nothing runs) the KV cache is
+        dropped, the running requests' included: they are recomputed with the new weights when
+        scheduling resumes, so no token is sampled from a mix of two versions, and no prompt reuses a
+        prefix cached under the old ones. With keep, running requests keep the KV cache of their tokens
+        so far, computed under the old weights, and attend to it with the new ones (prefix caching is
+        off, so no other request can). A worker in this process reads each tensor in place; workers
+        in other processes read them one file at a time from `staging_dir` (`TensorFileFeed`) and
+        raise TimeoutError if one does not come within `timeout_s`.
         """
         if not self.ready_for_weights:
-            raise RuntimeError(f"weight version {update.version} applied while requests run, with "
+            raise RuntimeError(f"weight version {version} applied while requests run, with "
                                f"rollout.inflight_update finish: apply it once ready_for_weights")
-        with warnings.catch_warnings():
-            # Read-only views of the received frames: the model copies them into its own parameters.
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            tensors = {m.name: torch.frombuffer(update.tensor_bytes(m), dtype=getattr(torch, m.dtype)).view(m.shape)
-                       for m in update.tensors}
-        names = sorted(update.fingerprint)
-        path = None
+        feed = None
         if self.in_process:
-            method, args = "apply_weights", (tensors.items(), names)
+            method, args = "apply_weights", (_as_torch(tensors), fingerprint_names)
         else:
-            path = Path(staging_dir) / f"streamrlhf-{os.getpid()}-v{update.version}.safetensors"
-            save_file(tensors, str(path))
-            method, args = "apply_weights_file", (str(path), names)
-        del tensors
+            feed = TensorFileFeed(tensors, staging_dir, version, timeout_s)
+            method, args = "apply_weights_files", (feed.directory, fingerprint_names, timeout_s)
         self.llm.sleep(level=0, mode="keep")
         try:
             prints = self.llm.collective_rpc(method, args=args, timeout=timeout_s)
+            if feed is not None:
+                feed.finish()
             if self.inflight_update != "keep" and not self.llm.reset_prefix_cache(reset_running_requests=True):
-                raise RuntimeError(f"vLLM could not drop its KV cache after loading weight version {update.version}")
+                raise RuntimeError(f"vLLM could not drop its KV cache after loading weight version {version}")
+        except BaseException:
+            self.weight_version = -1  # partly reloaded: nothing is generated until a whole version is applied
+            raise
         finally:
-            if path is not None:
-                path.unlink(missing_ok=True)
+            if feed is not None:
+                feed.close()
             self.llm.wake_up(tags=["scheduling"])
         if any(p != prints[0] for p in prints):
-            raise RuntimeError(f"workers of one engine loaded different weights for version {update.version}")
-        self.weight_version = update.version
+            raise RuntimeError(f"workers of one engine loaded different weights for version {version}")
+        self.weight_version = version
         return prints[0]
+
+
+def _as_torch(tensors: Iterable[tuple[TensorMeta, memoryview]]):
+    """(name, tensor) pairs viewing the given bytes (read-only: the model copies them into its parameters)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for meta, data in tensors:
+            yield meta.name, torch.frombuffer(data, dtype=getattr(torch, meta.dtype)).view(meta.shape)
+
+
+class TensorFileFeed:
+    """Hands tensors to workers in other processes one file at a time, as they come.
+
+    A thread writes tensor i to `<directory>/<i>.<dtype>.<shape>` (written aside, then renamed, so a
+    file that exists is whole) once no more than `WINDOW` written files wait to be read; the workers
+    (rollout.worker_extension) read and delete them in order, so the files hold a tensor or two, not
+    the model. The directory goes when the feed is closed.
+    """
+
+    WINDOW = 2
+
+    def __init__(self, tensors: Iterable[tuple[TensorMeta, memoryview]], staging_dir: str, version: int,
+                 timeout_s: float):
+        self.directory = tempfile.mkdtemp(prefix=f"streamrlhf-{os.getpid()}-v{version}-", dir=staging_dir)
+        self.timeout_s = timeout_s
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._write_all, args=(tensors,), name="tensor-feed", daemon=True)
+        self.thread.start()
+
+    def _write_all(self, tensors) -> None:
+        try:
+            for i, (meta, data) in enumerate(tensors):
+                self._wait_for_room()
+                shape = "x".join(map(str, meta.shape)) or "scalar"
+                final = Path(self.directory) / f"{i:06d}.{meta.dtype}.{shape}.{meta.name}"
+                aside = final.with_name("." + final.name)
+                with open(aside, "wb") as f:
+                    f.write(data)
+                aside.rename(final)
+            (Path(self.directory) / "end").touch()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by finish() in the engine thread
+            self.error = exc
+
+    def _wait_for_room(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while len([p for p in os.listdir(self.directory) if not p.startswith(".")]) >= self.WINDOW:
+            if self.stopped.wait(0.001):
+                raise RuntimeError("tensor feed closed")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine's workers read no weight file for {self.timeout_s:g} s")
+
+    def finish(self) -> None:
+        """Raise what went wrong while writing, if anything."""
+        self.thread.join(self.timeout_s)
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(self.timeout_s)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def pack_generation(generation: _Generation) -> PackedBatch:

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
@@ -25,12 +26,14 @@ import time
 import traceback
 
 from protocol.config import ConfigArgumentParser, ConfigError, RunConfig, check_inputs, config_from_args
-from protocol.messages import (Heartbeat, Hello, RolloutError, Shutdown, WeightAck, WeightUpdate,
-                               WorkGrant)
-from protocol.keys import CurveKeyError, client_keys_from_dir
-from protocol.network_policy import check_transport_security
-from protocol.transport import RolloutClient
+from protocol.errors import ProtocolError
+from protocol.messages import (Heartbeat, Hello, RelayTarget, RolloutError, Shutdown, WeightAck, WeightBucket,
+                               WeightHeader, WeightUpdate, WorkGrant)
+from protocol.keys import CurveKeyError, client_keys_from_dir, server_keys_from_dir
+from protocol.network_policy import check_transport_security, relay_bind_host
+from protocol.transport import LearnerEndpoint, RolloutClient
 from rollout.engine import VLLMGenerator, configure_cpu_threads, timed
+from rollout.weight_stream import RELAY_QUEUE, RelayLinks, UpdateAbandoned, WeightStreams
 
 log = logging.getLogger("rollout")
 
@@ -49,7 +52,8 @@ class RolloutWorker:
         self.producer_id = f"rollout-{index}@{socket.gethostname()}:{os.getpid()}"
         self.address = f"tcp://{cfg.transport.learner_host}:{cfg.transport.port}"
         self.grants: collections.deque[WorkGrant] = collections.deque()
-        self.updates: collections.deque[WeightUpdate] = collections.deque()  # received, not yet applied
+        self.streams = WeightStreams()  # weight versions received (or arriving), not yet applied
+        self.relayed = asyncio.Event()  # a relayed weight message came in: wakes the loop's wait for the learner
         self.stopped = False
         self.greeted = False  # its first hello has been sent
         self.last_heard = time.monotonic()
@@ -80,21 +84,50 @@ class RolloutWorker:
         async with RolloutClient(self.address, producer_id=self.producer_id, run_id=self.cfg.run_id,
                                  curve=curve) as client:
             self.client = client
+            if t.weight_relay_fanout:
+                self.streams = WeightStreams(self.relay_links())
             await self.send(self.hello())
             self.greeted = True
             self.last_heard = time.monotonic()  # the learner's silence counts from here, not from engine start
-            beating = asyncio.create_task(self.heartbeats())
+            tasks = [asyncio.create_task(self.heartbeats())]
+            if self.streams.links is not None:
+                tasks.append(asyncio.create_task(self.relayed_weights()))
             try:
                 await self.continuous_rollouts()
             except Exception as exc:
                 await self.send(RolloutError(message=f"{type(exc).__name__}: {exc}", fatal=True))
                 raise
             finally:
-                beating.cancel()
+                for task in tasks:
+                    task.cancel()
+                if self.streams.links is not None:
+                    self.streams.links.close()
+
+    def relay_links(self) -> RelayLinks:
+        """This rollout's relay socket (on transport.relay_host, CURVE as the learner's socket) and how it
+        reaches its relay children."""
+        t, name = self.cfg.transport, f"rollout-{self.index}"
+        inbox = LearnerEndpoint(self.cfg.run_id, host=relay_bind_host(t), port=0, producer_id=self.producer_id,
+                                limits=self.client.limits, rcvhwm=RELAY_QUEUE,
+                                curve=server_keys_from_dir(t.curve_dir, name) if t.curve_dir else None)
+
+        def connect(target: RelayTarget) -> RolloutClient:
+            keys = client_keys_from_dir(t.curve_dir, name, server_name=target.key_name) if t.curve_dir else None
+            return RolloutClient(target.address, self.cfg.run_id, self.producer_id, limits=self.client.limits,
+                                 sndhwm=RELAY_QUEUE, curve=keys)
+
+        return RelayLinks(inbox, connect)
+
+    async def relayed_weights(self) -> None:
+        """Take in the weight versions relayed by other rollouts, as they come."""
+        while True:
+            _, envelope = await self.streams.links.inbox.recv()
+            await self.take_weights(envelope.body)
+            self.relayed.set()
 
     async def continuous_rollouts(self) -> None:
         while not self.stopped:
-            idle = not self.engine.busy and not self.updates and self.runnable_grant() is None
+            idle = not self.engine.busy and not self.update_waiting() and self.runnable_grant() is None
             await self.handle_messages(block=idle)
             await self.apply_updates()  # between two engine steps
             while not self.stopped and (grant := self.runnable_grant()) is not None:
@@ -113,16 +146,20 @@ class RolloutWorker:
     def runnable_grant(self) -> WorkGrant | None:
         """The oldest grant this engine's weights are recent enough for; none while an update waits
         for the running requests to finish (inflight_update finish), so that they can."""
-        if self.updates:
+        if self.update_waiting():
             return None
         return next((g for g in self.grants if g.min_weight_version <= self.engine.weight_version), None)
 
-    async def handle_messages(self, *, block: bool) -> None:
-        """Handle every message already waiting; when `block`, wait for at least one."""
-        timeout = self.cfg.transport.heartbeat_s if block else 0.0
+    def update_waiting(self) -> bool:
+        return self.streams.next_update(self.engine.weight_version) is not None
+
+    async def handle_messages(self, *, block: bool, timeout: float | None = None) -> None:
+        """Handle every message already waiting; when `block`, wait for at least one (up to `timeout`,
+        by default transport.heartbeat_s)."""
+        timeout = (timeout or self.cfg.transport.heartbeat_s) if block else 0.0
         while not self.stopped:
             try:
-                envelope = await self.client.recv(timeout=timeout)
+                envelope = await self.next_from_learner(timeout)
             except TimeoutError:
                 silent = time.monotonic() - self.last_heard
                 if silent > self.cfg.transport.peer_timeout_s:
@@ -132,8 +169,8 @@ class RolloutWorker:
             message = envelope.body
             if isinstance(message, WorkGrant):
                 self.grants.append(message)
-            elif isinstance(message, WeightUpdate):
-                self.updates.append(message)
+            elif isinstance(message, (WeightUpdate, WeightHeader, WeightBucket)):
+                await self.take_weights(message)
             elif isinstance(message, Heartbeat):
                 pass
             elif isinstance(message, Shutdown) and message.rejoin:
@@ -145,14 +182,60 @@ class RolloutWorker:
                 log.warning("%s: ignoring unexpected %s message", self.producer_id, envelope.kind)
             timeout = 0.0
 
+    async def next_from_learner(self, timeout: float):
+        """The learner's next message within `timeout` (TimeoutError), or TimeoutError as soon as a
+        relayed weight message comes in: the loop then goes on to load it."""
+        if not timeout or self.streams.links is None:
+            return await self.client.recv(timeout=timeout)
+        self.relayed.clear()
+        receiving = asyncio.ensure_future(self.client.recv(timeout=timeout))
+        relayed = asyncio.ensure_future(self.relayed.wait())
+        await asyncio.wait({receiving, relayed}, return_when=asyncio.FIRST_COMPLETED)
+        relayed.cancel()
+        if not receiving.done():
+            receiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiving
+            raise TimeoutError("a relayed weight message came in")
+        return receiving.result()
+
+    async def take_weights(self, message: WeightUpdate | WeightHeader | WeightBucket) -> None:
+        """A weight version, or a piece of one: relayed on, kept for the engine (rollout.weight_stream)."""
+        applied = self.engine.weight_version
+        try:
+            if isinstance(message, WeightUpdate):
+                await self.streams.on_whole(message, applied)
+            elif isinstance(message, WeightHeader):
+                await self.streams.on_header(message, applied)
+            else:
+                await self.streams.on_bucket(message)
+        except ProtocolError as exc:
+            log.warning("%s: discarded a %s: %s", self.producer_id, type(message).__name__, exc)
+
     async def apply_updates(self) -> None:
-        """Apply the received weight updates in order and acknowledge each, as far as the engine
-        takes them now (see VLLMGenerator.ready_for_weights)."""
-        while self.updates and self.engine.ready_for_weights:
-            update = self.updates.popleft()
-            fingerprint, seconds = await self.in_engine_thread(
-                timed, self.engine.apply_weights, update, self.cfg.transport.weight_dir,
-                self.cfg.transport.weight_ack_timeout_s)
+        """Apply the received weight versions in order and acknowledge each, as far as the engine
+        takes them now (see VLLMGenerator.ready_for_weights). A streamed version is loaded while its
+        buckets arrive: messages are handled meanwhile, so that they reach it."""
+        # Twice the learner's deadline: a version cut off by a stuck relay parent is sent again by the
+        # learner once it drops that parent (after weight_ack_timeout_s), and fills in the missing buckets.
+        timeout = 2 * self.cfg.transport.weight_ack_timeout_s
+        while (update := self.streams.next_update(self.engine.weight_version)) and self.engine.ready_for_weights:
+            applying = asyncio.ensure_future(self.in_engine_thread(
+                timed, self.engine.apply_weight_stream, update.version, sorted(update.header.fingerprint),
+                update.tensors(timeout), self.cfg.transport.weight_dir, timeout))
+            while not update.complete and not applying.done():
+                await self.handle_messages(block=True, timeout=0.02)
+                if self.stopped:
+                    update.abandon()
+                    break
+            try:
+                fingerprint, seconds = await applying
+            except UpdateAbandoned:
+                return  # rejoining or stopping
+            except TimeoutError as exc:  # the rest of the version never came: start again from the latest
+                await self.rejoin(f"weight version {update.version} stalled ({exc})")
+                return
+            self.streams.done(update.version)
             await self.send(WeightAck(version=update.version, fingerprint=fingerprint, apply_seconds=seconds))
 
     async def learner_lost(self, silent: float) -> None:
@@ -166,6 +249,7 @@ class RolloutWorker:
         """Abandon every grant and say hello again. A resumed learner plans its own work (recorded
         batches answer what it already had), one that dropped us re-issued ours; either sends its
         current weights on hello, so the engine stays loaded and catches up."""
+        self.streams.abandon_all()
         cancelled = await self.in_engine_thread(self.engine.cancel_all)
         log.warning("%s; dropping %d grant(s) (%d generating) and saying hello again",
                     why, len(self.grants) + cancelled, cancelled)
@@ -174,7 +258,10 @@ class RolloutWorker:
         await self.send(self.hello())
 
     def hello(self) -> Hello:
-        return Hello(engine_info={"index": self.index, "model": self.model_path, "pid": os.getpid()})
+        info = {"index": self.index, "model": self.model_path, "pid": os.getpid()}
+        if self.streams.links is not None:
+            info["relay_address"] = self.streams.links.address  # the learner relays weights through it
+        return Hello(engine_info=info)
 
     async def send(self, message) -> None:
         async with self.send_lock:

@@ -2,35 +2,28 @@
 
 They run inside vLLM's workers and are reached with `LLM.collective_rpc`. A worker in the rollout's
 own process (tensor_parallel_size 1) gets the received tensors themselves; workers in other
-processes get a safetensors file, because tensors passed as RPC arguments through vLLM's
-multiprocess executor arrive as Python lists (a file in /dev/shm costs milliseconds for small models).
+processes read them one file at a time from a directory in /dev/shm (rollout.engine.TensorFileFeed),
+because tensors passed as RPC arguments through vLLM's multiprocess executor arrive as Python lists.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from protocol.buffers import tensor_bytes
 from protocol.weights import weight_fingerprint
 
 
 class WeightReloadExtension:
-    def apply_weights_file(self, path: str, fingerprint_names: list[str]) -> dict[str, str]:
-        """Reload the model's weights in place from a safetensors file (checkpoint format).
-
-        For engines whose workers are other processes. Tensors are read from the (memory-mapped)
-        file one at a time as the model loads them, so the worker never holds a second copy of the
-        whole model.
-        """
-        with safe_open(path, framework="pt") as f:
-            missing = sorted(set(fingerprint_names) - set(f.keys()))
-            if missing:
-                raise KeyError(f"weight file {path} lacks fingerprinted tensors {missing}")
-            return self.apply_weights(((name, f.get_tensor(name)) for name in f.keys()), fingerprint_names,
-                                      source=path)
+    def apply_weights_files(self, directory: str, fingerprint_names: list[str], timeout_s: float) -> dict[str, str]:
+        """Reload the model's weights in place from the tensor files written into `directory` as they
+        come (TensorFileFeed): each is read, loaded, then deleted, so the files never hold the model."""
+        return self.apply_weights(_tensor_files(Path(directory), timeout_s), fingerprint_names, source=directory)
 
     def apply_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], fingerprint_names: list[str],
                       source: str = "the update") -> dict[str, str]:
@@ -56,3 +49,39 @@ class WeightReloadExtension:
             raise RuntimeError(f"the model did not read fingerprinted tensors {sorted(wanted - set(fingerprint))} "
                                f"from {source}")
         return dict(sorted(fingerprint.items()))
+
+
+def _tensor_files(directory: Path, timeout_s: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from files `<i>.<dtype>.<shape>.<name>` in order until the `end` file; each file is
+    deleted once the next tensor is asked for (the model has copied it by then)."""
+    index = 0
+    while True:
+        path = _wait_for_file(directory, index, timeout_s)
+        if path is None:
+            return
+        _, dtype, shape, name = path.name.split(".", 3)
+        dims = [] if shape == "scalar" else [int(d) for d in shape.split("x")]
+        numel = 1
+        for d in dims:
+            numel *= d
+        tensor = torch.from_file(str(path), shared=False, size=numel, dtype=getattr(torch, dtype)).view(dims)
+        yield name, tensor
+        del tensor
+        path.unlink()
+        index += 1
+
+
+def _wait_for_file(directory: Path, index: int, timeout_s: float) -> Path | None:
+    """The file of tensor `index`, None after the last one; TimeoutError when it does not come in time."""
+    deadline = time.monotonic() + timeout_s
+    prefix = f"{index:06d}."
+    while True:
+        ended = (directory / "end").exists()  # looked at first: the end file is written after the last tensor's
+        found = [name for name in os.listdir(directory) if name.startswith(prefix)]
+        if found:
+            return directory / found[0]
+        if ended:
+            return None
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"weight file {index} did not appear in {directory} within {timeout_s:g} s")
+        time.sleep(0.001)

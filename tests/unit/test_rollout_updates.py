@@ -29,10 +29,12 @@ class UpdateOnlyEngine:
         self.weight_version = 0
         self.applied: list[int] = []
 
-    def apply_weights(self, update: WeightUpdate, staging_dir: str, timeout_s: float) -> dict[str, str]:
-        self.applied.append(update.version)
-        self.weight_version = update.version
-        return update.fingerprint
+    def apply_weight_stream(self, version: int, fingerprint_names: list[str], tensors, staging_dir: str,
+                            timeout_s: float) -> dict[str, str]:
+        assert list(tensors) == []
+        self.applied.append(version)
+        self.weight_version = version
+        return {"w": f"print-{version}"}
 
 
 def update(version: int) -> WeightUpdate:
@@ -52,7 +54,8 @@ def worker_with(mode: str, *, busy: bool) -> tuple[RolloutWorker, UpdateOnlyEngi
     sampling = SamplingSpec(temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=4, stop_token_ids=[], seed=0)
     worker.grants.append(WorkGrant(grant_id=0, step=0, min_weight_version=0, n_samples=1, sampling=sampling,
                                    prompts=[PromptSpec(prompt_id=0, token_ids=np.array([1, 2]), label=None)]))
-    worker.updates.extend([update(1), update(2)])
+    for version in (1, 2):
+        asyncio.run(worker.streams.on_whole(update(version), worker.engine.weight_version))
     return worker, worker.engine, sent
 
 
@@ -67,7 +70,7 @@ def test_updates_land_at_once_while_requests_run(mode):
         asyncio.run(worker.apply_updates())
         assert engine.applied == [1, 2]
         assert acks(sent) == [(1, {"w": "print-1"}), (2, {"w": "print-2"})]
-        assert not worker.updates and worker.runnable_grant() is worker.grants[0]
+        assert not worker.update_waiting() and worker.runnable_grant() is worker.grants[0]
     finally:
         worker.engine_thread.shutdown()
 

@@ -1,0 +1,168 @@
+"""Weight fan-out: which rollouts the learner sends each weight version to, and how.
+
+`transport.weight_relay_fanout` 0 (unicast): every rollout gets the whole update from the learner as
+one `WeightUpdate` message, so rank 0 sends one copy per rollout.
+
+>= 1 (relay): the update is streamed as a `WeightHeader` and one `WeightBucket` per bucket, to one
+rollout only (the root); every rollout forwards each bucket to at most `fanout` children as soon
+as it has it (`protocol.messages.relay_children`: a tree of depth about log_fanout(n), a chain for
+1), while it loads the bucket into its own engine. Rank 0 sends one copy per update whatever the
+number of rollouts. The learner keeps the plan of each version (who relays to whom) so that
+
+* a rollout is not blamed for a version that its relay parent has not applied either: the parent
+  is the one stuck, and it is dropped first (`upstream_of_stuck`); one late with a version that
+  came through the relay gets it straight from the learner before it is blamed (`second_chance`:
+  its parent may have applied it and then stopped forwarding);
+* when a rollout is dropped, the rollouts below it in the latest version's tree that have not
+  applied that version get it straight from the learner (`orphans`), and their acknowledgement
+  deadline restarts then (`ack_clock_start`).
+
+Rollouts that connect later, and rollouts that announced no relay socket, get the latest version
+straight from the learner, streamed the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+from protocol.messages import RelayTarget, WeightUpdate, relay_children
+
+# Plans kept for acknowledgement bookkeeping: a rollout more versions behind than this is long past
+# its acknowledgement deadline anyway.
+PLANS_KEPT = 8
+
+
+@dataclass
+class RelayPlan:
+    """One version's relay tree: each planned rollout's parent (None: the learner sends to it)."""
+
+    version: int
+    parent: dict[bytes, bytes | None] = field(default_factory=dict)
+
+    def ancestors(self, identity: bytes) -> list[bytes]:
+        """The rollouts a version passes through on its way to `identity`, nearest first."""
+        chain = []
+        node = self.parent.get(identity)
+        while node is not None:
+            chain.append(node)
+            node = self.parent.get(node)
+        return chain
+
+
+def plan_relay(version: int, targets: dict[bytes, RelayTarget], fanout: int) -> tuple[RelayPlan, bytes | None, list[RelayTarget]]:
+    """The tree of `targets` (identity -> relay socket, in connection order) for one version.
+
+    Returns the plan, the root (the one rollout the learner sends to; None without targets) and the
+    root's descendants, which go into the root's header.
+    """
+    plan = RelayPlan(version)
+    if not targets:
+        return plan, None, []
+    identity_of = {target: identity for identity, target in targets.items()}
+    root, *descendants = targets.values()
+
+    def place(node: RelayTarget, below: list[RelayTarget]) -> None:
+        for child, its_descendants in relay_children(below, fanout):
+            plan.parent[identity_of[child]] = identity_of[node]
+            place(child, its_descendants)
+
+    plan.parent[identity_of[root]] = None
+    place(root, descendants)
+    return plan, identity_of[root], descendants
+
+
+class WeightFanout:
+    """Sends weight versions to the rollouts (unicast or through the relay tree) and keeps the relay
+    bookkeeping the hub's acknowledgement checks need. `send(identity, message)` is the hub's sender."""
+
+    def __init__(self, fanout: int, send):
+        self.fanout = fanout
+        self.send = send
+        self.targets: dict[bytes, RelayTarget] = {}  # connected rollouts with a relay socket
+        self.plans: collections.OrderedDict[int, RelayPlan] = collections.OrderedDict()
+        self.resent_at: dict[tuple[bytes, int], float] = {}  # (rollout, version) -> sent straight to it
+        self.bytes_sent = 0  # weight bytes the learner sent over the run (rank 0's share of the fan-out)
+
+    @property
+    def relay(self) -> bool:
+        return self.fanout > 0
+
+    def connected(self, identity: bytes, key_name: str, relay_address: str | None) -> None:
+        """A rollout said hello, announcing its relay socket (or none)."""
+        self.targets.pop(identity, None)
+        if self.relay and relay_address:
+            self.targets[identity] = RelayTarget(address=relay_address, key_name=key_name)
+
+    async def publish(self, update: WeightUpdate, identities: list[bytes]) -> None:
+        """Send a new version to the connected rollouts `identities`."""
+        if not self.relay:
+            for identity in identities:
+                await self._send_whole(identity, update)
+            return
+        planned = {i: self.targets[i] for i in identities if i in self.targets}
+        plan, root, descendants = plan_relay(update.version, planned, self.fanout)
+        self.plans[update.version] = plan
+        while len(self.plans) > PLANS_KEPT:
+            dropped, _ = self.plans.popitem(last=False)
+            self.resent_at = {key: t for key, t in self.resent_at.items() if key[1] != dropped}
+        if root is not None:
+            await self._stream(root, update, descendants)
+        for identity in identities:  # rollouts without a relay socket
+            if identity not in planned:
+                await self.send_direct(identity, update)
+
+    async def send_direct(self, identity: bytes, update: WeightUpdate) -> None:
+        """Send a version straight to one rollout (a late joiner, or one cut off from its relay parent)."""
+        if self.relay:
+            self.resent_at[(identity, update.version)] = time.monotonic()
+            await self._stream(identity, update, [])
+        else:
+            await self._send_whole(identity, update)
+
+    def orphans(self, dropped: bytes, applied: dict[bytes, int]) -> list[bytes]:
+        """The connected rollouts (`applied`: identity -> applied version) below `dropped` in the latest
+        plan that have not applied its version: they must get it straight from the learner."""
+        self.targets.pop(dropped, None)
+        if not self.plans:
+            return []
+        plan = next(reversed(self.plans.values()))
+        cut_off = [identity for identity, version in applied.items()
+                   if version < plan.version and dropped in plan.ancestors(identity)]
+        for identity in cut_off:  # their deadline restarts now: the learner sends them the version next
+            self.resent_at[(identity, plan.version)] = time.monotonic()
+        return cut_off
+
+    def upstream_of_stuck(self, identity: bytes, version: int, applied: dict[bytes, int]) -> bool:
+        """Whether a connected rollout that relays `version` to `identity` has not applied it either."""
+        plan = self.plans.get(version)
+        if plan is None or (identity, version) in self.resent_at:
+            return False
+        return any(applied.get(node, version) < version for node in plan.ancestors(identity))
+
+    def second_chance(self, identity: bytes, version: int) -> bool:
+        """Whether a rollout late with `version` was to get it through the relay and has not been sent it
+        directly yet (its parent may have applied it and then stopped forwarding): its deadline restarts
+        for every version up to the latest, which the learner then sends it straight."""
+        plan = self.plans.get(version)
+        if plan is None or plan.parent.get(identity) is None or (identity, version) in self.resent_at:
+            return False
+        now = time.monotonic()
+        for later in [v for v in self.plans if v >= version]:
+            self.resent_at[(identity, later)] = now
+        return True
+
+    def ack_clock_start(self, identity: bytes, version: int, published_at: float) -> float:
+        """When `identity`'s deadline to apply `version` started: its publication, or a later direct re-send."""
+        return self.resent_at.get((identity, version), published_at)
+
+    async def _send_whole(self, identity: bytes, update: WeightUpdate) -> None:
+        self.bytes_sent += update.total_bytes
+        await self.send(identity, update)
+
+    async def _stream(self, identity: bytes, update: WeightUpdate, relay: list[RelayTarget]) -> None:
+        await self.send(identity, update.header(relay, max(self.fanout, 1)))
+        for bucket in update.bucket_messages():
+            self.bytes_sent += memoryview(bucket.data).nbytes
+            await self.send(identity, bucket)
