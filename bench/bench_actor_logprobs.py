@@ -3,7 +3,7 @@
     python bench/bench_actor_logprobs.py [--sizes tiny,small --seqs 64 --min-len 20 --max-len 120
                                           --repeats 7 --threads 2]
 
-Builds the built-in task models (learner.tiny MODEL_SIZES, fp32, sdpa) from their configs, packs
+Builds the built-in task models (learner.tiny.model MODEL_SIZES, fp32, sdpa) from their configs, packs
 ``--seqs`` random sequences of random lengths and times ``Actor(tokens, cu_seqlens, return_entropy=
 True)`` + backward of ``sum(log_probs + 0.01 * entropy)``, alternating off / on; prints the median
 of ``--repeats`` timed runs each (after one warm-up) and the largest differences between the two.
@@ -33,7 +33,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from learner.models.actor import Actor
-    from learner.tiny import MODEL_SIZES
+    from learner.tiny.model import MODEL_SIZES
 
     torch.set_num_threads(args.threads)
     print("| model | tokens | off (logits) ms | on (hidden) ms | on / off | max diff log-probs | max diff grads |")

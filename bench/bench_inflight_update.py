@@ -7,7 +7,7 @@
 One real vLLM engine per prefix-caching setting (the CPU build, in this process, one core): a
 recompute engine (prefix caching on, as the default) serves the recompute and finish modes, a keep
 engine (prefix caching off, as keep needs) the keep mode. The model is the built-in tiny BPE model
-(learner.tiny, vocabulary 512) with room for the long responses, its output layer scaled by
+(learner.tiny.model, vocabulary 512) with room for the long responses, its output layer scaled by
 --head-scale (a random model's logits are nearly flat; scaled, the sampled tokens average a log-prob
 of about -3, as a trained policy's might) and without an end-of-sequence token, so every response
 is exactly as long as its grant asks (--min-new to --max-new tokens, drawn per grant).
@@ -147,7 +147,7 @@ class Versions:
     def update(self, version: int):
         import torch
 
-        from learner.weight_sync import build_weight_update
+        from learner.training.weight_sync import build_weight_update
 
         return build_weight_update(version, self.state(version).items(), dtype=torch.float32, bucket_bytes=64 << 20)
 
@@ -279,7 +279,7 @@ def build_model(out: Path, args):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from learner.tiny import MODEL_SIZES, build_tiny_model, remove_eos
+    from learner.tiny.model import MODEL_SIZES, build_tiny_model, remove_eos
 
     spec = replace(MODEL_SIZES["tiny"], max_position_embeddings=args.prompt_len + args.max_new)
     path = remove_eos(build_tiny_model(out, spec))

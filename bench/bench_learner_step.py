@@ -54,7 +54,7 @@ def build_model(args) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from learner.tiny import build_bpe_tokenizer
+    from learner.tiny.model import build_bpe_tokenizer
 
     out = REPO / "runs" / "bench_learner_step" / f"llama-v{args.vocab}-h{args.hidden}-l{args.layers}"
     if (out / "config.json").exists():
@@ -119,11 +119,11 @@ def worker(args) -> None:
     """One variant: a warm-up step, then the measured step; prints one RESULT line."""
     import torch
 
-    from learner.distributed import init_distributed
-    from learner.reward_functions import RewardFn, RewardFunctions
-    from learner.step_samples import StepSamples
-    from learner.tiny import build_bpe_tokenizer
-    from learner.trainer import PPOTrainer
+    from learner.training.distributed import init_distributed
+    from learner.data.reward_functions import RewardFn, RewardFunctions
+    from learner.hub.step_samples import StepSamples
+    from learner.tiny.model import build_bpe_tokenizer
+    from learner.training.trainer import PPOTrainer
     from protocol.config import load_config
 
     torch.set_num_threads(args.threads)

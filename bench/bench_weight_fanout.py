@@ -3,7 +3,7 @@
     python bench/bench_weight_fanout.py [--rollouts 1,2,4,8 --fanout 2 --hidden 1024 --vocab 16384
                                          --layers 4 --bucket-mb 32 --versions 3]
 
-The learner side is the real `learner.hub.RolloutHub` on a real ZeroMQ socket; each rollout is a
+The learner side is the real `learner.hub.rollout_hub.RolloutHub` on a real ZeroMQ socket; each rollout is a
 real `rollout.main.RolloutWorker` process (its receive loop, `rollout.weight_stream` relay and
 streaming, acknowledgements) whose vLLM engine is replaced by `CopyEngine`: it copies every tensor
 it is fed into a preallocated model (a plain torch copy) and fingerprints what it received, as the
@@ -47,7 +47,7 @@ def make_update(version: int, args):
     """A bf16 Llama-like update (random weights, a different seed per version)."""
     import torch
 
-    from learner.weight_sync import build_weight_update
+    from learner.training.weight_sync import build_weight_update
 
     h, v, ff = args.hidden, args.vocab, int(args.hidden * 2.75)
     shapes = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h)}
@@ -119,7 +119,7 @@ def rollout_process(args) -> None:
 
 async def measure(mode_fanout: int, count: int, updates, args) -> dict:
     """Publish every update to `count` fresh rollouts; latency and bytes of each but the first."""
-    from learner.hub import RolloutHub
+    from learner.hub.rollout_hub import RolloutHub
     from protocol.transport import LearnerEndpoint
 
     with LearnerEndpoint(RUN_ID) as endpoint:

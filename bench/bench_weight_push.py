@@ -9,7 +9,7 @@ builds the `WeightUpdate` the rollouts receive (engine dtype, 64 MiB buckets, fi
 
 * gather_all: the straightforward way: gather every parameter at once
   (`GatheredParameters(all)`), copy the merged state dict, convert it, then pack the buckets;
-* streaming:  `learner.weight_sync.WeightPublisher`: gather, convert and copy into the buckets
+* streaming:  `learner.training.weight_sync.WeightPublisher`: gather, convert and copy into the buckets
   one module at a time.
 
 Each variant runs in its own torchrun job. Peak memory is rank 0's peak RSS (VmHWM, reset through
@@ -65,9 +65,9 @@ def worker(args) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from learner.distributed import init_distributed
+    from learner.training.distributed import init_distributed
     from learner.models.actor import Actor
-    from learner.weight_sync import WeightPublisher
+    from learner.training.weight_sync import WeightPublisher
 
     init_distributed()
     torch.manual_seed(0)

@@ -8,7 +8,7 @@
 #   launch/local.sh --output.record true --output.dir runs/x     # record a run
 #   launch/replay.sh runs/x/recording                            # replay it (checks every step)
 #   launch/replay.sh runs/x/recording --replay.stop_after_step 3 # stop after step 3, dump its batch
-#   python -m learner.inspect_recording runs/x/recording --steps # look inside
+#   python -m learner.recording.inspect runs/x/recording --steps # look inside
 #
 # The recorded run's config is the default; flags override it. Outputs go to
 # <recording>/../replay unless --output.dir is given. Replay runs one learner rank: a recording of a

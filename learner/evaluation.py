@@ -4,7 +4,7 @@ A round evaluates one weight version v: every prompt of the eval set goes out in
 (`WorkGrant.evaluation`, step v, min_weight_version v) with the evaluation's own sampling
 settings, as soon as v is published. The hub hands them to the rollouts at once, beside their
 training grants (never in a training grant's place), and their engines run them at a lower
-priority than training requests (learner.hub, rollout.engine). Their answers are scored by the
+priority than training requests (learner.hub.rollout_hub, rollout.engine). Their answers are scored by the
 run's reward as they arrive, on rank 0, in the pauses of the driver (while it waits for a step's
 batches); when the last one is in, the round's metrics join the row of the step in progress.
 Evaluation grants take ids from the planner's sequence but never enter a step, the staleness
@@ -31,10 +31,10 @@ from protocol.config import RunConfig
 from protocol.messages import PackedBatch, SamplingSpec, WorkGrant
 
 from learner.algo import pass_at_k
-from learner.data import EncodedPrompt
-from learner.grants import prompt_specs
-from learner.hub_interface import Hub
-from learner.step_samples import StepSamples
+from learner.data.prompts import EncodedPrompt
+from learner.hub.grants import prompt_specs
+from learner.hub.interface import Hub
+from learner.hub.step_samples import StepSamples
 
 log = logging.getLogger("learner.evaluation")
 

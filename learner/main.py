@@ -31,20 +31,20 @@ from protocol.messages import SCHEMA_VERSION, PackedBatch
 from protocol.keys import CurveKeyError
 
 from learner.algo import informative_groups, select_groups
-from learner.data import DatasetError, DataSpec, EncodedPrompt, PromptDataset, load_prompts
-from learner.checkpoint import CheckpointManager
-from learner.distributed import GroupDealer, StepBroadcaster, init_distributed, is_rank0, per_rank, reduce_metrics
+from learner.data.prompts import DatasetError, DataSpec, EncodedPrompt, PromptDataset, load_prompts
+from learner.training.checkpoint import CheckpointManager
+from learner.training.distributed import GroupDealer, StepBroadcaster, init_distributed, is_rank0, per_rank, reduce_metrics
 from learner.evaluation import Evaluator
-from learner.grants import GrantPlanner
-from learner.hub_factory import open_hub
-from learner.hub_interface import Hub
+from learner.hub.grants import GrantPlanner
+from learner.hub.factory import open_hub
+from learner.hub.interface import Hub
 from learner.metrics import MetricsBackendError, MetricsLogger
-from learner.recording import RecordingError, RecordingReader, RecordingWriter
-from learner.recording_hub import reusable_batches
-from learner.reward_functions import RewardFnError, RewardFunctions
-from learner.step_samples import StepSamples
-from learner.trainer import PPOTrainer, select_rows
-from learner.weight_sync import WeightPublisher
+from learner.recording.store import RecordingError, RecordingReader, RecordingWriter
+from learner.recording.recording_hub import reusable_batches
+from learner.data.reward_functions import RewardFnError, RewardFunctions
+from learner.hub.step_samples import StepSamples
+from learner.training.trainer import PPOTrainer, select_rows
+from learner.training.weight_sync import WeightPublisher
 
 log = logging.getLogger("learner")
 
@@ -210,7 +210,7 @@ class Learner:
 
     @contextlib.asynccontextmanager
     async def open_hub(self):
-        """This rank's hub (learner.hub_factory), the run recorded on rank 0 with output.record."""
+        """This rank's hub (learner.hub.factory), the run recorded on rank 0 with output.record."""
         live = is_rank0() and not self.cfg.replay.path
         self.recorder = self.open_recording() if live and self.cfg.output.record else None
         try:

@@ -824,7 +824,7 @@ def _looks_local(model: str, base: Path) -> bool:
     return _written_as_path(model) or os.path.isdir(os.path.join(base, model))
 
 
-# Suffixes of the data files a dataset path may name (learner.data reads them).
+# Suffixes of the data files a dataset path may name (learner.data.prompts reads them).
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
@@ -886,7 +886,7 @@ def _input_problem(kind: str, value: str) -> str | None:
         return None if os.path.exists(value) else "no such file or directory"
     if kind == DATASET:
         if not is_local_dataset(value, Path.cwd()):
-            return None  # a Hub dataset id: loaded (and downloaded) by learner.data
+            return None  # a Hub dataset id: loaded (and downloaded) by learner.data.prompts
         if is_glob(value):
             return None if glob.glob(value, recursive=True) else "no file matches this pattern"
         return None if os.path.exists(value) else "no such file or directory"

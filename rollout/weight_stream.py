@@ -1,7 +1,7 @@
 """Streamed weight versions on a rollout: received bucket by bucket, relayed on, loaded as they come.
 
 A version arrives as a `WeightHeader` and one `WeightBucket` per bucket, from the learner or from the
-rollout's relay parent (learner.weight_fanout), or whole as a `WeightUpdate` (unicast), which is
+rollout's relay parent (learner.hub.weight_fanout), or whole as a `WeightUpdate` (unicast), which is
 taken apart into the same pieces. `WeightStreams` forwards the header and each bucket to this
 rollout's relay children as soon as it has them (`RelayLinks`), then hands the bucket to the engine
 thread, which loads it (`IncomingUpdate.tensors`) and lets it go: besides what its engine holds, a

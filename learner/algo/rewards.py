@@ -1,6 +1,6 @@
 """Reward math: combining and clipping sequence scores (reward functions, reward model, penalties)
 and turning them into per-token rewards. Scoring itself (calling the user's reward functions) is
-:mod:`learner.reward_functions`."""
+:mod:`learner.data.reward_functions`."""
 
 from __future__ import annotations
 

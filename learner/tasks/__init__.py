@@ -40,5 +40,5 @@ def prepare_parser(task: str, description: str, prepare_help: str) -> tuple[argp
 
 
 def add_size_argument(prepare: argparse.ArgumentParser) -> None:
-    """`--size` of the tasks built on learner.tiny's sized models."""
+    """`--size` of the tasks built on learner.tiny.model's sized models."""
     prepare.add_argument("--size", default="tiny", help="Model size: tiny, small or medium (default: tiny).")

@@ -1,7 +1,7 @@
 """The cold-start task for the side-by-side comparison with TRL's GRPOTrainer: `A+B=` for A, B in 0..49.
 
 `prepare` builds, deterministically and without downloads, a randomly initialised model of one
-of the sizes of learner.tiny.MODEL_SIZES with the built-in BPE tokenizer (learner.bpe: every sum,
+of the sizes of learner.tiny.model.MODEL_SIZES with the built-in BPE tokenizer (learner.tiny.bpe: every sum,
 0..98, is one token) and the 2500 prompts (JSONL with `prompt` and `label`, the sum). There is
 no supervised warm-up: both systems start from the same random policy and the same reward, so
 any difference in how fast they find it comes from the training, not from the start.
@@ -41,7 +41,7 @@ def prepare(out_dir: str | Path, *, size: str = "tiny", seed: int = 0) -> dict[s
     if already_prepared(out, settings, model):
         return info
     # imported only when something must be built: torch and transformers take seconds to load
-    from learner.tiny import build_tiny_model, sized_spec
+    from learner.tiny.model import build_tiny_model, sized_spec
 
     with preparing(out, settings):
         build_tiny_model(model, sized_spec(size, seed))

@@ -1,7 +1,7 @@
 """The built-in verifiable task: `A+B=` prompts, exact-answer reward.
 
 `prepare` makes everything the default job needs, deterministically and without downloads:
-the tiny model (learner.tiny), a prompt dataset (JSONL with `prompt` and `label`), and a policy
+the tiny model (learner.tiny.model), a prompt dataset (JSONL with `prompt` and `label`), and a policy
 warmed up by a short supervised pass on part of the task, so that RL starts sometimes right.
 """
 
@@ -51,8 +51,8 @@ def prepare(out_dir: str | Path, *, max_operand: int = 9, sft_steps: int = 100,
     if already_prepared(out, settings, policy):
         return {"model": str(policy), "prompts": str(prompts)}
     # imported only when something must be built: the launcher calls `prepare` on every start
-    from learner.sft import supervised_warmup
-    from learner.tiny import TinyModelSpec, build_tiny_model
+    from learner.tiny.sft import supervised_warmup
+    from learner.tiny.model import TinyModelSpec, build_tiny_model
 
     with preparing(out, settings):
         build_tiny_model(base, TinyModelSpec(seed=seed))

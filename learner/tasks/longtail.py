@@ -11,8 +11,8 @@ Each line is three tokens of the built-in BPE tokenizer (newline, number, noun),
 MAX_NEW_TOKENS 512 and MAX_MODEL_LEN 640 hold every response). The 2000 prompts repeat: short
 ones are few (12 nouns x n) and drawn often.
 
-`prepare` builds a model of one of the sizes of learner.tiny.MODEL_SIZES and warms it up on the
-task (learner.sft) until it ends its answers where it should: RL then starts from a policy whose
+`prepare` builds a model of one of the sizes of learner.tiny.model.MODEL_SIZES and warms it up on the
+task (learner.tiny.sft) until it ends its answers where it should: RL then starts from a policy whose
 response lengths follow the prompt, which is what makes the long tail real in a benchmark.
 
 Reward (`longtail_reward`): 1.0 for exactly the expected lines; otherwise PARTIAL_CREDIT (0.5)
@@ -28,7 +28,7 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-from learner.bpe import MAX_NUMBER_TOKEN, NOUNS
+from learner.tiny.bpe import MAX_NUMBER_TOKEN, NOUNS
 from learner.tasks import add_size_argument, already_prepared, prepare_parser, preparing
 
 PARTIAL_CREDIT = 0.5
@@ -41,7 +41,7 @@ MICRO_BATCH_TOKENS = 4096
 
 
 class Warmup(NamedTuple):
-    """The supervised warm-up of one model size (learner.sft.supervised_warmup arguments)."""
+    """The supervised warm-up of one model size (learner.tiny.sft.supervised_warmup arguments)."""
 
     steps: int
     batch_size: int
@@ -105,8 +105,8 @@ def prepare(out_dir: str | Path, *, size: str = "tiny", seed: int = 0,
     if already_prepared(out, settings, policy):
         return info
     # imported only when something must be built: torch and transformers take seconds to load
-    from learner.sft import supervised_warmup
-    from learner.tiny import build_tiny_model, sized_spec
+    from learner.tiny.sft import supervised_warmup
+    from learner.tiny.model import build_tiny_model, sized_spec
 
     with preparing(out, settings):
         build_tiny_model(base, sized_spec(size, seed))

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from learner.recording import RecordingReader
-from learner.recording_hub import reusable_batches
+from learner.recording.store import RecordingReader
+from learner.recording.recording_hub import reusable_batches
 from protocol import decode
 from protocol.messages import PackedBatch
 from tests.e2e.conftest import ROOT, leftover_processes

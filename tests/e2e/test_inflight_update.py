@@ -21,8 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from learner.models.actor import Actor
-from learner.tiny import TinyModelSpec, build_tiny_model, build_tokenizer, remove_eos
-from learner.weight_sync import build_weight_update
+from learner.tiny.model import TinyModelSpec, build_tiny_model, build_tokenizer, remove_eos
+from learner.training.weight_sync import build_weight_update
 from protocol.codec import decode, encode
 from protocol.config import RolloutConfig
 from protocol.messages import PromptSpec, SamplingSpec, WorkGrant

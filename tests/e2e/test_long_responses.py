@@ -30,7 +30,7 @@ def long_context_task(tmp_path_factory):
     """The tiny long-tail model (untrained) with room for 2048 positions, 16 long-tail prompts and a
     reward that differs between samples."""
     from learner.tasks.longtail import make_rows
-    from learner.tiny import build_tiny_model, sized_spec
+    from learner.tiny.model import build_tiny_model, sized_spec
 
     out = tmp_path_factory.mktemp("long")
     model = build_tiny_model(out / "model", replace(sized_spec("tiny"), max_position_embeddings=2048))

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from safetensors.torch import load_file
 
-from learner.recording import RecordingReader
+from learner.recording.store import RecordingReader
 from protocol import decode
 from protocol.messages import SamplingSpec
 from tests.e2e.conftest import ROOT
@@ -28,7 +28,7 @@ def test_replay_reproduces_losses_and_weights(run_local, tmp_path):
     assert recorded.returncode == 0, recorded.output[-3000:]
     recording = recorded.run_dir / "recording"
 
-    check = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "learner.inspect_recording", str(recording),
+    check = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "learner.recording.inspect", str(recording),
                             "--validate", "--steps"], cwd=ROOT, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     # each step record names the messages it trained on and the sampling seed of each (its first sample's)

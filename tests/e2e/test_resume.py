@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from learner.recording import RecordingError, RecordingReader
+from learner.recording.store import RecordingError, RecordingReader
 from protocol import ProtocolError, decode
 from tests.e2e.conftest import leftover_processes, processes_mentioning
 

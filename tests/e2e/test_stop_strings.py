@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from learner.tiny import build_bpe_tokenizer, build_tiny_model, sized_spec
-from learner.weight_sync import build_weight_update
+from learner.tiny.model import build_bpe_tokenizer, build_tiny_model, sized_spec
+from learner.training.weight_sync import build_weight_update
 from protocol.config import RolloutConfig
 from protocol.messages import PromptSpec, SamplingSpec, WorkGrant
 from tests.e2e.conftest import vllm_engine

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from learner.distributed import init_distributed
+from learner.training.distributed import init_distributed
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Prompt datasets (learner/data.py) and reward functions (learner/reward_functions.py)."""
+"""Prompt datasets (learner/data/prompts.py) and reward functions (learner/data/reward_functions.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from learner.data import DatasetError, EncodedPrompt, PromptDataset, PromptRow, load_prompt_rows
-from learner.reward_functions import (
+from learner.data.prompts import DatasetError, EncodedPrompt, PromptDataset, PromptRow, load_prompt_rows
+from learner.data.reward_functions import (
     RewardFn,
     RewardFnError,
     load_reward_fn,
     score_batch,
 )
-from learner.tiny import build_tokenizer
+from learner.tiny.model import build_tokenizer
 
 TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -91,7 +91,7 @@ def test_other_json_columns_travel_with_their_prompt_and_others_are_left_out(tmp
     p = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b"], "solution": ["1", "2"], "tests": [[1, 2], []],
                              "meta": [{"k": 1.5}, {"k": None}], "image": [b"\x00", b"\x01"]}), p)
-    with caplog.at_level(logging.WARNING, logger="learner.data"):
+    with caplog.at_level(logging.WARNING, logger="learner.data.prompts"):
         rows = load_prompt_rows(p)
     assert [r.columns for r in rows] == [{"solution": "1", "tests": [1, 2], "meta": {"k": 1.5}},
                                          {"solution": "2", "tests": [], "meta": {"k": None}}]
@@ -195,7 +195,7 @@ def test_chat_messages_without_template_is_an_error(tok):
 
 def test_filtering_counts_and_warns(tok, caplog):
     rows = [PromptRow(0, "a" * 3, None), PromptRow(1, "a" * 10, None), PromptRow(2, "a" * 4, None), PromptRow(3, "a" * 20, None)]
-    with caplog.at_level(logging.WARNING, logger="learner.data"):
+    with caplog.at_level(logging.WARNING, logger="learner.data.prompts"):
         ds = PromptDataset(rows, tok, max_prompt_len=5, seed=0, shuffle=False)  # BOS + 4 chars = 5 tokens
     assert len(ds) == 2 and ds.num_filtered == 2
     assert [p.prompt_id for p in ds.next_batch(2)] == [0, 2]

@@ -1,4 +1,4 @@
-"""Where prompts come from (learner/data.py): CSV files, globs, directories, saved datasets and Hub ids
+"""Where prompts come from (learner/data/prompts.py): CSV files, globs, directories, saved datasets and Hub ids
 through the `datasets` library, splits and subsets, several datasets concatenated or mixed with weights."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 
-from learner.data import (MIX_BLOCK, DatasetError, DataSpec, PromptDataset, PromptRow, load_prompt_rows,
+from learner.data.prompts import (MIX_BLOCK, DatasetError, DataSpec, PromptDataset, PromptRow, load_prompt_rows,
                           load_prompts)
-from learner.tiny import build_tokenizer
+from learner.tiny.model import build_tokenizer
 from protocol.config import DataConfig
 
 

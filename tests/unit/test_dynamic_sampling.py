@@ -1,6 +1,6 @@
 """DAPO's dynamic sampling: which groups carry a gradient and which a step trains (learner.algo.filtering),
 how many prompts the planner hands out for a step and how a checkpoint resumes it exactly once
-(learner.grants), the replay of a step collected in several rounds (learner.replay), its options."""
+(learner.hub.grants), the replay of a step collected in several rounds (learner.recording.replay), its options."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from learner.algo import grpo_advantages, informative_groups, rloo_advantages, select_groups
-from learner.data import PromptDataset, PromptRow
-from learner.grants import GrantPlanner
-from learner.recording import RecordingWriter
-from learner.replay import ReplayHub, ReplayMismatch
-from learner.tiny import build_tokenizer
+from learner.data.prompts import PromptDataset, PromptRow
+from learner.hub.grants import GrantPlanner
+from learner.recording.store import RecordingWriter
+from learner.recording.replay import ReplayHub, ReplayMismatch
+from learner.tiny.model import build_tokenizer
 from protocol import SCHEMA_VERSION, encode
 from protocol.config import ConfigError, load_config
 from tests.unit.batches import answer

@@ -47,7 +47,7 @@ def test_learner_config_error_is_one_line(capsys):
 
 def test_learner_user_error_is_one_line_and_its_traceback_goes_to_the_log(tmp_path, monkeypatch, capsys, run_inputs):
     import learner.main as learner_main
-    from learner.data import DatasetError
+    from learner.data.prompts import DatasetError
 
     def load_rows():
         raise DatasetError("prompts.jsonl: line 1: missing input key 'prompt'")

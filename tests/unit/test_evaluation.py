@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from learner.algo import pass_at_k
-from learner.data import PromptDataset, PromptRow
+from learner.data.prompts import PromptDataset, PromptRow
 from learner.evaluation import EVAL_SEED_STREAM, Evaluator, grant_size
-from learner.grants import GrantPlanner
+from learner.hub.grants import GrantPlanner
 from learner.plot import plot_run
-from learner.recording import RecordingWriter
-from learner.recording_hub import reusable_batches
-from learner.tiny import build_tokenizer
+from learner.recording.store import RecordingWriter
+from learner.recording.recording_hub import reusable_batches
+from learner.tiny.model import build_tokenizer
 from protocol import SCHEMA_VERSION, encode
 from protocol.config import ConfigError, load_config
 from tests.unit.batches import answer

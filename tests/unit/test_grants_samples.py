@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from learner.data import PromptDataset, PromptRow
-from learner.distributed import GroupDealer
-from learner.grants import GrantPlanner
-from learner.step_samples import StepSamples
-from learner.tiny import build_tokenizer
+from learner.data.prompts import PromptDataset, PromptRow
+from learner.training.distributed import GroupDealer
+from learner.hub.grants import GrantPlanner
+from learner.hub.step_samples import StepSamples
+from learner.tiny.model import build_tokenizer
 from protocol.buffers import frame_list_parts, split_frame_list
 from protocol.codec import decode, encode
 from protocol.config import load_config

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from learner.data import load_prompt_rows
-from learner.reward_functions import load_reward_fn, score_batch
+from learner.data.prompts import load_prompt_rows
+from learner.data.reward_functions import load_reward_fn, score_batch
 from learner.tasks.gsm8k import (
     FORMAT_BONUS,
     extract_answer,

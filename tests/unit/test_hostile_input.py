@@ -28,7 +28,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from learner.hub import RolloutHub
+from learner.hub.rollout_hub import RolloutHub
 from protocol.codec import DecodeLimits, decode, encode
 from protocol.errors import REASON_CODES, ProtocolError
 from protocol.messages import (SCHEMA_VERSION, Heartbeat, Hello, PackedBatch, PromptSpec, RolloutError,

@@ -13,7 +13,7 @@ import contextlib
 import numpy as np
 import pytest
 
-from learner.hub import MAX_GRANTS_PER_PEER, RolloutFailure, RolloutHub
+from learner.hub.rollout_hub import MAX_GRANTS_PER_PEER, RolloutFailure, RolloutHub
 from protocol.messages import (Heartbeat, Hello, PromptSpec, RolloutError, SamplingSpec, Shutdown,
                                WeightAck, WeightUpdate, WorkGrant, pack_weight_buckets)
 from protocol.transport import LearnerEndpoint, PeerUnreachableError, RolloutClient

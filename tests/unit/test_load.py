@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 import zmq
 
-from learner.hub import MAX_GRANTS_PER_PEER, RolloutHub
+from learner.hub.rollout_hub import MAX_GRANTS_PER_PEER, RolloutHub
 from protocol.codec import DecodeLimits, encode
 from protocol.messages import (Hello, PackedBatch, PromptSpec, SamplingSpec, Shutdown, WeightAck, WeightUpdate,
                                WorkGrant, pack_weight_buckets)
@@ -328,7 +328,7 @@ class RssPeak:
 def quiet_hub_discards():
     """The hub logs every discarded message at WARNING; pytest's log capture would keep each record in this
     process's memory (see test_hub_discards_are_logged_rate_limited). Errors are still logged."""
-    logger = logging.getLogger("learner.hub")
+    logger = logging.getLogger("learner.hub.rollout_hub")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -476,7 +476,7 @@ class LogFlood(AssertionError):
 
 async def test_hub_discards_are_logged_rate_limited(caplog):
     n = 200
-    caplog.set_level(logging.WARNING, logger="learner.hub")
+    caplog.set_level(logging.WARNING, logger="learner.hub.rollout_hub")
     endpoint = LearnerEndpoint(RUN, limits=LIMITS, rcvhwm=HWM, sndhwm=HWM)
     hub = RolloutHub(endpoint, ack_timeout_s=30.0)
     server = asyncio.create_task(hub.serve())
@@ -489,7 +489,7 @@ async def test_hub_discards_are_logged_rate_limited(caplog):
         await eventually(lambda: hub.discarded["unknown_grant"] >= n, 20, f"{n} unsolicited batches counted")
         assert hub.discarded == {"unknown_grant": n} and endpoint.rejections == {}
         assert hub.failure is None and not server.done()
-        records = [r for r in caplog.records if r.name == "learner.hub" and "discarded message" in r.getMessage()]
+        records = [r for r in caplog.records if r.name == "learner.hub.rollout_hub" and "discarded message" in r.getMessage()]
         assert records, "a discarded message is not logged at all"
         allowed = 10 + n.bit_length()  # the endpoint's policy for its own rejections
         if len(records) > allowed:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from deepspeed.utils import safe_get_full_grad
 
-from learner.tiny import TinyModelSpec, build_tiny_model
+from learner.tiny.model import TinyModelSpec, build_tiny_model
 from protocol.messages import PackedBatch
 from tests.unit.test_trainer import batch, make_trainer, model_dir, score_batches  # noqa: F401 (fixture)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learner.recording import (
+from learner.recording.store import (
     HEADER_BYTES,
     Location,
     Record,
@@ -290,7 +290,7 @@ def test_open_existing_truncates_torn_tail(tmp_path, caplog):
     rec_dir = tmp_path / "rec"
     written = _build(rec_dir, segment_bytes=300)
     seg, number, offset = _cut_last_record_in_half(rec_dir)
-    with caplog.at_level(logging.WARNING, logger="learner.recording"):
+    with caplog.at_level(logging.WARNING, logger="learner.recording.store"):
         w = RecordingWriter.open_existing(rec_dir)
     assert any("torn last record" in r.getMessage() and seg.name in r.getMessage() for r in caplog.records)
     assert seg.stat().st_size == offset
@@ -339,7 +339,7 @@ def test_writer_misuse(tmp_path):
 
 
 def test_failed_write_leaves_no_partial_record(tmp_path, monkeypatch):
-    import learner.recording as recording
+    import learner.recording.store as recording
 
     rec_dir = tmp_path / "rec"
     w = _writer(rec_dir)
@@ -382,7 +382,7 @@ def _batch(step: int = 1, prompt_ids=(5, 6), tokens=None, prompt_lens=(2, 1), cu
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "learner.inspect_recording", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "learner.recording.inspect", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -414,7 +414,7 @@ def test_cli_validate_good_and_damaged(tmp_path):
 
 
 def test_cli_help_and_missing_recording(tmp_path, capsys):
-    from learner.inspect_recording import main
+    from learner.recording.inspect import main
 
     with pytest.raises(SystemExit) as info:
         main(["--help"])
@@ -427,7 +427,7 @@ def test_cli_help_and_missing_recording(tmp_path, capsys):
 
 
 def test_cli_validate_reports_undecodable_message(tmp_path, capsys):
-    from learner.inspect_recording import main
+    from learner.recording.inspect import main
 
     rec_dir = tmp_path / "rec"
     with _writer(rec_dir) as w:
@@ -438,8 +438,8 @@ def test_cli_validate_reports_undecodable_message(tmp_path, capsys):
 
 
 def test_cli_summary_steps_and_samples(tmp_path, capsys):
-    from learner.inspect_recording import main
-    from learner.tiny import build_tokenizer
+    from learner.recording.inspect import main
+    from learner.tiny.model import build_tokenizer
 
     tok = build_tokenizer()
     tok_dir = tmp_path / "tok"

@@ -1,4 +1,4 @@
-"""Recording a live run as a wrapper around its RolloutHub (learner.recording_hub), over real ZeroMQ:
+"""Recording a live run as a wrapper around its RolloutHub (learner.recording.recording_hub), over real ZeroMQ:
 every accepted message is recorded, each step names the records it consumed and their seeds, and a
 resumed run answers grants from the interrupted run's recording."""
 
@@ -9,12 +9,12 @@ import contextlib
 
 import pytest
 
-from learner.follower_hub import FollowerHub
-from learner.hub import RolloutHub
-from learner.hub_interface import Hub
-from learner.recording import RecordingReader, RecordingWriter
-from learner.recording_hub import RecordedEndpoint, RecordingHub, reusable_batches
-from learner.replay import ReplayHub
+from learner.hub.follower_hub import FollowerHub
+from learner.hub.rollout_hub import RolloutHub
+from learner.hub.interface import Hub
+from learner.recording.store import RecordingReader, RecordingWriter
+from learner.recording.recording_hub import RecordedEndpoint, RecordingHub, reusable_batches
+from learner.recording.replay import ReplayHub
 from protocol import SCHEMA_VERSION, decode, encode
 from protocol.messages import Heartbeat, WorkGrant
 from protocol.transport import LearnerEndpoint

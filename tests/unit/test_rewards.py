@@ -1,4 +1,4 @@
-"""learner.reward_functions with several functions: weights and names from the config, dataset columns as
+"""learner.data.reward_functions with several functions: weights and names from the config, dataset columns as
 keyword arguments (by signature), async functions run concurrently on a loop of their own, the
 HTTP reward server (a real local http.server) with its retries and errors, and which function and
 sample a failure names."""
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from learner.reward_functions import (RewardFn, RewardFnError, RewardFunctions, RewardServer, RewardServerError,
+from learner.data.reward_functions import (RewardFn, RewardFnError, RewardFunctions, RewardServer, RewardServerError,
                              score_functions)
 from protocol.config import RewardConfig
 from protocol.transport import free_tcp_port

@@ -7,14 +7,14 @@ import statistics
 
 import pytest
 
-import learner.sft
-import learner.tiny
-from learner import bpe
-from learner.reward_functions import load_reward_fn, score_batch
+import learner.tiny.sft
+import learner.tiny.model
+from learner.tiny import bpe
+from learner.data.reward_functions import load_reward_fn, score_batch
 from learner.tasks import addition, longtail
 from learner.tasks.arithmetic import arithmetic_reward
 from learner.tasks.arithmetic import make_rows as arithmetic_rows
-from learner.tiny import MODEL_SIZES, build_bpe_tokenizer, build_tiny_model
+from learner.tiny.model import MODEL_SIZES, build_bpe_tokenizer, build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_model_sizes():
         assert spec.hidden_size % spec.num_attention_heads == 0 and spec.tokenizer == "bpe"
         assert spec.vocab_size == 512 and spec.max_position_embeddings >= longtail.MAX_MODEL_LEN
     with pytest.raises(ValueError, match="unknown model size 'huge'"):
-        learner.tiny.sized_spec("huge")
+        learner.tiny.model.sized_spec("huge")
 
 
 @pytest.mark.parametrize("completion, label, expected", [
@@ -113,8 +113,8 @@ def test_prepare_is_idempotent(tmp_path, monkeypatch):
 
     def no_build(*args, **kwargs):
         raise AssertionError("rebuilt")
-    monkeypatch.setattr(learner.tiny, "build_tiny_model", no_build)
-    monkeypatch.setattr(learner.sft, "supervised_warmup", no_build)
+    monkeypatch.setattr(learner.tiny.model, "build_tiny_model", no_build)
+    monkeypatch.setattr(learner.tiny.sft, "supervised_warmup", no_build)
     assert addition.prepare(tmp_path / "addition", size="tiny", seed=3) == info
     assert longtail.prepare(tmp_path / "longtail", size="tiny", sft_steps=2) == lt
     with pytest.raises(AssertionError, match="rebuilt"):  # other settings: built again
@@ -123,8 +123,8 @@ def test_prepare_is_idempotent(tmp_path, monkeypatch):
 
 def test_micro_batches_make_the_same_step(tmp_path):
     """Cutting a step's batch into micro-batches of similar lengths gives the same update."""
-    base = build_tiny_model(tmp_path / "base", learner.tiny.sized_spec("tiny"))
+    base = build_tiny_model(tmp_path / "base", learner.tiny.model.sized_spec("tiny"))
     pairs = [(r["prompt"], "\n" + r["label"]) for r in longtail.make_rows(0, count=12)]
-    whole = learner.sft.supervised_warmup(base, pairs, tmp_path / "a", steps=2, batch_size=8)
-    micro = learner.sft.supervised_warmup(base, pairs, tmp_path / "b", steps=2, batch_size=8, micro_batch_tokens=64)
+    whole = learner.tiny.sft.supervised_warmup(base, pairs, tmp_path / "a", steps=2, batch_size=8)
+    micro = learner.tiny.sft.supervised_warmup(base, pairs, tmp_path / "b", steps=2, batch_size=8, micro_batch_tokens=64)
     assert micro == pytest.approx(whole, rel=1e-4)

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 import learner.algo.losses
-import learner.trainer
+import learner.training.trainer
 from learner.algo import approx_kl, informative_groups, select_groups
-from learner.checkpoint import CheckpointManager
-from learner.reward_functions import RewardFn, RewardFunctions
-from learner.step_samples import StepSamples
-from learner.tiny import build_tiny_model, build_tokenizer
-from learner.trainer import NonFiniteLossError, PPOTrainer, ScoredPart, require_finite_loss, select_rows
+from learner.training.checkpoint import CheckpointManager
+from learner.data.reward_functions import RewardFn, RewardFunctions
+from learner.hub.step_samples import StepSamples
+from learner.tiny.model import build_tiny_model, build_tokenizer
+from learner.training.trainer import NonFiniteLossError, PPOTrainer, ScoredPart, require_finite_loss, select_rows
 from protocol.config import load_config
 from protocol.messages import PackedBatch
 
@@ -127,7 +127,7 @@ def test_non_finite_loss_stops_the_step_before_its_backward(model_dir, monkeypat
                                                             overrides):
     trainer = make_trainer(model_dir, **overrides)
     parts = score_two_batches(trainer)
-    original_loss, original_backward = getattr(learner.trainer, loss_function), getattr(trainer, engine).backward
+    original_loss, original_backward = getattr(learner.training.trainer, loss_function), getattr(trainer, engine).backward
     losses, backwards = [], []
 
     def nan_in_the_second_micro_batch(*args, **kwargs):
@@ -139,7 +139,7 @@ def test_non_finite_loss_stops_the_step_before_its_backward(model_dir, monkeypat
         backwards.append(args[0])
         return original_backward(*args, **kwargs)
 
-    monkeypatch.setattr(learner.trainer, loss_function, nan_in_the_second_micro_batch)
+    monkeypatch.setattr(learner.training.trainer, loss_function, nan_in_the_second_micro_batch)
     monkeypatch.setattr(getattr(trainer, engine), "backward", counted_backward)
     first, second = parts[0].samples.num_sequences, parts[1].samples.num_sequences
     expected = rf"^step 7, micro-batch 1 \(rows {first}-{first + second}\): {name} is nan$"
@@ -227,7 +227,7 @@ def test_gspo_reaches_the_policy_loss(model_dir, monkeypatch):
         calls.append(kwargs)
         return learner.algo.losses.policy_loss(*args, **kwargs)
 
-    monkeypatch.setattr(learner.trainer, "policy_loss", recorded)
+    monkeypatch.setattr(learner.training.trainer, "policy_loss", recorded)
     trainer = make_trainer(model_dir, **GSPO)
     trainer.train_step(0, score_two_batches(trainer))
     assert calls and all(c["ratio_level"] == "sequence" and c["aggregation"] == "seq_mean_token_mean" for c in calls)
@@ -343,7 +343,7 @@ def test_mask_truncated_leaves_cut_off_completions_out_of_the_loss_and_its_norma
         calls.append((mask, kwargs["normalizer"]))
         return learner.algo.losses.policy_loss(log_probs, old, advantages, mask, **kwargs)
 
-    monkeypatch.setattr(learner.trainer, "policy_loss", recorded)
+    monkeypatch.setattr(learner.training.trainer, "policy_loss", recorded)
     trainer = make_trainer(model_dir, **{"train.mask_truncated": "true"})
     batches = cut_off_every_third(two_batches())
     samples = StepSamples.from_batches(batches)

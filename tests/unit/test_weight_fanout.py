@@ -1,6 +1,6 @@
 """Weight fan-out: relay trees, the streamed wire messages, and relaying over real ZeroMQ sockets.
 
-The relay test runs the real hub (learner.hub) and the rollouts' real relay code
+The relay test runs the real hub (learner.hub.rollout_hub) and the rollouts' real relay code
 (rollout.weight_stream over protocol.transport sockets); only the vLLM engine is absent: each
 rollout reads the tensors it is fed, as the engine would.
 """
@@ -14,8 +14,8 @@ import threading
 import numpy as np
 import pytest
 
-from learner.hub import RolloutHub
-from learner.weight_fanout import plan_relay
+from learner.hub.rollout_hub import RolloutHub
+from learner.hub.weight_fanout import plan_relay
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
 from protocol.messages import (Hello, RelayTarget, WeightAck, WeightBucket, WeightHeader, pack_weight_buckets,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from learner.models import Actor
-from learner.weight_sync import WeightPublisher
+from learner.training.weight_sync import WeightPublisher
 from protocol.buffers import tensor_bytes as raw_bytes
 from protocol.weights import fingerprint_names, weight_fingerprint
 from tests.unit.test_models import tiny_lm

@@ -1,4 +1,4 @@
-"""Inspect a StreamRLHF recording (the directory written by learner.recording.RecordingWriter).
+"""Inspect a StreamRLHF recording (the directory written by learner.recording.store.RecordingWriter).
 
 Without options: a summary -- header (format / protocol version, run id, creation time), segments,
 record count, messages per kind and per producer, step records, time span, and any damage found
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import msgpack
 
-from learner.recording import RecordingError, RecordingReader
+from learner.recording.store import RecordingError, RecordingReader
 
 if TYPE_CHECKING:
     from protocol import PackedBatch
@@ -272,7 +272,7 @@ def validate(path: str, out=None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m learner.inspect_recording", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m learner.recording.inspect", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="recording directory (holds header.json and segment-*.log)")
     parser.add_argument("--steps", action="store_true", help="one line per optimizer-step record")

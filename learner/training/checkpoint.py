@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from learner.distributed import is_rank0
+from learner.training.distributed import is_rank0
 
-log = logging.getLogger("learner.checkpoint")
+log = logging.getLogger("learner.training.checkpoint")
 
 STATE_FILE = "learner_state.json"
 

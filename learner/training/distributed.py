@@ -12,7 +12,7 @@ from protocol.buffers import frame_list_parts, split_frame_list
 from protocol.codec import decode, encode
 from protocol.messages import PackedBatch
 
-from learner.step_samples import StepSamples
+from learner.hub.step_samples import StepSamples
 
 
 def init_distributed() -> None:

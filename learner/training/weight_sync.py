@@ -13,7 +13,7 @@ from protocol.messages import WeightUpdate, pack_weight_buckets
 from protocol.weights import fingerprint_names, weight_fingerprint
 
 from learner.models.actor import Actor
-from learner.trainer import zero3_gather
+from learner.training.trainer import zero3_gather
 
 class WeightPublisher:
     """Builds the update that rollout engines load: full (LoRA-merged) weights in the engine's dtype.

@@ -1,4 +1,4 @@
-"""Building the run's hub (learner.hub_interface.Hub): a follower on ranks > 0, a replay of a
+"""Building the run's hub (learner.hub.interface.Hub): a follower on ranks > 0, a replay of a
 recording (replay.path), or the live RolloutHub on its ZeroMQ endpoint, recorded with output.record."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from protocol.keys import server_keys_from_dir
 from protocol.network_policy import check_transport_security
 from protocol.transport import LearnerEndpoint
 
-from learner.follower_hub import FollowerHub
-from learner.hub import RolloutHub
-from learner.hub_interface import Hub
-from learner.recording import RecordingWriter
-from learner.recording_hub import RecordedEndpoint, RecordingHub, Reusable
-from learner.replay import ReplayHub
+from learner.hub.follower_hub import FollowerHub
+from learner.hub.rollout_hub import RolloutHub
+from learner.hub.interface import Hub
+from learner.recording.store import RecordingWriter
+from learner.recording.recording_hub import RecordedEndpoint, RecordingHub, Reusable
+from learner.recording.replay import ReplayHub
 
-log = logging.getLogger("learner.hub_factory")
+log = logging.getLogger("learner.hub.factory")
 
 # How long a closing endpoint keeps trying to deliver what it still holds (a Shutdown just sent).
 SHUTDOWN_FLUSH_S = 5.0
@@ -32,7 +32,7 @@ SHUTDOWN_FLUSH_S = 5.0
 async def open_hub(cfg: RunConfig, *, rank0: bool, run_dir: Path, vocab_size: int,
                    recorder: RecordingWriter | None = None, reusable: Reusable | None = None) -> AsyncIterator[Hub]:
     """The hub of this rank. `recorder` (rank 0, live runs): where the run is recorded; `reusable`:
-    recorded batches of a crashed run that answer grants again (learner.recording_hub)."""
+    recorded batches of a crashed run that answer grants again (learner.recording.recording_hub)."""
     if not rank0:
         yield FollowerHub()
     elif cfg.replay.path:

@@ -1,7 +1,7 @@
 """The built-in byte-level BPE tokenizer: 512 tokens trained here, deterministically, on a fixed corpus.
 
 The models of the built-in tasks (learner.tasks.addition, learner.tasks.longtail) use it, wrapped
-by learner.tiny.build_bpe_tokenizer. Only the `tokenizers` library is imported, so the tasks'
+by learner.tiny.model.build_bpe_tokenizer. Only the `tokenizers` library is imported, so the tasks'
 reward modules can use these constants without loading torch.
 """
 

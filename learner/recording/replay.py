@@ -1,8 +1,8 @@
 """Replay-from-disk: feed the learner a recorded run, with no rollout processes.
 
-A recording (learner.recording) holds every wire message the learner accepted, byte for byte, and
+A recording (learner.recording.store) holds every wire message the learner accepted, byte for byte, and
 one record per optimizer step naming the messages that step consumed and the fingerprint of the
-weights it produced. `ReplayHub` is a learner.hub_interface.Hub: `arrivals(step)`
+weights it produced. `ReplayHub` is a learner.hub.interface.Hub: `arrivals(step)`
 decodes the recorded batches of that step (with the same validating codec as the live path) in
 the recorded order, and `end_step` checks that each replayed step has the recorded losses and
 produces weights with the recorded fingerprint, so a replay that drifts says at which step.
@@ -17,9 +17,9 @@ from pathlib import Path
 from protocol.codec import decode
 from protocol.messages import PackedBatch, WeightUpdate
 
-from learner.recording import RecordingReader
+from learner.recording.store import RecordingReader
 
-log = logging.getLogger("learner.replay")
+log = logging.getLogger("learner.recording.replay")
 
 
 class ReplayMismatch(RuntimeError):

@@ -26,7 +26,7 @@ import math
 from protocol.config import RunConfig
 from protocol.messages import PromptSpec, SamplingSpec, WorkGrant
 
-from learner.data import EncodedPrompt, PromptDataset
+from learner.data.prompts import EncodedPrompt, PromptDataset
 
 
 def prompt_specs(prompts: list[EncodedPrompt]) -> list[PromptSpec]:

@@ -5,7 +5,7 @@ accepts to the recording, byte for byte, and remembers which record carried each
 `RecordingHub` wraps the RolloutHub: at the end of each step it appends a step record naming the
 records of the batches the step consumed and their sampling seeds, and on a resumed run it answers
 the grants that a crashed run's recording already answers (`reusable_batches`) from the recording.
-The recording's format is learner.recording's; `learner.replay` plays it back.
+The recording's format is learner.recording.store's; `learner.recording.replay` plays it back.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from protocol.codec import decode
 from protocol.messages import Envelope, PackedBatch, WeightUpdate, WorkGrant
 from protocol.transport import LearnerEndpoint
 
-from learner.hub import RolloutHub
-from learner.recording import RecordingReader, RecordingWriter
+from learner.hub.rollout_hub import RolloutHub
+from learner.recording.store import RecordingReader, RecordingWriter
 
-log = logging.getLogger("learner.recording_hub")
+log = logging.getLogger("learner.recording.recording_hub")
 
 # A recorded batch that a resumed run can reuse: (step, prompt ids) -> (record number, batch)
 Reusable = dict[tuple[int, tuple[int, ...]], tuple[int, PackedBatch]]
@@ -99,7 +99,7 @@ class Consumed:
 
 
 class RecordingHub:
-    """A learner.hub_interface.Hub: `hub`, with its run recorded through `endpoint` (the hub's own)."""
+    """A learner.hub.interface.Hub: `hub`, with its run recorded through `endpoint` (the hub's own)."""
 
     def __init__(self, hub: RolloutHub, endpoint: RecordedEndpoint, reusable: Reusable):
         self.hub = hub

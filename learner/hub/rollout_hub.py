@@ -34,9 +34,9 @@ from protocol.messages import (Heartbeat, Hello, PackedBatch, RolloutError, Shut
 from protocol.log_throttle import worth_logging
 from protocol.transport import LearnerEndpoint, PeerUnreachableError
 
-from learner.weight_fanout import WeightFanout
+from learner.hub.weight_fanout import WeightFanout
 
-log = logging.getLogger("learner.hub")
+log = logging.getLogger("learner.hub.rollout_hub")
 
 # Grants held per rollout: its engine generates both together, and the next one is already there
 # when one finishes, so an engine never waits on a round trip.
@@ -73,7 +73,7 @@ class PublishedVersion:
 
 
 class RolloutHub:
-    """The live learner.hub_interface.Hub: grants go to the connected rollouts, their answers are
+    """The live learner.hub.interface.Hub: grants go to the connected rollouts, their answers are
     checked and handed to the driver. `serve()` (the receive loop) must run beside it."""
 
     def __init__(self, endpoint: LearnerEndpoint, *, ack_timeout_s: float, peer_timeout_s: float = 60.0,
@@ -124,7 +124,7 @@ class RolloutHub:
 
     async def publish(self, update: WeightUpdate) -> None:
         """Send a new weight version to every connected rollout, directly or through the relay tree
-        (learner.weight_fanout), and to any that connects later."""
+        (learner.hub.weight_fanout), and to any that connects later."""
         self.latest = update
         self.published[update.version] = PublishedVersion(update.version, dict(update.fingerprint), time.monotonic())
         self.orphaned.clear()  # this version's tree is made of the rollouts connected now
@@ -180,7 +180,7 @@ class RolloutHub:
 
     def end_step(self, step: int, fingerprint: dict[str, str], metrics: dict[str, float]) -> None:
         """Nothing to do: the rollouts learn of new weights from `publish` (recording a step is
-        learner.recording_hub's)."""
+        learner.recording.recording_hub's)."""
 
     async def heartbeats(self, interval_s: float) -> None:
         """Tell every rollout the learner is alive (they give up on a silent learner)."""

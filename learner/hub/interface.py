@@ -2,13 +2,13 @@
 
 `learner.main.train` and the evaluator talk to a hub only through this interface. The hubs:
 
-- `learner.hub.RolloutHub`: the live one, rollout processes over ZeroMQ (rank 0);
-- `learner.recording_hub.RecordingHub`: a live hub whose run is recorded (output.record), and
+- `learner.hub.rollout_hub.RolloutHub`: the live one, rollout processes over ZeroMQ (rank 0);
+- `learner.recording.recording_hub.RecordingHub`: a live hub whose run is recorded (output.record), and
   that answers grants from a crashed run's recording on resume;
-- `learner.replay.ReplayHub`: a recorded run played back from disk, no rollouts (replay.path);
-- `learner.follower_hub.FollowerHub`: learner ranks > 0, which get each step's batches from rank 0.
+- `learner.recording.replay.ReplayHub`: a recorded run played back from disk, no rollouts (replay.path);
+- `learner.hub.follower_hub.FollowerHub`: learner ranks > 0, which get each step's batches from rank 0.
 
-`learner.hub_factory.open_hub` picks one for the run.
+`learner.hub.factory.open_hub` picks one for the run.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Nothing can be downloaded on the machines this project runs on, so the default j
 build their own model. The same training code loads any Hugging Face model path; this module only
 makes small ones that vLLM's CPU backend accepts (head_dim 64, e.g. hidden 128, 2 heads, 1 KV head).
 Two tokenizers: one token per character (the default job), or the 512-token byte-level BPE of
-learner.bpe (the tasks learner.tasks.addition and learner.tasks.longtail, whose models come in the
+learner.tiny.bpe (the tasks learner.tasks.addition and learner.tasks.longtail, whose models come in the
 sizes of MODEL_SIZES).
 """
 
@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from learner import bpe
+from learner.tiny import bpe
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 CHARSET = string.digits + string.ascii_letters + " +-*/=?.,:!()'\"\n"
@@ -71,7 +71,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """The built-in byte-level BPE (learner.bpe) with PAD, BOS and EOS; a BOS token starts every text."""
+    """The built-in byte-level BPE (learner.tiny.bpe) with PAD, BOS and EOS; a BOS token starts every text."""
     return _with_bos(bpe.train_bpe([PAD, BOS, EOS]))
 
 

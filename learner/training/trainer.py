@@ -31,8 +31,8 @@ from learner.algo.kl import AdaptiveKLController, FixedKLController
 from learner.models.actor import Actor, LoraSpec
 from learner.models.packing import unpack_to_padded
 from learner.models.value_model import build_value_model
-from learner.reward_functions import RewardFunctions, score_functions
-from learner.step_samples import StepSamples
+from learner.data.reward_functions import RewardFunctions, score_functions
+from learner.hub.step_samples import StepSamples
 
 
 def deepspeed_config(cfg: RunConfig) -> dict:

@@ -1,4 +1,4 @@
-"""The hub of learner ranks > 0 (learner.hub_interface.Hub): they talk to no rollout and get each
+"""The hub of learner ranks > 0 (learner.hub.interface.Hub): they talk to no rollout and get each
 step's batches from rank 0 (`Learner.share_and_score`)."""
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed trainer, weight publishing to the rollouts, learner ranks and checkpoints."""
