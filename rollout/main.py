@@ -53,6 +53,10 @@ class RolloutWorker:
         self.address = f"tcp://{cfg.transport.learner_host}:{cfg.transport.port}"
         self.grants: collections.deque[WorkGrant] = collections.deque()
         self.streams = WeightStreams()  # weight versions received (or arriving), not yet applied
+        # The newest version applied since the last hello: the versions older than it that still come
+        # are skipped. Not the engine's version: a resumed learner numbers its versions from its
+        # checkpoint again, and after a hello its first one is loaded whatever its number.
+        self.applied_since_hello = -1
         self.relayed = asyncio.Event()  # a relayed weight message came in: wakes the loop's wait for the learner
         self.stopped = False
         self.greeted = False  # its first hello has been sent
@@ -151,7 +155,7 @@ class RolloutWorker:
         return next((g for g in self.grants if g.min_weight_version <= self.engine.weight_version), None)
 
     def update_waiting(self) -> bool:
-        return self.streams.next_update(self.engine.weight_version) is not None
+        return self.streams.next_update(self.applied_since_hello) is not None
 
     async def handle_messages(self, *, block: bool, timeout: float | None = None) -> None:
         """Handle every message already waiting; when `block`, wait for at least one (up to `timeout`,
@@ -201,7 +205,7 @@ class RolloutWorker:
 
     async def take_weights(self, message: WeightUpdate | WeightHeader | WeightBucket) -> None:
         """A weight version, or a piece of one: relayed on, kept for the engine (rollout.weight_stream)."""
-        applied = self.engine.weight_version
+        applied = self.applied_since_hello
         try:
             if isinstance(message, WeightUpdate):
                 await self.streams.on_whole(message, applied)
@@ -219,7 +223,7 @@ class RolloutWorker:
         # Twice the learner's deadline: a version cut off by a stuck relay parent is sent again by the
         # learner once it drops that parent (after weight_ack_timeout_s), and fills in the missing buckets.
         timeout = 2 * self.cfg.transport.weight_ack_timeout_s
-        while (update := self.streams.next_update(self.engine.weight_version)) and self.engine.ready_for_weights:
+        while (update := self.streams.next_update(self.applied_since_hello)) and self.engine.ready_for_weights:
             applying = asyncio.ensure_future(self.in_engine_thread(
                 timed, self.engine.apply_weight_stream, update.version, sorted(update.header.fingerprint),
                 update.tensors(timeout), self.cfg.transport.weight_dir, timeout))
@@ -236,6 +240,7 @@ class RolloutWorker:
                 await self.rejoin(f"weight version {update.version} stalled ({exc})")
                 return
             self.streams.done(update.version)
+            self.applied_since_hello = update.version
             await self.send(WeightAck(version=update.version, fingerprint=fingerprint, apply_seconds=seconds))
 
     async def learner_lost(self, silent: float) -> None:
@@ -250,6 +255,7 @@ class RolloutWorker:
         batches answer what it already had), one that dropped us re-issued ours; either sends its
         current weights on hello, so the engine stays loaded and catches up."""
         self.streams.abandon_all()
+        self.applied_since_hello = -1
         cancelled = await self.in_engine_thread(self.engine.cancel_all)
         log.warning("%s; dropping %d grant(s) (%d generating) and saying hello again",
                     why, len(self.grants) + cancelled, cancelled)

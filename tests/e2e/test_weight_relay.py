@@ -54,7 +54,7 @@ def test_three_rollouts_in_a_chain_apply_every_version_from_one_copy_sent(run_lo
 def test_a_frozen_relay_node_does_not_keep_later_versions_from_the_others(run_local, tmp_path):
     """SIGSTOP a rollout that relays versions to another mid-run: the learner drops it when it does not
     apply a version, sends the versions it held up straight to the rollouts below it, and the run
-    finishes with the two others never dropped and applying every later version. The frozen one is thawed afterwards and rejoins or leaves."""
+    finishes with the two others applying every later version. The frozen one is thawed afterwards and rejoins or leaves."""
     steps, frozen = 20, {}
 
     def a_relay_node() -> int | None:
@@ -96,10 +96,10 @@ def test_a_frozen_relay_node_does_not_keep_later_versions_from_the_others(run_lo
                  if not p.startswith(f"rollout-{frozen['index']}@")}
     assert len(survivors) == 2, result.summary["applied_versions"]
     for producer, versions in survivors.items():
-        # never dropped (a rejoin starts its list again), and every version once the frozen node was
-        # out of the tree; one that was published while it was still in (at most the first two after
-        # the freeze) may be skipped for the newer one the learner sent straight
-        assert versions[0] == 0, f"{producer} was dropped: {versions}"
+        # every version once the frozen node was out of the tree; one that was published while it was
+        # still in (at most the first two after the freeze) may be skipped for the newer one the learner
+        # sent straight. A rollout below the frozen node may also give up on the stalled version and
+        # say hello again (its list then starts at the version it got on hello): either way it goes on.
         needed = range(frozen["at_step"] + 3, steps - 1)  # the last step needs version steps - 2
         assert set(needed) <= set(versions), f"{producer} applied only {versions}"
     assert not leftover_processes(result.run_id)

@@ -36,6 +36,9 @@ class UpdateOnlyEngine:
         self.weight_version = version
         return {"w": f"print-{version}"}
 
+    def cancel_all(self) -> int:
+        return 0
+
 
 def update(version: int) -> WeightUpdate:
     return WeightUpdate(version=version, tensors=[], buckets=[], fingerprint={"w": f"print-{version}"})
@@ -87,5 +90,25 @@ def test_finish_holds_updates_and_new_grants_until_the_running_requests_end():
         assert engine.applied == [1, 2]
         assert acks(sent) == [(1, {"w": "print-1"}), (2, {"w": "print-2"})]
         assert worker.runnable_grant() is worker.grants[0]
+    finally:
+        worker.engine_thread.shutdown()
+
+
+def test_after_a_hello_again_the_learners_version_is_loaded_whatever_its_number():
+    """A resumed learner numbers its versions from its checkpoint again: after the rollout says hello
+    again, a version it has already loaded (by number) is loaded and acknowledged once more; within
+    one hello, a version older than the newest loaded is skipped."""
+    worker, engine, sent = worker_with("keep", busy=False)
+    try:
+        asyncio.run(worker.apply_updates())
+        asyncio.run(worker.take_weights(update(1)))  # late, within the same hello: skipped
+        asyncio.run(worker.apply_updates())
+        assert engine.applied == [1, 2]
+
+        asyncio.run(worker.rejoin("the learner was lost"))
+        asyncio.run(worker.take_weights(update(2)))  # the resumed learner's current version, sent on hello
+        asyncio.run(worker.apply_updates())
+        assert engine.applied == [1, 2, 2]
+        assert acks(sent)[-1] == (2, {"w": "print-2"})
     finally:
         worker.engine_thread.shutdown()
