@@ -41,7 +41,7 @@ def _check_token_tensor(name: str, tensor: torch.Tensor, action_mask: torch.Tens
     require_same_shape(name, tensor, "action_mask", action_mask)
 
 
-def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+def as_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """View ``scores [B]`` as ``[B // group_size, group_size]`` after validating the layout."""
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [B], got shape {tuple(scores.shape)}")
@@ -107,7 +107,7 @@ def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-6) ->
     :func:`learner.algo.masked.masked_whiten`, divides by n instead). A group of
     identical scores gets all-zero advantages.
     """
-    grouped = _grouped(scores, group_size)
+    grouped = as_groups(scores, group_size)
     if group_size < 2:
         raise ValueError("group_size must be >= 2 for grpo (unbiased group std needs two samples)")
     mean = grouped.mean(dim=1, keepdim=True)
@@ -120,7 +120,7 @@ def dr_grpo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
     Shapes: ``scores [B]`` -> ``[B]``. Formula: ``A_i = s_i - mean_g(s)``.
     """
-    grouped = _grouped(scores, group_size)
+    grouped = as_groups(scores, group_size)
     return (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
 
 
@@ -131,7 +131,7 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
         A_i = s_i - (sum_{j in g, j != i} s_j) / (n - 1)
     """
-    grouped = _grouped(scores, group_size)
+    grouped = as_groups(scores, group_size)
     if group_size < 2:
         raise ValueError("group_size must be >= 2 for rloo (the leave-one-out mean needs another sample)")
     leave_one_out_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .advantages import _grouped
+from .advantages import as_groups
 
 __all__ = ["informative_groups", "select_groups"]
 
@@ -18,7 +18,7 @@ def informative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     vanish, and so does its policy gradient. Equality is exact: group normalisation blows any
     difference up to order 1.
     """
-    grouped = _grouped(scores, group_size)
+    grouped = as_groups(scores, group_size)
     return grouped.amax(dim=1) > grouped.amin(dim=1)
 
 
