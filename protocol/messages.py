@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Union
+from typing import Any, ClassVar, Iterable, Mapping, Union
 
 import numpy as np
 
@@ -322,7 +322,7 @@ class WeightUpdate(_Message):
     order bytes described by a :class:`TensorMeta`.  After decode, buckets are
     read-only memoryviews of the received frames.
 
-    bfloat16: numpy has no bfloat16, so :meth:`iter_arrays` yields bf16
+    bfloat16: numpy has no bfloat16, so :meth:`array` gives bf16
     tensors as ``uint16`` arrays holding the raw bit pattern.  A torch
     receiver rebuilds the tensor with
     ``torch.from_numpy(arr.copy()).view(torch.bfloat16)`` or, without the copy,
@@ -350,23 +350,6 @@ class WeightUpdate(_Message):
             meta = self._by_name(meta)
         dt = numpy_storage_dtype(meta.dtype)
         return np.frombuffer(self.tensor_bytes(meta), dtype=dt).reshape(meta.shape)
-
-    def iter_arrays(self, *, bfloat16: str = "uint16") -> Iterator[tuple[TensorMeta, np.ndarray]]:
-        """Yield ``(meta, array)`` for every tensor, as zero-copy numpy views.
-
-        ``bfloat16``: ``"uint16"`` (default) yields bf16 tensors as uint16 bit
-        patterns (check ``meta.dtype``), ``"skip"`` leaves them out, ``"error"``
-        raises ``TypeError`` on the first one.
-        """
-        if bfloat16 not in ("uint16", "skip", "error"):
-            raise ValueError(f"bfloat16 must be 'uint16', 'skip' or 'error', got {bfloat16!r}")
-        for meta in self.tensors:
-            if meta.dtype == "bfloat16":
-                if bfloat16 == "skip":
-                    continue
-                if bfloat16 == "error":
-                    raise TypeError(f"tensor {meta.name!r} is bfloat16, which numpy cannot represent")
-            yield meta, self.array(meta)
 
     @property
     def total_bytes(self) -> int:
