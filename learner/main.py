@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from protocol.config import (ConfigArgumentParser, ConfigError, RunConfig, check_inputs, config_from_args,
-                             config_from_dict, config_to_dict)
+from protocol.config import (ConfigArgumentParser, ConfigError, RunConfig, check_inputs, check_weight_transfer_device,
+                             config_from_args, config_from_dict, config_to_dict)
 from protocol.messages import SCHEMA_VERSION, PackedBatch
 from protocol.keys import CurveKeyError
 
@@ -384,6 +384,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     if not cfg.model.path or not cfg.data.path:
         raise ConfigError("--model.path and --data.path are required (launch/local.sh prepares the built-in task)")
     check_inputs(cfg, "learner")
+    if not cfg.replay.path:  # a replay sends no weights
+        check_weight_transfer_device(cfg, "learner", torch.cuda.is_available())
     if not cfg.run_id:
         cfg.run_id = uuid.uuid4().hex[:12]
     return cfg

@@ -321,6 +321,16 @@ class TransportConfig:
                               "interface this rollout reaches learner_host through. Off loopback it needs "
                               "CURVE like the learner's socket (curve_dir; the relay then admits only the "
                               "keys in curve_dir).")
+    weight_transfer: str = opt("zmq", "How weight bytes reach the engines. zmq: over ZeroMQ (weight_relay_fanout "
+                                      "says how). nccl (GPUs on both sides; README: NCCL weight transfer): learner "
+                                      "rank 0 and every engine worker of the rollout.num_processes rollouts form one "
+                                      "NCCL group at start-up, each version's header (tensor layout, fingerprint) "
+                                      "goes over ZeroMQ and its buckets are broadcast from rank 0's GPU straight "
+                                      "into the workers' GPU memory. The group is fixed: a rollout that leaves or "
+                                      "joins later stops the run (restart it with train.resume).",
+                               ("zmq", "nccl"))
+    nccl_port: int = opt(0, "With weight_transfer nccl: the TCP port learner rank 0 opens (on bind_host) for the "
+                            "NCCL group's rendezvous; rollouts reach it on learner_host. Not authenticated.")
     weight_ack_timeout_s: float = opt(120.0, "Seconds each rollout has to apply a weight version; one that takes "
                                              "longer is dropped and told to rejoin (see progress_timeout_s).")
     batch_timeout_s: float = opt(600.0, "Seconds the learner waits for a step's samples before failing.")
@@ -465,6 +475,7 @@ class RunConfig:
         if t.relay_host and not t.weight_relay_fanout:
             raise ConfigError(f"transport.relay_host {t.relay_host!r} is set but transport.weight_relay_fanout is 0 "
                               f"(no relay): drop relay_host or set a fanout")
+        self._validate_weight_transfer()
         for key, value in (("min_live_rollouts", t.min_live_rollouts), ("straggler_timeout_s", t.straggler_timeout_s)):
             if value < 0:
                 raise ConfigError(f"transport.{key} must be >= 0 (0: off), got {value}")
@@ -492,6 +503,44 @@ class RunConfig:
             raise ConfigError(f"algo.dual_clip must be > 1 (or 0 to disable), got {self.algo.dual_clip}")
         self._check_prompt_room()
         return self
+
+    def _validate_weight_transfer(self) -> None:
+        """NCCL needs its rendezvous port and a group whose members never change; the options that
+        assume rollouts come and go, or that move weight bytes another way, make no sense with it."""
+        t = self.transport
+        if t.weight_transfer != "nccl":
+            if t.nccl_port:
+                raise ConfigError(f"transport.nccl_port {t.nccl_port} is set but transport.weight_transfer is "
+                                  f"{t.weight_transfer!r}: drop nccl_port or set weight_transfer nccl")
+            return
+        if not 0 < t.nccl_port < 65536 or t.nccl_port == t.port:
+            raise ConfigError(f"transport.weight_transfer nccl needs transport.nccl_port, a free TCP port other than "
+                              f"transport.port, for the NCCL group's rendezvous; got {t.nccl_port}")
+        conflicts = {
+            "transport.weight_relay_fanout": (t.weight_relay_fanout != 0, t.weight_relay_fanout,
+                                              "rank 0 broadcasts every version to every engine worker itself; "
+                                              "set it to 0"),
+            "transport.min_live_rollouts": (t.min_live_rollouts != 0, t.min_live_rollouts,
+                                            "the NCCL group cannot lose a rollout (any loss stops the run); "
+                                            "set it to 0"),
+            "rollout.on_learner_lost": (self.rollout.on_learner_lost == "wait", self.rollout.on_learner_lost,
+                                        "a restarted learner forms a new group that waiting rollouts cannot "
+                                        "join; use exit"),
+            "rollout.inflight_update": (self.rollout.inflight_update == "finish", self.rollout.inflight_update,
+                                        "a broadcast waits for every rollout, so one draining its requests "
+                                        "would hold the learner's GPU; use recompute or keep"),
+        }
+        for key, (conflict, value, why) in conflicts.items():
+            if conflict:
+                raise ConfigError(f"transport.weight_transfer nccl does not go with {key} {value}: {why}")
+
+    def nccl_world_size(self) -> int:
+        """Members of the NCCL weight group: learner rank 0 and every engine worker of every rollout."""
+        return 1 + self.rollout.num_processes * self.rollout.tensor_parallel_size
+
+    def nccl_first_rank(self, rollout_index: int) -> int:
+        """The NCCL rank of rollout `rollout_index`'s first engine worker (its others follow)."""
+        return 1 + rollout_index * self.rollout.tensor_parallel_size
 
     def _validate_lr_schedule(self) -> None:
         t = self.train
@@ -861,6 +910,14 @@ NO_REWARD = ("no reward: give --reward.function (package.module:function or path
              "batched as fn(prompts, completions, labels) -> list of floats, e.g. "
              "learner.tasks.gsm8k:gsm8k_reward; several comma-separated), --reward.url (an HTTP reward server) "
              "and/or --reward.model_path (a value-head reward model)")
+
+
+def check_weight_transfer_device(config: RunConfig, role: str, cuda_available: bool) -> None:
+    """Refuse transport.weight_transfer nccl where this process (the `role`) has no CUDA device; the caller
+    asks torch, which this module does not import."""
+    if config.transport.weight_transfer == "nccl" and not cuda_available:
+        raise ConfigError(f"transport.weight_transfer nccl needs a CUDA device on the {role}, and torch finds none "
+                          f"here; use transport.weight_transfer zmq")
 
 
 def check_inputs(config: RunConfig, role: str) -> None:

@@ -41,11 +41,13 @@ def check_transport_security(cfg: Any) -> bool:
     section is used).  Raises :class:`InsecureTransportError` when
     ``curve_required_off_loopback`` is true, ``curve_dir`` is empty and
     ``bind_host``, ``learner_host`` or (with the weight relay on) a given ``relay_host`` is not a
-    loopback address; raises
+    loopback address, and with ``weight_transfer nccl`` whenever ``bind_host`` or ``learner_host`` is
+    not (CURVE does not cover NCCL); raises
     ``ConfigError`` when ``curve_dir`` is set but is not a directory.  Returns
     whether CURVE is on.
     """
     t = getattr(cfg, "transport", cfg)
+    _check_nccl_rendezvous(t)
     curve_dir = str(getattr(t, "curve_dir", "") or "")
     if curve_dir:
         if not Path(curve_dir).is_dir():
@@ -66,6 +68,21 @@ def check_transport_security(cfg: Any) -> bool:
                 f"or bind to 127.0.0.1, or (on a network you trust completely) set "
                 f"--transport.curve_required_off_loopback false.")
     return False
+
+
+def _check_nccl_rendezvous(t: Any) -> None:
+    """With weight_transfer nccl, the group's rendezvous (a TCPStore that exchanges pickled objects) and the
+    NCCL traffic are unauthenticated whatever CURVE does: off loopback they need the same explicit trust."""
+    if getattr(t, "weight_transfer", "zmq") != "nccl" or not getattr(t, "curve_required_off_loopback", True):
+        return
+    for key in ("bind_host", "learner_host"):
+        host = str(getattr(t, key))
+        if not is_loopback_host(host):
+            raise InsecureTransportError(
+                f"transport.weight_transfer nccl with transport.{key} {host!r}, not a loopback address: the NCCL "
+                f"group's rendezvous (transport.nccl_port) and its traffic are not authenticated, CURVE or not. "
+                f"On a network you trust completely set --transport.curve_required_off_loopback false "
+                f"(transport.curve_dir still protects the ZeroMQ side), or use transport.weight_transfer zmq.")
 
 
 def relay_bind_host(t: Any) -> str:

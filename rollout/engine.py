@@ -212,15 +212,34 @@ class VLLMGenerator:
         in other processes read them one file at a time from `staging_dir` (`TensorFileFeed`) and
         raise TimeoutError if one does not come within `timeout_s`.
         """
+        self._check_ready(version)
+        if self.in_process:
+            return self._reload(version, "apply_weights", (_as_torch(tensors), fingerprint_names), timeout_s)
+        feed = TensorFileFeed(tensors, staging_dir, version, timeout_s)
+        return self._reload(version, "apply_weights_files", (feed.directory, fingerprint_names, timeout_s),
+                            timeout_s, feed=feed)
+
+    def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int) -> None:
+        """Have every worker join the NCCL weight group (transport.weight_transfer nccl), from rank `first_rank` on."""
+        self.llm.collective_rpc("join_weight_group", args=(host, port, first_rank, world_size))
+
+    def apply_weight_broadcast(self, version: int, fingerprint_names: list[str], layout: list,
+                               timeout_s: float) -> dict[str, str]:
+        """Load weight version `version` as learner rank 0 broadcasts its buckets over the NCCL weight group,
+        each worker receiving them into its own GPU memory (`layout`: rollout.worker_extension.BucketLayout
+        per bucket); otherwise as `apply_weight_stream`."""
+        self._check_ready(version)
+        return self._reload(version, "apply_weights_nccl", (layout, fingerprint_names, timeout_s), timeout_s)
+
+    def _check_ready(self, version: int) -> None:
         if not self.ready_for_weights:
             raise RuntimeError(f"weight version {version} applied while requests run, with "
                                f"rollout.inflight_update finish: apply it once ready_for_weights")
-        feed = None
-        if self.in_process:
-            method, args = "apply_weights", (_as_torch(tensors), fingerprint_names)
-        else:
-            feed = TensorFileFeed(tensors, staging_dir, version, timeout_s)
-            method, args = "apply_weights_files", (feed.directory, fingerprint_names, timeout_s)
+
+    def _reload(self, version: int, method: str, args: tuple, timeout_s: float, *,
+                feed: TensorFileFeed | None = None) -> dict[str, str]:
+        """Pause scheduling, have every worker run `method(*args)` (reading the files of `feed`, if given),
+        drop the KV cache unless inflight_update keep, resume; returns the fingerprint the workers saw."""
         self.llm.sleep(level=0, mode="keep")
         try:
             prints = self.llm.collective_rpc(method, args=args, timeout=timeout_s)

@@ -25,7 +25,8 @@ import sys
 import time
 import traceback
 
-from protocol.config import ConfigArgumentParser, ConfigError, RunConfig, check_inputs, config_from_args
+from protocol.config import (ConfigArgumentParser, ConfigError, RunConfig, check_inputs, check_weight_transfer_device,
+                             config_from_args)
 from protocol.errors import ProtocolError
 from protocol.messages import (Heartbeat, Hello, RelayTarget, RolloutError, Shutdown, WeightAck, WeightBucket,
                                WeightHeader, WeightUpdate, WorkGrant)
@@ -33,7 +34,7 @@ from protocol.keys import CurveKeyError, client_keys_from_dir, server_keys_from_
 from protocol.network_policy import check_transport_security, relay_bind_host
 from protocol.transport import LearnerEndpoint, RolloutClient
 from rollout.engine import VLLMGenerator, configure_cpu_threads, timed
-from rollout.weight_stream import RELAY_QUEUE, RelayLinks, UpdateAbandoned, WeightStreams
+from rollout.weight_stream import RELAY_QUEUE, IncomingUpdate, RelayLinks, UpdateAbandoned, WeightStreams
 
 log = logging.getLogger("rollout")
 
@@ -97,6 +98,8 @@ class RolloutWorker:
             if self.streams.links is not None:
                 tasks.append(asyncio.create_task(self.relayed_weights()))
             try:
+                if t.weight_transfer == "nccl":
+                    await self.join_weight_group()
                 await self.continuous_rollouts()
             except Exception as exc:
                 await self.send(RolloutError(message=f"{type(exc).__name__}: {exc}", fatal=True))
@@ -106,6 +109,14 @@ class RolloutWorker:
                     task.cancel()
                 if self.streams.links is not None:
                     self.streams.links.close()
+
+    async def join_weight_group(self) -> None:
+        """Have the engine's workers join the NCCL weight group (transport.weight_transfer nccl); returns once
+        the learner and every other rollout have joined too. Heartbeats go on meanwhile."""
+        t = self.cfg.transport
+        log.info("%s: joining the NCCL weight group at %s:%d", self.producer_id, t.learner_host, t.nccl_port)
+        await self.in_engine_thread(self.engine.join_weight_group, t.learner_host, t.nccl_port,
+                                    self.cfg.nccl_first_rank(self.index), self.cfg.nccl_world_size())
 
     def relay_links(self) -> RelayLinks:
         """This rollout's relay socket (on transport.relay_host, CURVE as the learner's socket) and how it
@@ -224,9 +235,7 @@ class RolloutWorker:
         # learner once it drops that parent (after weight_ack_timeout_s), and fills in the missing buckets.
         timeout = 2 * self.cfg.transport.weight_ack_timeout_s
         while (update := self.streams.next_update(self.applied_since_hello)) and self.engine.ready_for_weights:
-            applying = asyncio.ensure_future(self.in_engine_thread(
-                timed, self.engine.apply_weight_stream, update.version, sorted(update.header.fingerprint),
-                update.tensors(timeout), self.cfg.transport.weight_dir, timeout))
+            applying = asyncio.ensure_future(self.in_engine_thread(timed, *self.weight_loader(update, timeout)))
             while not update.complete and not applying.done():
                 await self.handle_messages(block=True, timeout=0.02)
                 if self.stopped:
@@ -237,11 +246,22 @@ class RolloutWorker:
             except UpdateAbandoned:
                 return  # rejoining or stopping
             except TimeoutError as exc:  # the rest of the version never came: start again from the latest
+                if self.cfg.transport.weight_transfer == "nccl":
+                    raise  # an NCCL group cannot recover a broadcast: nothing to rejoin
                 await self.rejoin(f"weight version {update.version} stalled ({exc})")
                 return
             self.streams.done(update.version)
             self.applied_since_hello = update.version
             await self.send(WeightAck(version=update.version, fingerprint=fingerprint, apply_seconds=seconds))
+
+    def weight_loader(self, update: IncomingUpdate, timeout: float) -> tuple:
+        """The engine call that loads `update`, and its arguments: its workers receive it over NCCL
+        (transport.weight_transfer nccl), or it is fed the buckets that come over ZeroMQ."""
+        names = sorted(update.header.fingerprint)
+        if self.cfg.transport.weight_transfer == "nccl":
+            return self.engine.apply_weight_broadcast, update.version, names, update.layout(), timeout
+        return (self.engine.apply_weight_stream, update.version, names, update.tensors(timeout),
+                self.cfg.transport.weight_dir, timeout)
 
     async def learner_lost(self, silent: float) -> None:
         """The learner has been silent too long: give up, or wait for a resumed one (rollout.on_learner_lost)."""
@@ -274,6 +294,20 @@ class RolloutWorker:
             await self.client.send(message, weight_version=self.engine.weight_version)
 
 
+def check_nccl_member(cfg: RunConfig, index: int) -> None:
+    """With transport.weight_transfer nccl: this rollout's own CUDA device, and an index that names its place
+    in the NCCL weight group."""
+    if cfg.transport.weight_transfer != "nccl":
+        return
+    import torch  # (the engine loads it anyway)
+
+    check_weight_transfer_device(cfg, "rollout", torch.cuda.is_available())
+    if not 0 <= index < cfg.rollout.num_processes:
+        raise ConfigError(f"transport.weight_transfer nccl: --index {index} has no place in the NCCL weight group of "
+                          f"rollout.num_processes {cfg.rollout.num_processes} rollouts (indexes 0.."
+                          f"{cfg.rollout.num_processes - 1})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ConfigArgumentParser(prog="python -m rollout", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.model.path:
             raise ConfigError("--model.path is required (launch scripts pass the prepared model)")
         check_inputs(cfg, "rollout")
+        check_nccl_member(cfg, args.index)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED_BEFORE_HELLO

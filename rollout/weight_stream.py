@@ -56,6 +56,12 @@ class IncomingUpdate:
     def complete(self) -> bool:
         return self.next_index == len(self.header.bucket_sizes)
 
+    def layout(self) -> list:
+        """Each bucket's size and tensors as plain values, as the engine's workers receive a version broadcast
+        over NCCL (rollout.worker_extension.BucketLayout); its buckets never come through here then."""
+        return [(size, [(m.name, m.dtype, list(m.shape), m.offset, m.nbytes) for m in metas])
+                for size, metas in zip(self.header.bucket_sizes, self.metas)]
+
     def add(self, bucket: WeightBucket) -> bool:
         """Take in a bucket; False for one already taken. Raises ProtocolError for one that does not fit the header."""
         count = len(self.header.bucket_sizes)

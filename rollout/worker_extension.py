@@ -4,6 +4,8 @@ They run inside vLLM's workers and are reached with `LLM.collective_rpc`. A work
 own process (tensor_parallel_size 1) gets the received tensors themselves; workers in other
 processes read them one file at a time from a directory in /dev/shm (rollout.engine.TensorFileFeed),
 because tensors passed as RPC arguments through vLLM's multiprocess executor arrive as Python lists.
+With transport.weight_transfer nccl every worker instead receives the buckets itself, broadcast by
+learner rank 0 over the NCCL weight group (protocol.nccl_group), straight into its GPU memory.
 """
 
 from __future__ import annotations
@@ -16,10 +18,27 @@ from pathlib import Path
 import torch
 
 from protocol.buffers import tensor_bytes
+from protocol.nccl_group import broadcast_from_rank0, join_weight_group
 from protocol.weights import weight_fingerprint
+
+# One bucket of a version as `apply_weights_nccl` takes it (plain values: they may cross processes):
+# its size in bytes, then (name, dtype, shape, offset, nbytes) of each tensor in it.
+BucketLayout = tuple[int, list[tuple[str, str, list[int], int, int]]]
 
 
 class WeightReloadExtension:
+    def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int) -> None:
+        """Join the NCCL weight group as rank `first_rank` + this worker's rank in its engine; returns once
+        every member (the learner's rank 0, every worker of every rollout) has joined."""
+        self.weight_group = join_weight_group(host, port, first_rank + self.rank, world_size, self.device)
+
+    def apply_weights_nccl(self, layout: list[BucketLayout], fingerprint_names: list[str],
+                           timeout_s: float) -> dict[str, str]:
+        """Reload the weights from the buckets learner rank 0 broadcasts next over the NCCL weight group,
+        laid out as `layout` (from the version's WeightHeader); returns the fingerprint (see apply_weights)."""
+        return self.apply_weights(_broadcast_tensors(self.weight_group, layout, self.device, timeout_s),
+                                  fingerprint_names, source="the NCCL broadcast")
+
     def apply_weights_files(self, directory: str, fingerprint_names: list[str], timeout_s: float) -> dict[str, str]:
         """Reload the model's weights in place from the tensor files written into `directory` as they
         come (TensorFileFeed): each is read, loaded, then deleted, so the files never hold the model."""
@@ -38,8 +57,8 @@ class WeightReloadExtension:
 
         def tensors():
             for name, t in named_tensors:
-                if name in wanted:  # hashed as received, before the model can transform it
-                    fingerprint.update(weight_fingerprint({name: tensor_bytes(t)}))
+                if name in wanted:  # hashed as received (copied to the host), before the model can transform it
+                    fingerprint.update(weight_fingerprint({name: tensor_bytes(t.cpu())}))
                 yield name, t
 
         # `reload_weights` repacks weights for the CPU kernels after loading; calling
@@ -49,6 +68,18 @@ class WeightReloadExtension:
             raise RuntimeError(f"the model did not read fingerprinted tensors {sorted(wanted - set(fingerprint))} "
                                f"from {source}")
         return dict(sorted(fingerprint.items()))
+
+
+def _broadcast_tensors(group, layout: list[BucketLayout], device: torch.device,
+                       timeout_s: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of a version, as views of its bucket received on `device` from rank 0
+    (each bucket is received once the previous one's tensors have been consumed, and released after)."""
+    for index, (size, tensors) in enumerate(layout):
+        bucket = torch.empty(size, dtype=torch.uint8, device=device)
+        broadcast_from_rank0(group, bucket, timeout_s, f"weight bucket {index}")
+        for name, dtype, shape, offset, nbytes in tensors:
+            yield name, bucket[offset: offset + nbytes].view(getattr(torch, dtype)).view(shape)
+        del bucket
 
 
 def _tensor_files(directory: Path, timeout_s: float) -> Iterator[tuple[str, torch.Tensor]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from pathlib import Path
 from typing import AsyncIterator
@@ -12,10 +13,12 @@ from typing import AsyncIterator
 from protocol.codec import DecodeLimits
 from protocol.config import RunConfig
 from protocol.keys import server_keys_from_dir
+from protocol.nccl_group import join_weight_group
 from protocol.network_policy import check_transport_security
 from protocol.transport import LearnerEndpoint
 
 from learner.hub.follower_hub import FollowerHub
+from learner.hub.nccl_fanout import NcclWeightFanout
 from learner.hub.rollout_hub import RolloutHub
 from learner.hub.interface import Hub
 from learner.recording.store import RecordingWriter
@@ -58,10 +61,11 @@ async def rollout_hub(cfg: RunConfig, *, vocab_size: int, recorder: RecordingWri
         wire = endpoint if recorder is None else RecordedEndpoint(endpoint, recorder)
         rollouts = RolloutHub(wire, ack_timeout_s=t.weight_ack_timeout_s, peer_timeout_s=t.peer_timeout_s,
                               progress_timeout_s=t.progress_timeout_s, straggler_timeout_s=t.straggler_timeout_s,
-                              min_live_rollouts=t.min_live_rollouts, weight_relay_fanout=t.weight_relay_fanout)
+                              min_live_rollouts=t.min_live_rollouts, weight_relay_fanout=t.weight_relay_fanout,
+                              fanout=nccl_fanout(cfg) if t.weight_transfer == "nccl" else None)
         tasks = [asyncio.create_task(rollouts.serve()), asyncio.create_task(rollouts.heartbeats(t.heartbeat_s))]
         try:
-            await rollouts.wait_for_rollouts(t.min_rollouts, t.batch_timeout_s)
+            await connect_rollouts(cfg, rollouts)
             yield rollouts if recorder is None else RecordingHub(rollouts, wire, reusable)
         finally:
             for task in tasks:
@@ -71,3 +75,26 @@ async def rollout_hub(cfg: RunConfig, *, vocab_size: int, recorder: RecordingWri
             # linger so that a Shutdown just sent reaches the rollouts (over CURVE on a slow link it
             # may still be queued); otherwise they would wait transport.peer_timeout_s to give up
             endpoint.close(linger_s=SHUTDOWN_FLUSH_S)
+
+
+async def connect_rollouts(cfg: RunConfig, rollouts: RolloutHub) -> None:
+    """Wait for the rollouts the run starts with: transport.min_rollouts of them, or with weight_transfer
+    nccl every one of the rollout.num_processes, in the NCCL weight group (which they join after their hello)."""
+    t = cfg.transport
+    if t.weight_transfer != "nccl":
+        await rollouts.wait_for_rollouts(t.min_rollouts, t.batch_timeout_s)
+        return
+    await asyncio.gather(rollouts.fanout.form(t.batch_timeout_s),
+                         rollouts.wait_for_rollouts(cfg.rollout.num_processes, t.batch_timeout_s))
+    rollouts.fanout.freeze(list(rollouts.peers))
+
+
+def nccl_fanout(cfg: RunConfig):
+    """Builds the NCCL weight sender of learner rank 0 (learner.hub.nccl_fanout), on this rank's CUDA device."""
+    import torch
+
+    t = cfg.transport
+    device = torch.device("cuda", torch.cuda.current_device())
+    join = functools.partial(join_weight_group, t.bind_host, t.nccl_port, 0, cfg.nccl_world_size(), device)
+    return functools.partial(NcclWeightFanout, join=join, device=device, rollouts=cfg.rollout.num_processes,
+                             timeout_s=t.weight_ack_timeout_s)

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from protocol.messages import (Heartbeat, Hello, PackedBatch, RolloutError, Shut
 from protocol.log_throttle import worth_logging
 from protocol.transport import LearnerEndpoint, PeerUnreachableError
 
-from learner.hub.weight_fanout import WeightFanout
+from learner.hub.weight_fanout import MembershipError, WeightFanout
 
 log = logging.getLogger("learner.hub.rollout_hub")
 
@@ -78,7 +79,9 @@ class RolloutHub:
 
     def __init__(self, endpoint: LearnerEndpoint, *, ack_timeout_s: float, peer_timeout_s: float = 60.0,
                  progress_timeout_s: float = 300.0, straggler_timeout_s: float = 0.0, min_live_rollouts: int = 0,
-                 weight_relay_fanout: int = 0):
+                 weight_relay_fanout: int = 0, fanout: Callable[..., WeightFanout] | None = None):
+        """`fanout(send)`: what sends weight versions, given the hub's sender (default: over ZeroMQ,
+        WeightFanout with `weight_relay_fanout`; learner.hub.nccl_fanout over NCCL)."""
         self.endpoint = endpoint
         self.ack_timeout_s = ack_timeout_s
         self.peer_timeout_s = peer_timeout_s
@@ -96,7 +99,7 @@ class RolloutHub:
         self.eval_batches: list[PackedBatch] = []
         self.published: dict[int, PublishedVersion] = {}
         self.latest: WeightUpdate | None = None  # the only update kept in full: late joiners need it
-        self.fanout = WeightFanout(weight_relay_fanout, self._send_to)
+        self.fanout = fanout(self._send_to) if fanout else WeightFanout(weight_relay_fanout, self._send_to)
         self.orphaned: set[bytes] = set()  # rollouts cut off from their relay parent: the latest goes to them directly
         self.discarded: collections.Counter[str] = collections.Counter()
         self.failure: RolloutFailure | None = None
@@ -249,6 +252,11 @@ class RolloutHub:
                 self.changed.notify_all()
 
     async def _on_hello(self, identity: bytes, producer_id: str, hello: Hello) -> None:
+        try:
+            self.fanout.check_hello(identity, hello.engine_info)
+        except MembershipError as exc:
+            await self._turn_away(identity, producer_id, exc)
+            return
         now = time.monotonic()
         if identity in self.peers:
             # A restarted process with the same identity: its old grants go back to the queue.
@@ -259,6 +267,16 @@ class RolloutHub:
         self.fanout.connected(identity, producer_id.split("@", 1)[0], relay_address if isinstance(relay_address, str) else None)
         if self.latest is not None:
             await self.fanout.send_direct(identity, self.latest)
+
+    async def _turn_away(self, identity: bytes, producer_id: str, refusal: MembershipError) -> None:
+        """A rollout that may not join: the run stops (a fatal refusal), or that rollout is told to stop."""
+        if refusal.fatal:
+            self.failure = RolloutFailure(f"rollout {producer_id} {refusal}")
+            return
+        self._discard("refused_rollout", f"{producer_id} {refusal}")
+        with contextlib.suppress(PeerUnreachableError):
+            await self.endpoint.send(identity, Shutdown(reason=f"refused: {refusal}"),
+                                     weight_version=self.latest.version if self.latest else -1)
 
     def _on_batch(self, peer: Peer, batch: PackedBatch) -> None:
         if batch.grant_id in self.answered:  # a straggler's grant that another rollout answered first
@@ -365,6 +383,10 @@ class RolloutHub:
         self._requeue([g for g in peer.grants.values() if g.grant_id not in held_elsewhere])
         peer.grants.clear()
         self.dropped_peers += 1
+        try:
+            self.fanout.check_departure()
+        except MembershipError as exc:
+            self.failure = RolloutFailure(f"rollout {peer.producer_id} {why}; {exc}")
         self.orphaned |= set(self.fanout.orphans(peer.identity, {p.identity: p.applied_version for p in self.peers.values()}))
 
     async def _resend_to_orphans(self) -> None:

@@ -73,9 +73,19 @@ def plan_relay(version: int, targets: dict[bytes, RelayTarget], fanout: int) -> 
     return plan, identity_of[root], descendants
 
 
+class MembershipError(RuntimeError):
+    """A rollout may not join or leave the rollouts weights go to (learner.hub.nccl_fanout: a fixed NCCL
+    group). `fatal`: the run cannot go on; otherwise only that rollout is turned away."""
+
+    def __init__(self, reason: str, *, fatal: bool):
+        super().__init__(reason)
+        self.fatal = fatal
+
+
 class WeightFanout:
     """Sends weight versions to the rollouts (unicast or through the relay tree) and keeps the relay
-    bookkeeping the hub's acknowledgement checks need. `send(identity, message)` is the hub's sender."""
+    bookkeeping the hub's acknowledgement checks need. `send(identity, message)` is the hub's sender.
+    Rollouts may connect and be dropped at any time."""
 
     def __init__(self, fanout: int, send):
         self.fanout = fanout
@@ -88,6 +98,12 @@ class WeightFanout:
     @property
     def relay(self) -> bool:
         return self.fanout > 0
+
+    def check_hello(self, identity: bytes, engine_info: dict) -> None:
+        """Raise MembershipError for a rollout that may not join (never here)."""
+
+    def check_departure(self) -> None:
+        """Raise MembershipError when no rollout may leave (never here)."""
 
     def connected(self, identity: bytes, key_name: str, relay_address: str | None) -> None:
         """A rollout said hello, announcing its relay socket (or none)."""
