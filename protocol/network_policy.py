@@ -57,17 +57,22 @@ def check_transport_security(cfg: Any) -> bool:
     if not getattr(t, "curve_required_off_loopback", True):
         return False
     relay_host_given = getattr(t, "weight_relay_fanout", 0) and getattr(t, "relay_host", "")
-    for key in ("bind_host", "learner_host", *(("relay_host",) if relay_host_given else ())):
-        host = str(getattr(t, key))
-        if not is_loopback_host(host):
-            raise InsecureTransportError(
-                f"transport.{key} is {host!r}, not a loopback address, and CURVE is off: any host that can "
-                f"reach the port could feed the learner samples or take its work and weights. Generate keys "
-                f"with `python -m protocol.keys generate KEYDIR --name learner --name rollout-0 --name rollout-1` "
-                f"(one rollout-N per rollout process) and pass --transport.curve_dir KEYDIR to every process, "
-                f"or bind to 127.0.0.1, or (on a network you trust completely) set "
-                f"--transport.curve_required_off_loopback false.")
+    off = _off_loopback(t, ("bind_host", "learner_host", *(("relay_host",) if relay_host_given else ())))
+    if off:
+        key, host = off
+        raise InsecureTransportError(
+            f"transport.{key} is {host!r}, not a loopback address, and CURVE is off: any host that can "
+            f"reach the port could feed the learner samples or take its work and weights. Generate keys "
+            f"with `python -m protocol.keys generate KEYDIR --name learner --name rollout-0 --name rollout-1` "
+            f"(one rollout-N per rollout process) and pass --transport.curve_dir KEYDIR to every process, "
+            f"or bind to 127.0.0.1, or (on a network you trust completely) set "
+            f"--transport.curve_required_off_loopback false.")
     return False
+
+
+def _off_loopback(t: Any, keys: tuple[str, ...]) -> tuple[str, str] | None:
+    """The first of the host options `keys` of `t` that is not a loopback address, with its value."""
+    return next(((key, str(getattr(t, key))) for key in keys if not is_loopback_host(str(getattr(t, key)))), None)
 
 
 def _check_nccl_rendezvous(t: Any) -> None:
@@ -75,14 +80,14 @@ def _check_nccl_rendezvous(t: Any) -> None:
     NCCL traffic are unauthenticated whatever CURVE does: off loopback they need the same explicit trust."""
     if getattr(t, "weight_transfer", "zmq") != "nccl" or not getattr(t, "curve_required_off_loopback", True):
         return
-    for key in ("bind_host", "learner_host"):
-        host = str(getattr(t, key))
-        if not is_loopback_host(host):
-            raise InsecureTransportError(
-                f"transport.weight_transfer nccl with transport.{key} {host!r}, not a loopback address: the NCCL "
-                f"group's rendezvous (transport.nccl_port) and its traffic are not authenticated, CURVE or not. "
-                f"On a network you trust completely set --transport.curve_required_off_loopback false "
-                f"(transport.curve_dir still protects the ZeroMQ side), or use transport.weight_transfer zmq.")
+    off = _off_loopback(t, ("bind_host", "learner_host"))
+    if off:
+        key, host = off
+        raise InsecureTransportError(
+            f"transport.weight_transfer nccl with transport.{key} {host!r}, not a loopback address: the NCCL "
+            f"group's rendezvous (transport.nccl_port) and its traffic are not authenticated, CURVE or not. "
+            f"On a network you trust completely set --transport.curve_required_off_loopback false "
+            f"(transport.curve_dir still protects the ZeroMQ side), or use transport.weight_transfer zmq.")
 
 
 def relay_bind_host(t: Any) -> str:
