@@ -24,11 +24,13 @@ from .messages import (
     RelayTarget,
     WeightAck,
     WeightBucket,
+    WeightCredit,
     WeightHeader,
     WeightUpdate,
     WorkGrant,
     pack_weight_buckets,
     relay_children,
+    relay_height,
 )
 
 # Imported on first use: the transport imports protocol.keys, and a package that imports a module
@@ -61,8 +63,10 @@ __all__ = [
     "WeightUpdate",
     "WeightHeader",
     "WeightBucket",
+    "WeightCredit",
     "RelayTarget",
     "relay_children",
+    "relay_height",
     "WeightAck",
     "Heartbeat",
     "Shutdown",

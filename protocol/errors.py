@@ -36,6 +36,7 @@ REASON_CODES: frozenset[str] = frozenset(
         "run_id",  # message belongs to another run
         "producer_id",  # header producer_id disagrees with the transport peer identity
         "seq",  # per-producer sequence number did not increase
+        "bad_credit",  # a weight_credit for a bucket that does not await credit on that link
     }
 )
 

@@ -182,7 +182,7 @@ def weight_header(header: Any, path: str, limits: DecodeLimits) -> None:
 
 
 def weight_bucket(bucket: Any, path: str, limits: DecodeLimits) -> None:
-    """A bucket index a header can announce (below ``limits.max_buckets``)."""
+    """A bucket index a header can announce (below ``limits.max_buckets``); also a weight credit's."""
     if bucket.index >= limits.max_buckets:
         raise ProtocolError("bad_value", f"{path}.index: {bucket.index} >= max_buckets {limits.max_buckets}")
 

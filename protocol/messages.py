@@ -47,6 +47,7 @@ __all__ = [
     "RelayTarget",
     "WeightHeader",
     "WeightBucket",
+    "WeightCredit",
     "WeightAck",
     "Heartbeat",
     "Shutdown",
@@ -56,9 +57,10 @@ __all__ = [
     "Envelope",
     "pack_weight_buckets",
     "relay_children",
+    "relay_height",
 ]
 
-SCHEMA_VERSION: int = 6
+SCHEMA_VERSION: int = 7
 
 #: Allowed values of ``PackedBatch.finish_reasons``.
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
@@ -420,6 +422,19 @@ class WeightBucket(_Message):
     data: np.ndarray = wire(Array("uint8"))  # the bucket's bytes (a view of the frame after decode)
 
 
+@dataclass(frozen=True, eq=False)
+class WeightCredit(_Message):
+    """rollout -> whoever streams it weight buckets (the learner, or its relay parent): it has let go of
+    bucket ``index`` of version ``version`` (its engine loaded it, or set the version aside whole while it
+    may not load, and it went out to the rollout's relay children), so the next bucket may come. A sender
+    sends a receiver one bucket at a time, each once the previous one is credited (:mod:`protocol.credit`)."""
+
+    KIND: ClassVar[str] = "weight_credit"
+    INVARIANTS = staticmethod(invariants.weight_bucket)
+    version: int = wire(Int(lo=0))
+    index: int = wire(Int(lo=0))
+
+
 def relay_children(descendants: list[RelayTarget], fanout: int) -> list[tuple[RelayTarget, list[RelayTarget]]]:
     """Split a relay node's descendants into at most ``fanout`` subtrees of nearly equal size.
 
@@ -432,6 +447,19 @@ def relay_children(descendants: list[RelayTarget], fanout: int) -> list[tuple[Re
     count = min(fanout, len(descendants))
     bounds = [round(i * len(descendants) / count) for i in range(count + 1)] if count else [0]
     return [(descendants[a], descendants[a + 1: b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def relay_height(descendants: int, fanout: int) -> int:
+    """Hops from a relay node to its farthest descendant (0: a leaf) in the tree :func:`relay_children` builds
+    from its ``descendants`` (a count). Its subtrees differ in size by one at most, so the largest, of
+    ``ceil(n / min(fanout, n))`` nodes, is the deepest: ``h(0) = 0``, ``h(n) = 1 + h(ceil(n / min(fanout, n)) - 1)``."""
+    if fanout < 1:
+        raise ValueError(f"fanout must be >= 1, got {fanout}")
+    height = 0
+    while descendants > 0:
+        descendants = -(-descendants // min(fanout, descendants)) - 1
+        height += 1
+    return height
 
 
 @dataclass(frozen=True, eq=False)
@@ -509,14 +537,14 @@ def pack_weight_buckets(
 
 # --------------------------------------------------------------------------- envelope
 
-Message = Union[Hello, WorkGrant, PackedBatch, WeightUpdate, WeightHeader, WeightBucket, WeightAck, Heartbeat, Shutdown,
-                RolloutError]
+Message = Union[Hello, WorkGrant, PackedBatch, WeightUpdate, WeightHeader, WeightBucket, WeightCredit, WeightAck,
+                Heartbeat, Shutdown, RolloutError]
 
 #: kind string -> message class
 MESSAGE_TYPES: Mapping[str, type] = {
     cls.KIND: cls
-    for cls in (Hello, WorkGrant, PackedBatch, WeightUpdate, WeightHeader, WeightBucket, WeightAck, Heartbeat, Shutdown,
-                RolloutError)
+    for cls in (Hello, WorkGrant, PackedBatch, WeightUpdate, WeightHeader, WeightBucket, WeightCredit, WeightAck,
+                Heartbeat, Shutdown, RolloutError)
 }
 
 

@@ -60,11 +60,15 @@ __all__ = [
     "PeerUnreachableError",
     "PeerBackloggedError",
     "free_tcp_port",
+    "written",
 ]
 
 log = logging.getLogger(__name__)
 
 RejectCallback = Callable[[bytes, ProtocolError], None]
+
+# How often `written` looks at a tracker: a bucket takes milliseconds to write out.
+TRACKER_POLL_S = 0.001
 
 
 class PeerUnreachableError(ConnectionError):
@@ -80,6 +84,16 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+async def written(tracker: zmq.MessageTracker, timeout_s: float, what: str) -> None:
+    """Return once ZeroMQ has let go of a tracked message (``RolloutClient.send(track=True)``);
+    TimeoutError naming ``what`` after ``timeout_s`` seconds. Polls: pyzmq signals it from its own thread."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not tracker.done:
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"{what} not written out within {timeout_s:g} s")
+        await asyncio.sleep(TRACKER_POLL_S)
 
 
 def _check_timeout(timeout: float | None) -> None:
@@ -389,12 +403,17 @@ class RolloutClient(_Owned):
         if self._handshakes is not None and not self._closed:
             self._handshakes.check()
 
-    async def send(self, msg: Any, weight_version: int) -> None:
-        """Send ``msg`` to the learner, stamped with run_id, producer_id, next seq and ``weight_version``."""
+    async def send(self, msg: Any, weight_version: int, *, track: bool = False) -> zmq.MessageTracker | None:
+        """Send ``msg`` to the learner, stamped with run_id, producer_id, next seq and ``weight_version``.
+
+        ``track``: return a tracker that is done once ZeroMQ has written the message out and let go
+        of its frames (:func:`written`); the message's buffers are held until then.
+        """
         self._check_handshake()
         frames = encode(msg, run_id=self.run_id, producer_id=self.producer_id, seq=self._seq, weight_version=weight_version)
         self._seq += 1
-        await self._sock.send_multipart(frames, copy=False)
+        # ZeroMQ writes a message's frames in order: the last frame's tracker covers them all
+        return await self._sock.send_multipart(frames, copy=False, track=track)
 
     async def recv(self, timeout: float | None = None) -> Envelope:
         """Next message from the learner; ``TimeoutError`` if none within ``timeout`` seconds."""

@@ -34,7 +34,8 @@ from protocol.keys import CurveKeyError, client_keys_from_dir, server_keys_from_
 from protocol.network_policy import check_transport_security, relay_bind_host
 from protocol.transport import LearnerEndpoint, RolloutClient
 from rollout.engine import VLLMGenerator, configure_cpu_threads, timed
-from rollout.weight_stream import RELAY_QUEUE, IncomingUpdate, RelayLinks, UpdateAbandoned, WeightStreams
+from rollout.relay import RELAY_QUEUE, RelayLinks
+from rollout.weight_stream import Credit, IncomingUpdate, UpdateAbandoned, WeightStreams
 
 log = logging.getLogger("rollout")
 
@@ -89,8 +90,8 @@ class RolloutWorker:
         async with RolloutClient(self.address, producer_id=self.producer_id, run_id=self.cfg.run_id,
                                  curve=curve) as client:
             self.client = client
-            if t.weight_relay_fanout:
-                self.streams = WeightStreams(self.relay_links())
+            self.streams = WeightStreams(self.relay_links() if t.weight_relay_fanout else None,
+                                         parked=lambda: not self.engine.ready_for_weights)
             await self.send(self.hello())
             self.greeted = True
             self.last_heard = time.monotonic()  # the learner's silence counts from here, not from engine start
@@ -131,13 +132,14 @@ class RolloutWorker:
             return RolloutClient(target.address, self.cfg.run_id, self.producer_id, limits=self.client.limits,
                                  sndhwm=RELAY_QUEUE, curve=keys)
 
-        return RelayLinks(inbox, connect)
+        return RelayLinks(inbox, connect, t.weight_ack_timeout_s)
 
     async def relayed_weights(self) -> None:
         """Take in the weight versions relayed by other rollouts, as they come."""
         while True:
-            _, envelope = await self.streams.links.inbox.recv()
-            await self.take_weights(envelope.body)
+            parent, envelope = await self.streams.links.inbox.recv()
+            self.take_weights(envelope.body, self.streams.links.credit_to(parent))
+            del envelope  # a bucket's memory goes once it has been let go of, not when the next message comes
             self.relayed.set()
 
     async def continuous_rollouts(self) -> None:
@@ -181,21 +183,24 @@ class RolloutWorker:
                     await self.learner_lost(silent)
                 return
             self.last_heard = time.monotonic()
-            message = envelope.body
-            if isinstance(message, WorkGrant):
-                self.grants.append(message)
-            elif isinstance(message, (WeightUpdate, WeightHeader, WeightBucket)):
-                await self.take_weights(message)
-            elif isinstance(message, Heartbeat):
-                pass
-            elif isinstance(message, Shutdown) and message.rejoin:
-                await self.rejoin(f"the learner dropped this rollout ({message.reason})")
-            elif isinstance(message, Shutdown):
-                log.info("%s: shutdown requested (%s)", self.producer_id, message.reason)
-                self.stopped = True
-            else:
-                log.warning("%s: ignoring unexpected %s message", self.producer_id, envelope.kind)
+            await self.on_learner_message(envelope.body, envelope.kind)
+            del envelope  # a bucket's memory goes once it has been let go of, not when the next message comes
             timeout = 0.0
+
+    async def on_learner_message(self, message, kind: str) -> None:
+        if isinstance(message, WorkGrant):
+            self.grants.append(message)
+        elif isinstance(message, (WeightUpdate, WeightHeader, WeightBucket)):
+            self.take_weights(message, self.send)
+        elif isinstance(message, Heartbeat):
+            pass
+        elif isinstance(message, Shutdown) and message.rejoin:
+            await self.rejoin(f"the learner dropped this rollout ({message.reason})")
+        elif isinstance(message, Shutdown):
+            log.info("%s: shutdown requested (%s)", self.producer_id, message.reason)
+            self.stopped = True
+        else:
+            log.warning("%s: ignoring unexpected %s message", self.producer_id, kind)
 
     async def next_from_learner(self, timeout: float):
         """The learner's next message within `timeout` (TimeoutError), or TimeoutError as soon as a
@@ -214,16 +219,17 @@ class RolloutWorker:
             raise TimeoutError("a relayed weight message came in")
         return receiving.result()
 
-    async def take_weights(self, message: WeightUpdate | WeightHeader | WeightBucket) -> None:
-        """A weight version, or a piece of one: relayed on, kept for the engine (rollout.weight_stream)."""
+    def take_weights(self, message: WeightUpdate | WeightHeader | WeightBucket, credit: Credit) -> None:
+        """A weight version, or a piece of one: relayed on, kept for the engine (rollout.weight_stream);
+        `credit` credits a streamed bucket's sender once this rollout has let go of it."""
         applied = self.applied_since_hello
         try:
             if isinstance(message, WeightUpdate):
-                await self.streams.on_whole(message, applied)
+                self.streams.on_whole(message, applied)
             elif isinstance(message, WeightHeader):
-                await self.streams.on_header(message, applied)
+                self.streams.on_header(message, applied)
             else:
-                await self.streams.on_bucket(message)
+                self.streams.on_bucket(message, credit)
         except ProtocolError as exc:
             log.warning("%s: discarded a %s: %s", self.producer_id, type(message).__name__, exc)
 

@@ -30,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from protocol.messages import (Heartbeat, Hello, PackedBatch, RolloutError, Shutdown, WeightAck,
+from protocol.errors import ProtocolError
+from protocol.messages import (Heartbeat, Hello, PackedBatch, RolloutError, Shutdown, WeightAck, WeightCredit,
                                WeightUpdate, WorkGrant)
 from protocol.log_throttle import worth_logging
 from protocol.transport import LearnerEndpoint, PeerUnreachableError
@@ -222,6 +223,8 @@ class RolloutHub:
             log.exception("receive loop failed")
             async with self.changed:
                 self.changed.notify_all()
+        finally:
+            self.fanout.close()  # weight streams wait for credits that only this loop takes in
 
     async def _serve(self) -> None:
         while True:
@@ -240,6 +243,8 @@ class RolloutHub:
                     self._on_batch(peer, message)
                 elif isinstance(message, WeightAck):
                     self._on_ack(peer, message)
+                elif isinstance(message, WeightCredit):
+                    self._on_credit(peer, message)
                 elif isinstance(message, RolloutError):
                     log.error("%s reported: %s", peer.producer_id, message.message)
                     if message.fatal:
@@ -317,6 +322,12 @@ class RolloutHub:
         peer.acked_versions.append(ack.version)
         published.ack_latency[peer.producer_id] = time.monotonic() - published.sent_at
         published.apply_seconds[peer.producer_id] = ack.apply_seconds
+
+    def _on_credit(self, peer: Peer, credit: WeightCredit) -> None:
+        try:
+            self.fanout.credit(peer.identity, credit)
+        except ProtocolError as exc:
+            self._discard("bad_credit", f"{peer.producer_id}: {exc.message}")
 
     # ------------------------------------------------------------------ helpers
     async def _dispatch(self) -> None:

@@ -19,15 +19,24 @@ number of rollouts. The learner keeps the plan of each version (who relays to wh
 
 Rollouts that connect later, and rollouts that announced no relay socket, get the latest version
 straight from the learner, streamed the same way.
+
+Streaming is credit-based (protocol.credit): the learner, and every relaying rollout, sends a rollout
+the next bucket only once it has credited the previous one, so a rollout holds one bucket from each
+sender at a time. Each rollout the learner streams to has its own `RolloutStream` task: `publish`
+and `send_direct` return at once, and a rollout that falls behind holds back no other.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from dataclasses import dataclass, field
 
-from protocol.messages import RelayTarget, WeightUpdate, relay_children
+from protocol.errors import ProtocolError
+from protocol.messages import RelayTarget, WeightBucket, WeightCredit, WeightUpdate, relay_children
+
+from learner.hub.rollout_stream import RolloutStream
 
 # Plans kept for acknowledgement bookkeeping: a rollout more versions behind than this is long past
 # its acknowledgement deadline anyway.
@@ -93,6 +102,7 @@ class WeightFanout:
         self.targets: dict[bytes, RelayTarget] = {}  # connected rollouts with a relay socket
         self.plans: collections.OrderedDict[int, RelayPlan] = collections.OrderedDict()
         self.resent_at: dict[tuple[bytes, int], float] = {}  # (rollout, version) -> sent straight to it
+        self.streams: dict[bytes, RolloutStream] = {}  # the rollouts the learner streams versions to
         self.bytes_sent = 0  # weight bytes the learner sent over the run (rank 0's share of the fan-out)
 
     @property
@@ -106,10 +116,32 @@ class WeightFanout:
         """Raise MembershipError when no rollout may leave (never here)."""
 
     def connected(self, identity: bytes, key_name: str, relay_address: str | None) -> None:
-        """A rollout said hello, announcing its relay socket (or none)."""
-        self.targets.pop(identity, None)
+        """A rollout said hello, announcing its relay socket (or none); a stream to an earlier process
+        with its identity (or to itself before it rejoined) ends."""
+        self.disconnected(identity)
         if self.relay and relay_address:
             self.targets[identity] = RelayTarget(address=relay_address, key_name=key_name)
+
+    def disconnected(self, identity: bytes) -> None:
+        """A rollout went away (or started again): the learner stops streaming to it."""
+        self.targets.pop(identity, None)
+        stream = self.streams.pop(identity, None)
+        if stream is not None:
+            stream.close()
+
+    def credit(self, identity: bytes, credit: WeightCredit) -> None:
+        """A rollout let go of a bucket the learner streamed it; ProtocolError ("bad_credit") for a credit
+        that is not for the bucket awaiting it."""
+        stream = self.streams.get(identity)
+        if stream is None:
+            raise ProtocolError("bad_credit", f"weight_credit for bucket {credit.index} of version {credit.version}: "
+                                              f"the learner streams no weight version to this rollout")
+        stream.window.credit(credit)
+
+    def close(self) -> None:
+        """Stop every stream (the hub is closing)."""
+        for identity in list(self.streams):
+            self.disconnected(identity)
 
     async def publish(self, update: WeightUpdate, identities: list[bytes]) -> None:
         """Send a new version to the connected rollouts `identities`."""
@@ -124,7 +156,7 @@ class WeightFanout:
             dropped, _ = self.plans.popitem(last=False)
             self.resent_at = {key: t for key, t in self.resent_at.items() if key[1] != dropped}
         if root is not None:
-            await self._stream(root, update, descendants)
+            self._stream(root, update, descendants)
         for identity in identities:  # rollouts without a relay socket
             if identity not in planned:
                 await self.send_direct(identity, update)
@@ -133,14 +165,14 @@ class WeightFanout:
         """Send a version straight to one rollout (a late joiner, or one cut off from its relay parent)."""
         if self.relay:
             self.resent_at[(identity, update.version)] = time.monotonic()
-            await self._stream(identity, update, [])
+            self._stream(identity, update, [])
         else:
             await self._send_whole(identity, update)
 
     def orphans(self, dropped: bytes, applied: dict[bytes, int]) -> list[bytes]:
         """The connected rollouts (`applied`: identity -> applied version) below `dropped` in the latest
         plan that have not applied its version: they must get it straight from the learner."""
-        self.targets.pop(dropped, None)
+        self.disconnected(dropped)
         if not self.plans:
             return []
         plan = next(reversed(self.plans.values()))
@@ -177,8 +209,15 @@ class WeightFanout:
         self.bytes_sent += update.total_bytes
         await self.send(identity, update)
 
-    async def _stream(self, identity: bytes, update: WeightUpdate, relay: list[RelayTarget]) -> None:
-        await self.send(identity, update.header(relay, max(self.fanout, 1)))
-        for bucket in update.bucket_messages():
-            self.bytes_sent += memoryview(bucket.data).nbytes
-            await self.send(identity, bucket)
+    def _stream(self, identity: bytes, update: WeightUpdate, relay: list[RelayTarget]) -> None:
+        """Queue `update` on the rollout's stream (started on first use)."""
+        stream = self.streams.get(identity)
+        if stream is None:
+            stream = self.streams[identity] = RolloutStream(identity.decode(errors="replace"),
+                                                            functools.partial(self._send_counted, identity))
+        stream.enqueue(update, relay, max(self.fanout, 1))
+
+    async def _send_counted(self, identity: bytes, message) -> None:
+        if isinstance(message, WeightBucket):
+            self.bytes_sent += memoryview(message.data).nbytes
+        await self.send(identity, message)

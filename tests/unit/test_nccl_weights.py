@@ -312,7 +312,7 @@ def test_a_rollout_loads_each_header_through_the_broadcast_and_acknowledges_it()
     updates = [make_update(v) for v in (0, 1)]
     try:
         for update in updates:
-            asyncio.run(worker.take_weights(update.header()))
+            worker.take_weights(update.header(), send)
         asyncio.run(worker.apply_updates())
     finally:
         worker.engine_thread.shutdown()

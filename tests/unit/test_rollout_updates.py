@@ -58,7 +58,7 @@ def worker_with(mode: str, *, busy: bool) -> tuple[RolloutWorker, UpdateOnlyEngi
     worker.grants.append(WorkGrant(grant_id=0, step=0, min_weight_version=0, n_samples=1, sampling=sampling,
                                    prompts=[PromptSpec(prompt_id=0, token_ids=np.array([1, 2]), label=None)]))
     for version in (1, 2):
-        asyncio.run(worker.streams.on_whole(update(version), worker.engine.weight_version))
+        worker.streams.on_whole(update(version), worker.engine.weight_version)
     return worker, worker.engine, sent
 
 
@@ -101,12 +101,12 @@ def test_after_a_hello_again_the_learners_version_is_loaded_whatever_its_number(
     worker, engine, sent = worker_with("keep", busy=False)
     try:
         asyncio.run(worker.apply_updates())
-        asyncio.run(worker.take_weights(update(1)))  # late, within the same hello: skipped
+        worker.take_weights(update(1), worker.send)  # late, within the same hello: skipped
         asyncio.run(worker.apply_updates())
         assert engine.applied == [1, 2]
 
         asyncio.run(worker.rejoin("the learner was lost"))
-        asyncio.run(worker.take_weights(update(2)))  # the resumed learner's current version, sent on hello
+        worker.take_weights(update(2), worker.send)  # the resumed learner's current version, sent on hello
         asyncio.run(worker.apply_updates())
         assert engine.applied == [1, 2, 2]
         assert acks(sent)[-1] == (2, {"w": "print-2"})

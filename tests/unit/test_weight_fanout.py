@@ -22,7 +22,8 @@ from protocol.messages import (Hello, RelayTarget, WeightAck, WeightBucket, Weig
                                relay_children)
 from protocol.transport import LearnerEndpoint, RolloutClient
 from protocol.weights import weight_fingerprint
-from rollout.weight_stream import IncomingUpdate, RelayLinks, UpdateAbandoned, WeightStreams
+from rollout.relay import RelayLinks
+from rollout.weight_stream import IncomingUpdate, UpdateAbandoned, WeightStreams
 from tests.unit.test_hub import make_update, start_collect
 
 pytestmark = pytest.mark.timeout(60)
@@ -120,7 +121,7 @@ def test_a_stalled_or_abandoned_stream_raises_instead_of_waiting_forever():
 def test_a_rollout_without_a_relay_socket_refuses_to_relay():
     header = make_update(1).header(targets(1))
     with pytest.raises(ProtocolError, match="no relay socket"):
-        asyncio.run(WeightStreams().on_header(header, -1))
+        WeightStreams().on_header(header, -1)
 
 
 # --------------------------------------------------------------------------- relaying over ZeroMQ
@@ -130,11 +131,12 @@ class RelayingRollout:
     """A rollout's weight path without an engine: learner socket, relay socket, streams; a thread reads
     each version's tensors as they come (as the engine thread does) and the rollout acknowledges it."""
 
-    def __init__(self, learner_address: str, index: int):
+    def __init__(self, learner_address: str, index: int, ack_timeout_s: float = 60.0):
         self.producer_id = f"rollout-{index}@test"
         self.client = RolloutClient(learner_address, RUN, self.producer_id)
         inbox = LearnerEndpoint(RUN, producer_id=self.producer_id)
-        self.streams = WeightStreams(RelayLinks(inbox, lambda t: RolloutClient(t.address, RUN, self.producer_id)))
+        self.streams = WeightStreams(RelayLinks(inbox, lambda t: RolloutClient(t.address, RUN, self.producer_id),
+                                                ack_timeout_s))
         self.applied = -1
         self.loaded: dict[int, dict[str, bytes]] = {}
         self.tasks: list[asyncio.Task] = []
@@ -146,17 +148,21 @@ class RelayingRollout:
 
     async def _from_learner(self) -> None:
         while True:
-            await self._take((await self.client.recv()).body)
+            self._take((await self.client.recv()).body, self._credit_learner)
+
+    async def _credit_learner(self, credit) -> None:
+        await self.client.send(credit, weight_version=self.applied)
 
     async def _relayed(self) -> None:
         while True:
-            await self._take((await self.streams.links.inbox.recv())[1].body)
+            parent, envelope = await self.streams.links.inbox.recv()
+            self._take(envelope.body, self.streams.links.credit_to(parent))
 
-    async def _take(self, message) -> None:
+    def _take(self, message, credit) -> None:
         if isinstance(message, WeightHeader):
-            await self.streams.on_header(message, self.applied)
+            self.streams.on_header(message, self.applied)
         elif isinstance(message, WeightBucket):
-            await self.streams.on_bucket(message)
+            self.streams.on_bucket(message, credit)
 
     async def _apply(self) -> None:
         while True:
@@ -194,7 +200,7 @@ async def relay_setup(count: int, fanout: int, ack_timeout_s: float = 60.0):
     endpoint = LearnerEndpoint(RUN)
     hub = RolloutHub(endpoint, ack_timeout_s=ack_timeout_s, weight_relay_fanout=fanout)
     server = asyncio.create_task(hub.serve())
-    rollouts = [RelayingRollout(endpoint.address, i) for i in range(count)]
+    rollouts = [RelayingRollout(endpoint.address, i, ack_timeout_s) for i in range(count)]
     try:
         for n, rollout in enumerate(rollouts, 1):  # one by one: the tree follows the connection order
             await rollout.start()
