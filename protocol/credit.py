@@ -46,4 +46,5 @@ class CreditWindow:
 
     async def acquire(self, timeout_s: float | None = None) -> None:
         """Return once no bucket awaits credit; TimeoutError after `timeout_s` seconds (None: no limit)."""
-        await asyncio.wait_for(self._open.wait(), timeout_s)
+        if not self._open.is_set():
+            await asyncio.wait_for(self._open.wait(), timeout_s)

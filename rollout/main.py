@@ -188,6 +188,7 @@ class RolloutWorker:
             timeout = 0.0
 
     async def on_learner_message(self, message, kind: str) -> None:
+        """Work, weights, a heartbeat or a shutdown from the learner (`kind`: the envelope's, named in a warning)."""
         if isinstance(message, WorkGrant):
             self.grants.append(message)
         elif isinstance(message, (WeightUpdate, WeightHeader, WeightBucket)):

@@ -52,7 +52,7 @@ class RelayChild:
         self.window = CreditWindow(f"relay child {target.key_name} ({target.address})")
         self.queue: asyncio.Queue = asyncio.Queue()  # (message, BucketRelease or None, patience in s)
         self.cut_off = False
-        self.refused_credits = 0
+        self.refused = 0
         self.tasks = [asyncio.create_task(self._send_all()), asyncio.create_task(self._take_credits())]
 
     def put(self, message, release, patience_s: float) -> None:
@@ -121,10 +121,10 @@ class RelayChild:
                 return
 
     def _refuse(self, why: str) -> None:
-        self.refused_credits += 1
-        if worth_logging(self.refused_credits):
+        self.refused += 1
+        if worth_logging(self.refused):
             log.warning("refused from relay child %s (%s): %s (%d refused so far)", self.target.key_name,
-                        self.target.address, why, self.refused_credits)
+                        self.target.address, why, self.refused)
 
     def _let_go(self) -> None:
         while not self.queue.empty():

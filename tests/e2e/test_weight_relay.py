@@ -46,8 +46,10 @@ def test_three_rollouts_in_a_chain_apply_every_version_from_one_copy_sent(run_lo
     assert len(applied) == 3, applied
     for producer, versions in applied.items():  # with max_staleness 1, step s needs version s - 1
         assert set(range(steps - 1)) <= set(versions), f"{producer} applied only {versions}"
-    published = steps + 1  # versions 0..steps
-    assert result.summary["weight_bytes_sent"] == published * update_bytes(), "one copy per version from rank 0"
+    published, sent = steps + 1, result.summary["weight_bytes_sent"]  # versions 0..steps
+    # one copy per version from rank 0: each bucket goes once credited, so the last version, which no
+    # rollout needs, may still be on its way when the run ends
+    assert (published - 1) * update_bytes() <= sent <= published * update_bytes(), sent
     assert not leftover_processes(result.run_id)
 
 

@@ -32,7 +32,7 @@ from learner.hub.rollout_hub import RolloutHub
 from protocol.codec import DecodeLimits, decode, encode
 from protocol.errors import REASON_CODES, ProtocolError
 from protocol.messages import (SCHEMA_VERSION, Heartbeat, Hello, PackedBatch, PromptSpec, RolloutError,
-                               SamplingSpec, WeightAck, WeightUpdate, WorkGrant, pack_weight_buckets)
+                               SamplingSpec, WeightAck, WeightCredit, WeightUpdate, WorkGrant, pack_weight_buckets)
 from protocol.transport import LearnerEndpoint, PeerBackloggedError, PeerUnreachableError, RolloutClient
 from protocol.weights import weight_fingerprint
 from tests.unit.batches import answer, training_batches
@@ -180,6 +180,7 @@ class AttackFactory:
         if not with_arrays:
             kinds += [lambda: Heartbeat(state="idle"),
                       lambda: WeightAck(version=0, fingerprint={"a": "b"}, apply_seconds=0.1),
+                      lambda: WeightCredit(version=0, index=self.rng.randrange(3)),
                       lambda: RolloutError(message="boom", fatal=True)]
             if hello:
                 kinds.append(lambda: Hello(engine_info={"engine": "evil"}))

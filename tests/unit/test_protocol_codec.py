@@ -30,6 +30,7 @@ from protocol import (
     SamplingSpec,
     Shutdown,
     WeightAck,
+    WeightCredit,
     WeightUpdate,
     WorkGrant,
     decode,
@@ -244,6 +245,7 @@ def test_pack_weight_buckets_rejects_bad_input():
     [
         Hello(engine_info={"engine": "vllm", "tp": 2, "gpu_mem_util": 0.85}),
         WeightAck(version=5, fingerprint={"sha": "abc"}, apply_seconds=0.25),
+        WeightCredit(version=5, index=2),
         Heartbeat(state="generating"),
         Shutdown(reason="done"),
         Shutdown(reason="dropped: no progress", rejoin=True),

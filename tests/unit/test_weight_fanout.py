@@ -8,8 +8,10 @@ rollout reads the tensors it is fed, as the engine would.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -18,13 +20,14 @@ from learner.hub.rollout_hub import RolloutHub
 from learner.hub.weight_fanout import plan_relay
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
-from protocol.messages import (Hello, RelayTarget, WeightAck, WeightBucket, WeightHeader, pack_weight_buckets,
-                               relay_children)
+from protocol.messages import (Heartbeat, Hello, RelayTarget, WeightAck, WeightBucket, WeightCredit, WeightHeader,
+                               pack_weight_buckets, relay_children)
 from protocol.transport import LearnerEndpoint, RolloutClient
 from protocol.weights import weight_fingerprint
 from rollout.relay import RelayLinks
 from rollout.weight_stream import IncomingUpdate, UpdateAbandoned, WeightStreams
 from tests.unit.test_hub import make_update, start_collect
+from tests.unit.test_weight_credit import layered_update
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,7 +132,10 @@ def test_a_rollout_without_a_relay_socket_refuses_to_relay():
 
 class RelayingRollout:
     """A rollout's weight path without an engine: learner socket, relay socket, streams; a thread reads
-    each version's tensors as they come (as the engine thread does) and the rollout acknowledges it."""
+    each version's tensors as they come (as the engine thread does) and the rollout acknowledges it.
+
+    It checks the flow control on every bucket it is sent: `overlaps` names each one that came while it
+    had not credited, or still held, the one before from the same sender."""
 
     def __init__(self, learner_address: str, index: int, ack_timeout_s: float = 60.0):
         self.producer_id = f"rollout-{index}@test"
@@ -140,6 +146,11 @@ class RelayingRollout:
         self.applied = -1
         self.loaded: dict[int, dict[str, bytes]] = {}
         self.tasks: list[asyncio.Task] = []
+        self.credits_relay_parent = True
+        self.received = 0
+        self.uncredited: collections.Counter[str] = collections.Counter()  # sender -> buckets not credited
+        self.previous: dict[str, weakref.ref] = {}  # sender -> the bytes of the last bucket it sent
+        self.overlaps: list[str] = []
 
     async def start(self) -> None:
         await self.client.send(Hello(engine_info={"relay_address": self.streams.links.address}), weight_version=-1)
@@ -148,7 +159,7 @@ class RelayingRollout:
 
     async def _from_learner(self) -> None:
         while True:
-            self._take((await self.client.recv()).body, self._credit_learner)
+            self._take((await self.client.recv()).body, self._credit_learner, "the learner")
 
     async def _credit_learner(self, credit) -> None:
         await self.client.send(credit, weight_version=self.applied)
@@ -156,13 +167,43 @@ class RelayingRollout:
     async def _relayed(self) -> None:
         while True:
             parent, envelope = await self.streams.links.inbox.recv()
-            self._take(envelope.body, self.streams.links.credit_to(parent))
+            credit = self.streams.links.credit_to(parent) if self.credits_relay_parent else self._no_credit
+            self._take(envelope.body, credit, parent.decode())
+            del envelope
 
-    def _take(self, message, credit) -> None:
+    @staticmethod
+    async def _no_credit(credit) -> None:
+        pass
+
+    def _take(self, message, credit, sender: str) -> None:
         if isinstance(message, WeightHeader):
             self.streams.on_header(message, self.applied)
         elif isinstance(message, WeightBucket):
-            self.streams.on_bucket(message, credit)
+            self._check_flow(message, sender)
+            self.streams.on_bucket(message, self._counted(credit, sender))
+
+    def _check_flow(self, bucket: WeightBucket, sender: str) -> None:
+        previous = self.previous.get(sender)
+        if self.uncredited[sender] or (previous is not None and previous() is not None):
+            self.overlaps.append(f"bucket {bucket.index} of version {bucket.version} from {sender}")
+        self.received += 1
+        self.uncredited[sender] += 1
+        self.previous[sender] = weakref.ref(bucket.data)
+
+    def _counted(self, credit, sender: str):
+        async def send(message: WeightCredit) -> None:
+            self.uncredited[sender] -= 1
+            await credit(message)
+        return send
+
+    @staticmethod
+    def _load(update) -> dict[str, bytes]:
+        """The engine thread's part: copies each tensor and lets go of it before asking for the next."""
+        tensors = {}
+        for meta, data in update.tensors(timeout_s=10):
+            tensors[meta.name] = bytes(data)
+            del data
+        return tensors
 
     async def _apply(self) -> None:
         while True:
@@ -170,7 +211,7 @@ class RelayingRollout:
             if update is None:
                 await asyncio.sleep(0.005)
                 continue
-            tensors = await asyncio.to_thread(lambda: {m.name: bytes(d) for m, d in update.tensors(timeout_s=10)})
+            tensors = await asyncio.to_thread(self._load, update)
             names = sorted(update.header.fingerprint)
             self.loaded[update.version] = tensors
             self.applied = update.version
@@ -305,3 +346,94 @@ async def test_a_rollout_whose_relay_parent_applies_but_does_not_forward_gets_th
                 await collect
         assert hub.dropped_peers == 0 and len(hub.peers) == 3
         assert rollouts[2].loaded[0] == expected_tensors(update)
+
+
+# --------------------------------------------------------------------------- credit flow control
+
+
+@pytest.mark.parametrize("fanout", [1, 2])
+async def test_a_rollout_is_sent_a_bucket_only_once_it_has_let_go_of_the_one_before(fanout):
+    """No rollout gets a bucket from its sender (the learner or its relay parent) while it has not
+    credited the one before, or still holds its bytes; and every bucket still reaches every rollout."""
+    async with relay_setup(4, fanout) as (hub, rollouts):
+        for version in range(2):
+            update = layered_update(version)
+            await hub.publish(update)
+            await wait_until(lambda: all(p.applied_version == version for p in hub.peers.values()))
+            hub._raise_if_failed()
+            assert all(r.loaded[version] == expected_tensors(update) for r in rollouts)
+        assert [r.overlaps for r in rollouts] == [[]] * 4
+        assert [r.received for r in rollouts] == [2 * len(update.buckets)] * 4
+
+
+async def test_a_relay_child_that_credits_nothing_is_cut_off_without_holding_up_its_parent_or_sibling():
+    """r0 relays to r1 and r2; r1 loads what it gets but never credits r0. r0 cuts it off, r2 gets every
+    bucket, r0 applies the version, and the learner sends r1 the version straight once it is late:
+    nobody is dropped."""
+    async with relay_setup(3, 2, ack_timeout_s=1.0) as (hub, rollouts):
+        rollouts[1].credits_relay_parent = False
+        update = layered_update(0)
+        await hub.publish(update)
+        collect = start_collect(hub, 0, 1, timeout_s=10)  # drives the hub's liveness checks
+        try:
+            await wait_until(lambda: all(r.applied == 0 for r in rollouts))
+        finally:
+            collect.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await collect
+        assert hub.dropped_peers == 0 and len(hub.peers) == 3
+        assert all(r.loaded[0] == expected_tensors(update) for r in rollouts)
+        links = {target.key_name: link for target, link in rollouts[0].streams.links.children.items()}
+        assert links["rollout-1"].cut_off and not links["rollout-2"].cut_off
+
+
+async def test_the_learner_refuses_a_credit_for_a_bucket_that_does_not_await_one():
+    endpoint = LearnerEndpoint(RUN)
+    hub = RolloutHub(endpoint, ack_timeout_s=60, weight_relay_fanout=1)
+    server = asyncio.create_task(hub.serve())
+    client = RolloutClient(endpoint.address, RUN, "rollout-0@test")
+    try:
+        await client.send(Hello(engine_info={}), weight_version=-1)
+        await wait_until(lambda: len(hub.peers) == 1)
+        await client.send(WeightCredit(version=0, index=0), weight_version=-1)  # nothing streamed to it yet
+        await wait_until(lambda: hub.discarded["bad_credit"] == 1)
+        await hub.publish(layered_update(0))  # streamed straight to it: it announced no relay socket
+        assert isinstance((await client.recv(timeout=5)).body, WeightHeader)
+        assert (await client.recv(timeout=5)).body.index == 0
+        await client.send(WeightCredit(version=0, index=3), weight_version=-1)  # not the bucket awaiting credit
+        await wait_until(lambda: hub.discarded["bad_credit"] == 2)
+        with pytest.raises(TimeoutError):
+            await client.recv(timeout=0.2)  # a refused credit sends nothing
+        await client.send(WeightCredit(version=0, index=0), weight_version=-1)
+        assert (await client.recv(timeout=5)).body.index == 1
+        assert len(hub.peers) == 1 and hub.failure is None  # refused, not dropped
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+        client.close()
+        endpoint.close()
+
+
+async def test_a_relay_parent_refuses_what_its_child_sends_but_the_credit_awaited():
+    child = LearnerEndpoint(RUN, producer_id="rollout-1@test")  # the child's relay socket
+    links = RelayLinks(LearnerEndpoint(RUN, producer_id="rollout-0@test"),
+                       lambda t: RolloutClient(t.address, RUN, "rollout-0@test"), ack_timeout_s=60)
+    try:
+        link = links.child(RelayTarget(child.address, "rollout-1"))
+        update = layered_update(0)
+        link.put(update.header(), None, 5.0)
+        for bucket in update.bucket_messages()[:2]:
+            link.put(bucket, None, 5.0)
+        parent, envelope = await child.recv(timeout=5)
+        assert isinstance(envelope.body, WeightHeader)
+        assert (await child.recv(timeout=5))[1].body.index == 0
+        for bogus in (WeightCredit(version=0, index=1), WeightCredit(version=7, index=0), Heartbeat(state="idle")):
+            await child.send(parent, bogus, weight_version=0)
+        await wait_until(lambda: link.refused == 3)
+        assert link.window.awaiting == (0, 0) and not link.cut_off
+        await child.send(parent, WeightCredit(version=0, index=0), weight_version=0)
+        assert (await child.recv(timeout=5))[1].body.index == 1
+    finally:
+        links.close()
+        child.close()
