@@ -37,9 +37,10 @@ def relay_patience_s(ack_timeout_s: float, descendants: int, fanout: int) -> flo
     """How long a relay parent waits for a child with `descendants` below it to credit or take a bucket.
 
     `min(RELAY_SEND_TIMEOUT_S, ack_timeout_s / 8) * (1 + height)`, the height of the child's subtree
-    (protocol.messages.relay_height): a child's own patience with its children is shorter than its
-    parent's with it, so a stuck rollout is cut off by its own parent, not its ancestors (one stall of
-    the first factor, well within the learner's weight_ack_timeout_s, for trees up to height 7)."""
+    (protocol.messages.relay_height): a child's patience with its own children is shorter than its
+    parent's with it, so a stuck rollout is cut off by its own parent, not by its ancestors. A stuck
+    rollout with h levels below it holds up its ancestors (1 + h) / 8 of ack_timeout_s at most, less
+    than the learner gives each of them to apply the version for h <= 6 (64 rollouts at fanout 2)."""
     return min(RELAY_SEND_TIMEOUT_S, ack_timeout_s / 8) * (1 + relay_height(descendants, fanout))
 
 
@@ -87,8 +88,9 @@ class RelayChild:
                 release.release()
 
     async def _send(self, message, patience_s: float) -> None:
+        """Wait for the credit of the bucket before (a bucket), send, wait until written out: each within
+        `patience_s`."""
         what = f"{type(message).__name__} of version {message.version}"
-        deadline = asyncio.get_running_loop().time() + patience_s
         if isinstance(message, WeightBucket):
             what = f"bucket {message.index} of version {message.version}"
             try:
@@ -96,13 +98,9 @@ class RelayChild:
             except TimeoutError:
                 raise TimeoutError(f"it credited no bucket for {patience_s:g} s") from None
             self.window.sent(message.version, message.index)
-
-        def remaining() -> float:
-            return max(0.0, deadline - asyncio.get_running_loop().time())
-
         tracker = await asyncio.wait_for(self.client.send(message, weight_version=message.version, track=True),
-                                         remaining())
-        await written(tracker, remaining(), what)
+                                         patience_s)
+        await written(tracker, patience_s, what)
 
     async def _take_credits(self) -> None:
         """The child's credits, into the window; anything else it sends is refused (and logged, throttled)."""

@@ -17,8 +17,9 @@ from protocol.codec import decode, encode
 from protocol.credit import CreditWindow
 from protocol.errors import ProtocolError
 from protocol.messages import (RelayTarget, TensorMeta, WeightBucket, WeightCredit, WeightUpdate, pack_weight_buckets,
-                               relay_height)
+                               relay_children, relay_height)
 from protocol.weights import weight_fingerprint
+from rollout.relay import relay_patience_s
 from rollout.weight_stream import IncomingUpdate, WeightStreams, copied_from
 
 pytestmark = pytest.mark.timeout(30)
@@ -121,7 +122,12 @@ async def test_the_learner_streams_one_bucket_per_credit_and_goes_on_with_the_ne
     assert sent == [m for _, messages in expected for m in messages]
 
 
-# --------------------------------------------------------------------------- tree heights
+# --------------------------------------------------------------------------- trees
+
+
+def targets(n: int) -> list[RelayTarget]:
+    return [RelayTarget(f"tcp://127.0.0.1:{5000 + i}", f"rollout-{i}") for i in range(n)]
+
 
 
 def test_relay_height_is_the_depth_of_the_tree_the_learner_plans():
@@ -133,6 +139,17 @@ def test_relay_height_is_the_depth_of_the_tree_the_learner_plans():
             plan, _, _ = plan_relay(0, {i: RelayTarget(f"tcp://127.0.0.1:{i[0] + 1}", "r") for i in ids}, fanout)
             depth = max(len(plan.ancestors(i)) for i in ids)
             assert relay_height(count - 1, fanout) == depth, (fanout, count)
+
+
+def test_a_relay_parent_is_more_patient_with_a_child_than_the_child_with_its_own():
+    assert relay_patience_s(120, 0, 2) == 10 and relay_patience_s(8, 0, 2) == 1  # a leaf: min(10 s, ack / 8)
+    assert relay_patience_s(8, 2, 1) == 3  # two below it in a chain
+    for fanout in (1, 2, 3):
+        for count in range(1, 40):
+            kids = relay_children(targets(count), fanout)
+            for child, below in kids:
+                own = [relay_patience_s(8, len(b), fanout) for _, b in relay_children(below, fanout)]
+                assert max(own, default=0) < relay_patience_s(8, len(below), fanout), (fanout, count)
 
 
 # --------------------------------------------------------------------------- what a rollout holds
