@@ -1,6 +1,6 @@
 """Wire codec: messages <-> lists of frames (bytes-like), for ZeroMQ multipart messages.
 
-Wire format (schema version ``SCHEMA_VERSION``, 7 today)
+Wire format (schema version ``SCHEMA_VERSION``, 8 today)
 --------------------------------------------------------
 Frame 0 is a msgpack map::
 
@@ -11,7 +11,8 @@ Frame 0 is a msgpack map::
 
 Versioning: a decoder accepts exactly its own ``SCHEMA_VERSION``, and every field is required
 and checked, so any change to a message's fields or to their allowed values bumps the version
-(7: a rollout credits each streamed weight bucket it has let go of, ``weight_credit``;
+(8: the learner invites a rollout into the NCCL weight group, ``weight_group_invite``;
+7: a rollout credits each streamed weight bucket it has let go of, ``weight_credit``;
 6: weight updates may also be streamed, a header then one message per bucket, and relayed between
 rollouts; 5: work grants and packed batches say whether they are for evaluation, temperature 0 is greedy;
 4: sampling specs carry min_new_tokens; 3: stop strings, and shutdowns say whether to rejoin;

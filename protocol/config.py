@@ -329,8 +329,6 @@ class TransportConfig:
                                       "into the workers' GPU memory. The group is fixed: a rollout that leaves or "
                                       "joins later stops the run (restart it with train.resume).",
                                ("zmq", "nccl"))
-    nccl_port: int = opt(0, "With weight_transfer nccl: the TCP port learner rank 0 opens (on bind_host) for the "
-                            "NCCL group's rendezvous; rollouts reach it on learner_host. Not authenticated.")
     weight_ack_timeout_s: float = opt(120.0, "Seconds each rollout has to apply a weight version; one that takes "
                                              "longer is dropped and told to rejoin (see progress_timeout_s).")
     batch_timeout_s: float = opt(600.0, "Seconds the learner waits for a step's samples before failing.")
@@ -505,17 +503,11 @@ class RunConfig:
         return self
 
     def _validate_weight_transfer(self) -> None:
-        """NCCL needs its rendezvous port and a group whose members never change; the options that
+        """NCCL needs a group whose members never change; the options that
         assume rollouts come and go, or that move weight bytes another way, make no sense with it."""
         t = self.transport
         if t.weight_transfer != "nccl":
-            if t.nccl_port:
-                raise ConfigError(f"transport.nccl_port {t.nccl_port} is set but transport.weight_transfer is "
-                                  f"{t.weight_transfer!r}: drop nccl_port or set weight_transfer nccl")
             return
-        if not 0 < t.nccl_port < 65536 or t.nccl_port == t.port:
-            raise ConfigError(f"transport.weight_transfer nccl needs transport.nccl_port, a free TCP port other than "
-                              f"transport.port, for the NCCL group's rendezvous; got {t.nccl_port}")
         conflicts = {
             "transport.weight_relay_fanout": (t.weight_relay_fanout != 0, t.weight_relay_fanout,
                                               "rank 0 broadcasts every version to every engine worker itself; "

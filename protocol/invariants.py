@@ -17,7 +17,7 @@ from .errors import ProtocolError
 from .limits import DecodeLimits
 
 __all__ = ["LOGPROB_SLACK", "sampling_spec", "prompt_spec", "work_grant", "packed_batch", "weight_update",
-           "weight_header", "weight_bucket", "relay_target"]
+           "weight_header", "weight_bucket", "relay_target", "weight_group_invite"]
 
 #: Response-token behaviour log-probs may exceed 0 by at most this (float noise).
 LOGPROB_SLACK = 1e-4
@@ -191,6 +191,18 @@ def relay_target(target: Any, path: str, limits: DecodeLimits) -> None:
     """A TCP address (ZeroMQ syntax): a relay never points at a file or another transport."""
     if not target.address.startswith("tcp://"):
         raise ProtocolError("bad_value", f"{path}.address: expected tcp://host:port, got {target.address[:60]!r}")
+
+
+def weight_group_invite(invite: Any, path: str, limits: DecodeLimits) -> None:
+    """An NCCL unique id of its fixed length, and a first rank inside the group."""
+    from .messages import NCCL_UNIQUE_ID_BYTES  # the messages module imports this one
+
+    if invite.unique_id.shape != (NCCL_UNIQUE_ID_BYTES,):
+        raise ProtocolError("length_mismatch", f"{path}.unique_id: {invite.unique_id.size} bytes, an NCCL unique id "
+                                               f"has {NCCL_UNIQUE_ID_BYTES}")
+    if invite.first_rank >= invite.world_size:
+        raise ProtocolError("bad_value", f"{path}.first_rank: {invite.first_rank} is not a rank of a group of "
+                                         f"world_size {invite.world_size}")
 
 
 def _tensor_layout(tensors: Any, sizes: list[int], path: str) -> None:

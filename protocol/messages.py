@@ -48,6 +48,8 @@ __all__ = [
     "WeightHeader",
     "WeightBucket",
     "WeightCredit",
+    "WeightGroupInvite",
+    "NCCL_UNIQUE_ID_BYTES",
     "WeightAck",
     "Heartbeat",
     "Shutdown",
@@ -60,7 +62,7 @@ __all__ = [
     "relay_height",
 ]
 
-SCHEMA_VERSION: int = 7
+SCHEMA_VERSION: int = 8
 
 #: Allowed values of ``PackedBatch.finish_reasons``.
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "abort"})
@@ -435,6 +437,24 @@ class WeightCredit(_Message):
     index: int = wire(Int(lo=0))
 
 
+#: Length of an NCCL unique id (``ncclUniqueId``): what a member needs to join an NCCL communicator.
+NCCL_UNIQUE_ID_BYTES = 128
+
+
+@dataclass(frozen=True, eq=False)
+class WeightGroupInvite(_Message):
+    """learner -> rollout, after its hello (transport.weight_transfer nccl): join the NCCL weight group
+    with this id, the rollout's engine workers as ranks ``first_rank`` .. ``first_rank`` + workers - 1 of
+    ``world_size`` (rank 0 is learner rank 0). The id is the group's whole rendezvous: it travels here,
+    over the authenticated ZeroMQ channel, and nothing is exchanged through a side store."""
+
+    KIND: ClassVar[str] = "weight_group_invite"
+    INVARIANTS = staticmethod(invariants.weight_group_invite)
+    unique_id: np.ndarray = wire(Array("uint8"))  # [NCCL_UNIQUE_ID_BYTES]
+    first_rank: int = wire(Int(lo=1))
+    world_size: int = wire(Int(lo=2))
+
+
 def relay_children(descendants: list[RelayTarget], fanout: int) -> list[tuple[RelayTarget, list[RelayTarget]]]:
     """Split a relay node's descendants into at most ``fanout`` subtrees of nearly equal size.
 
@@ -537,14 +557,14 @@ def pack_weight_buckets(
 
 # --------------------------------------------------------------------------- envelope
 
-Message = Union[Hello, WorkGrant, PackedBatch, WeightUpdate, WeightHeader, WeightBucket, WeightCredit, WeightAck,
-                Heartbeat, Shutdown, RolloutError]
+Message = Union[Hello, WorkGrant, PackedBatch, WeightUpdate, WeightHeader, WeightBucket, WeightCredit, WeightGroupInvite,
+                WeightAck, Heartbeat, Shutdown, RolloutError]
 
 #: kind string -> message class
 MESSAGE_TYPES: Mapping[str, type] = {
     cls.KIND: cls
-    for cls in (Hello, WorkGrant, PackedBatch, WeightUpdate, WeightHeader, WeightBucket, WeightCredit, WeightAck,
-                Heartbeat, Shutdown, RolloutError)
+    for cls in (Hello, WorkGrant, PackedBatch, WeightUpdate, WeightHeader, WeightBucket, WeightCredit, WeightGroupInvite,
+                WeightAck, Heartbeat, Shutdown, RolloutError)
 }
 
 

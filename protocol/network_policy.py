@@ -76,8 +76,9 @@ def _off_loopback(t: Any, keys: tuple[str, ...]) -> tuple[str, str] | None:
 
 
 def _check_nccl_rendezvous(t: Any) -> None:
-    """With weight_transfer nccl, the group's rendezvous (a TCPStore that exchanges pickled objects) and the
-    NCCL traffic are unauthenticated whatever CURVE does: off loopback they need the same explicit trust."""
+    """With weight_transfer nccl, NCCL's own bootstrap (reached through the unique id the learner hands out
+    over ZeroMQ) and its traffic are unauthenticated whatever CURVE does: off loopback they need the same
+    explicit trust."""
     if getattr(t, "weight_transfer", "zmq") != "nccl" or not getattr(t, "curve_required_off_loopback", True):
         return
     off = _off_loopback(t, ("bind_host", "learner_host"))
@@ -85,7 +86,7 @@ def _check_nccl_rendezvous(t: Any) -> None:
         key, host = off
         raise InsecureTransportError(
             f"transport.weight_transfer nccl with transport.{key} {host!r}, not a loopback address: the NCCL "
-            f"group's rendezvous (transport.nccl_port) and its traffic are not authenticated, CURVE or not. "
+            f"group's bootstrap connections and its traffic are not authenticated, CURVE or not. "
             f"On a network you trust completely set --transport.curve_required_off_loopback false "
             f"(transport.curve_dir still protects the ZeroMQ side), or use transport.weight_transfer zmq.")
 

@@ -219,9 +219,10 @@ class VLLMGenerator:
         return self._reload(version, "apply_weights_files", (feed.directory, fingerprint_names, timeout_s),
                             timeout_s, feed=feed)
 
-    def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int) -> None:
-        """Have every worker join the NCCL weight group (transport.weight_transfer nccl), from rank `first_rank` on."""
-        self.llm.collective_rpc("join_weight_group", args=(host, port, first_rank, world_size))
+    def join_weight_group(self, group_id: bytes, first_rank: int, world_size: int) -> None:
+        """Have every worker join the NCCL weight group `group_id` (transport.weight_transfer nccl; an NCCL
+        unique id), from rank `first_rank` on."""
+        self.llm.collective_rpc("join_weight_group", args=(group_id, first_rank, world_size))
 
     def apply_weight_broadcast(self, version: int, fingerprint_names: list[str], layout: list,
                                timeout_s: float) -> dict[str, str]:

@@ -29,7 +29,7 @@ from protocol.config import (ConfigArgumentParser, ConfigError, RunConfig, check
                              config_from_args)
 from protocol.errors import ProtocolError
 from protocol.messages import (Heartbeat, Hello, RelayTarget, RolloutError, Shutdown, WeightAck, WeightBucket,
-                               WeightHeader, WeightUpdate, WorkGrant)
+                               WeightGroupInvite, WeightHeader, WeightUpdate, WorkGrant)
 from protocol.keys import CurveKeyError, client_keys_from_dir, server_keys_from_dir
 from protocol.network_policy import check_transport_security, relay_bind_host
 from protocol.transport import LearnerEndpoint, RolloutClient
@@ -112,12 +112,43 @@ class RolloutWorker:
                     self.streams.links.close()
 
     async def join_weight_group(self) -> None:
-        """Have the engine's workers join the NCCL weight group (transport.weight_transfer nccl); returns once
-        the learner and every other rollout have joined too. Heartbeats go on meanwhile."""
-        t = self.cfg.transport
-        log.info("%s: joining the NCCL weight group at %s:%d", self.producer_id, t.learner_host, t.nccl_port)
-        await self.in_engine_thread(self.engine.join_weight_group, t.learner_host, t.nccl_port,
-                                    self.cfg.nccl_first_rank(self.index), self.cfg.nccl_world_size())
+        """Have the engine's workers join the NCCL weight group (transport.weight_transfer nccl) the learner
+        invites this rollout into; returns once the learner and every other rollout have joined too (or at
+        once when the learner turned this rollout away). Heartbeats go on meanwhile."""
+        invite = await self.weight_group_invite()
+        if invite is None:
+            return
+        expected = (self.cfg.nccl_first_rank(self.index), self.cfg.nccl_world_size())
+        if (invite.first_rank, invite.world_size) != expected:
+            raise ConfigError(f"the learner invites rollout {self.index} into the NCCL weight group at first rank "
+                              f"{invite.first_rank} of {invite.world_size}, its own config says {expected[0]} of "
+                              f"{expected[1]}: start the learner and the rollouts with the same rollout.num_processes "
+                              f"and rollout.tensor_parallel_size")
+        log.info("%s: joining the NCCL weight group as ranks %d..%d of %d", self.producer_id, invite.first_rank,
+                 invite.first_rank + self.cfg.rollout.tensor_parallel_size - 1, invite.world_size)
+        await self.in_engine_thread(self.engine.join_weight_group, invite.unique_id.tobytes(), invite.first_rank,
+                                    invite.world_size)
+
+    async def weight_group_invite(self) -> WeightGroupInvite | None:
+        """The learner's answer to this rollout's hello under weight_transfer nccl: its invitation into the
+        group, or None when it told this rollout to stop instead."""
+        timeout = self.cfg.transport.batch_timeout_s
+        while True:
+            try:
+                envelope = await self.client.recv(timeout=timeout)
+            except TimeoutError:
+                raise TimeoutError(f"no NCCL weight group invitation from the learner within {timeout:g} s "
+                                   f"(transport.batch_timeout_s) after this rollout's hello") from None
+            self.last_heard = time.monotonic()
+            message = envelope.body
+            if isinstance(message, WeightGroupInvite):
+                return message
+            if isinstance(message, Shutdown):
+                await self.on_learner_message(message, envelope.kind)
+                if self.stopped:
+                    return None
+            if not isinstance(message, Heartbeat):
+                raise RuntimeError(f"expected the learner's NCCL weight group invitation, got a {envelope.kind} message")
 
     def relay_links(self) -> RelayLinks:
         """This rollout's relay socket (on transport.relay_host, CURVE as the learner's socket) and how it

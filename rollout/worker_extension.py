@@ -27,10 +27,10 @@ BucketLayout = tuple[int, list[tuple[str, str, list[int], int, int]]]
 
 
 class WeightReloadExtension:
-    def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int) -> None:
-        """Join the NCCL weight group as rank `first_rank` + this worker's rank in its engine; returns once
-        every member (the learner's rank 0, every worker of every rollout) has joined."""
-        self.weight_group = join_weight_group(host, port, first_rank + self.rank, world_size, self.device)
+    def join_weight_group(self, group_id: bytes, first_rank: int, world_size: int) -> None:
+        """Join the NCCL weight group `group_id` (its NCCL unique id) as rank `first_rank` + this worker's rank
+        in its engine; returns once every member (the learner's rank 0, every worker of every rollout) has joined."""
+        self.weight_group = join_weight_group(group_id, first_rank + self.rank, world_size, self.device)
 
     def apply_weights_nccl(self, layout: list[BucketLayout], fingerprint_names: list[str],
                            timeout_s: float) -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import AsyncIterator
 from protocol.codec import DecodeLimits
 from protocol.config import RunConfig
 from protocol.keys import server_keys_from_dir
-from protocol.nccl_group import join_weight_group
+from protocol.nccl_group import join_weight_group, new_group_id
 from protocol.network_policy import check_transport_security
 from protocol.transport import LearnerEndpoint
 
@@ -84,8 +84,10 @@ async def connect_rollouts(cfg: RunConfig, rollouts: RolloutHub) -> None:
     if t.weight_transfer != "nccl":
         await rollouts.wait_for_rollouts(t.min_rollouts, t.batch_timeout_s)
         return
-    await asyncio.gather(rollouts.fanout.form(t.batch_timeout_s),
-                         rollouts.wait_for_rollouts(cfg.rollout.num_processes, t.batch_timeout_s))
+    # Every rollout is invited on its hello; rank 0 joins once all are in (the others wait for it inside
+    # NCCL), so the event loop answers every hello before the join may hold this thread up.
+    await rollouts.wait_for_rollouts(cfg.rollout.num_processes, t.batch_timeout_s)
+    await rollouts.fanout.form(t.batch_timeout_s)
     rollouts.fanout.freeze(list(rollouts.peers))
 
 
@@ -93,8 +95,9 @@ def nccl_fanout(cfg: RunConfig):
     """Builds the NCCL weight sender of learner rank 0 (learner.hub.nccl_fanout), on this rank's CUDA device."""
     import torch
 
-    t = cfg.transport
     device = torch.device("cuda", torch.cuda.current_device())
-    join = functools.partial(join_weight_group, t.bind_host, t.nccl_port, 0, cfg.nccl_world_size(), device)
-    return functools.partial(NcclWeightFanout, join=join, device=device, rollouts=cfg.rollout.num_processes,
-                             timeout_s=t.weight_ack_timeout_s)
+    group_id, world_size = new_group_id(), cfg.nccl_world_size()
+    join = functools.partial(join_weight_group, group_id, 0, world_size, device)
+    return functools.partial(NcclWeightFanout, group_id=group_id, world_size=world_size,
+                             first_rank=cfg.nccl_first_rank, join=join, device=device,
+                             rollouts=cfg.rollout.num_processes, timeout_s=cfg.transport.weight_ack_timeout_s)

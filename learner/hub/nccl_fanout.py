@@ -1,8 +1,9 @@
 """Weight versions over NCCL (transport.weight_transfer nccl): GPU to GPU, the ZeroMQ side keeping control.
 
 At start-up learner rank 0 and every engine worker of the `rollout.num_processes` rollouts form one
-NCCL group (protocol.nccl_group; a rollout joins right after its hello, its workers at
-`RunConfig.nccl_first_rank(index)`). Each version then goes out as
+NCCL group (protocol.nccl_group): rank 0 makes the group's NCCL unique id and answers each rollout's
+hello with a `WeightGroupInvite` carrying it (over ZeroMQ: the only rendezvous), and the rollout's
+workers join at `RunConfig.nccl_first_rank(index)`. Each version then goes out as
 
 1. its `WeightHeader` over ZeroMQ to every rollout (version, tensor layout, bucket sizes, the learner's
    fingerprint; no relay), which tells the rollout to receive it between two engine steps, then
@@ -25,7 +26,9 @@ import logging
 import threading
 from typing import Any, Callable
 
-from protocol.messages import WeightUpdate
+import numpy as np
+
+from protocol.messages import WeightGroupInvite, WeightUpdate
 from protocol.nccl_group import broadcast_from_rank0
 
 from learner.hub.weight_fanout import MembershipError, WeightFanout
@@ -36,11 +39,14 @@ RESTART = "an NCCL group cannot change its members: restart the run (--train.res
 
 
 class NcclWeightFanout(WeightFanout):
-    """The learner's side of the NCCL weight group. `join()` joins it as rank 0 and returns the communicator
-    (blocking until every member has joined); `device` is rank 0's CUDA device."""
+    """The learner's side of the NCCL weight group `group_id` (an NCCL unique id) of `world_size` members.
+    `join()` joins it as rank 0 and returns the communicator (blocking until every member has joined);
+    `first_rank(index)` is rollout `index`'s first rank in it; `device` is rank 0's CUDA device."""
 
-    def __init__(self, send, *, join: Callable[[], Any], device: Any, rollouts: int, timeout_s: float):
+    def __init__(self, send, *, group_id: bytes, world_size: int, first_rank: Callable[[int], int],
+                 join: Callable[[], Any], device: Any, rollouts: int, timeout_s: float):
         super().__init__(0, send)
+        self.group_id, self.world_size, self.first_rank = group_id, world_size, first_rank
         self.join = join
         self.device = device
         self.rollouts = rollouts  # rollout.num_processes: the group's rollouts have indexes 0..rollouts-1
@@ -51,8 +57,8 @@ class NcclWeightFanout(WeightFanout):
 
     async def form(self, timeout_s: float) -> None:
         """Join the group as rank 0; returns once every member has joined (TimeoutError after `timeout_s`)."""
-        self.group = await in_daemon_thread(self.join, timeout_s,
-                                            f"the NCCL weight group (transport.nccl_port) did not form")
+        self.group = await in_daemon_thread(self.join, timeout_s, "the NCCL weight group did not form (a rollout "
+                                                                  "never joined: see its log)")
 
     def freeze(self, identities: list[bytes]) -> None:
         """The group has formed with the rollouts `identities` (every one that said hello)."""
@@ -73,6 +79,12 @@ class NcclWeightFanout(WeightFanout):
             raise MembershipError(f"has rollout index {index}, as another connected rollout does: their NCCL "
                                   f"ranks would collide", fatal=True)
         self.indexes[identity] = index
+
+    async def welcome(self, identity: bytes) -> None:
+        """Invite a rollout that said hello into the group, at the ranks its index gives it."""
+        await self.send(identity, WeightGroupInvite(unique_id=np.frombuffer(self.group_id, dtype=np.uint8),
+                                                    first_rank=self.first_rank(self.indexes[identity]),
+                                                    world_size=self.world_size))
 
     def check_departure(self) -> None:
         if self.members:

@@ -270,6 +270,7 @@ class RolloutHub:
         log.info("rollout %s connected (%d total)", producer_id, len(self.peers))
         relay_address = hello.engine_info.get("relay_address")
         self.fanout.connected(identity, producer_id.split("@", 1)[0], relay_address if isinstance(relay_address, str) else None)
+        await self.fanout.welcome(identity)
         if self.latest is not None:
             await self.fanout.send_direct(identity, self.latest)
 

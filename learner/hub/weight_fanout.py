@@ -112,6 +112,9 @@ class WeightFanout:
     def check_hello(self, identity: bytes, engine_info: dict) -> None:
         """Raise MembershipError for a rollout that may not join (never here)."""
 
+    async def welcome(self, identity: bytes) -> None:
+        """What a rollout that said hello is told before anything else (nothing here)."""
+
     def check_departure(self) -> None:
         """Raise MembershipError when no rollout may leave (never here)."""
 

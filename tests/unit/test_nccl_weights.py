@@ -11,7 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import threading
+import types
+
+import msgpack
+import numpy as np
 
 import pytest
 import torch
@@ -21,7 +26,9 @@ from learner.hub.nccl_fanout import NcclWeightFanout
 from learner.hub.rollout_hub import RolloutFailure, RolloutHub
 from learner.training.weight_sync import build_weight_update
 from protocol.config import ConfigError, RunConfig, check_weight_transfer_device, load_config
-from protocol.messages import Hello, RolloutError, Shutdown, WeightHeader, WeightUpdate
+from protocol.codec import decode, encode
+from protocol.errors import ProtocolError
+from protocol.messages import Heartbeat, Hello, RolloutError, Shutdown, WeightGroupInvite, WeightHeader, WeightUpdate
 from protocol.network_policy import InsecureTransportError, check_transport_security
 from protocol.transport import LearnerEndpoint
 from rollout.main import RolloutWorker, check_nccl_member
@@ -32,7 +39,7 @@ from tests.unit.test_hub import RUN, ScriptedPeer, eventually, make_update
 
 pytestmark = pytest.mark.timeout(60)
 
-NCCL = {"transport.weight_transfer": "nccl", "transport.nccl_port": "29600", "transport.weight_relay_fanout": "0"}
+NCCL = {"transport.weight_transfer": "nccl", "transport.weight_relay_fanout": "0"}
 
 
 # --------------------------------------------------------------------------- start-up refusals
@@ -49,18 +56,11 @@ def test_a_consistent_nccl_config_loads_and_numbers_the_group():
     ({"transport.min_live_rollouts": "1"}, "transport.min_live_rollouts"),
     ({"rollout.on_learner_lost": "wait"}, "rollout.on_learner_lost"),
     ({"rollout.inflight_update": "finish"}, "rollout.inflight_update"),
-    ({"transport.nccl_port": "0"}, "transport.nccl_port"),
-    ({"transport.nccl_port": "29600", "transport.port": "29600"}, "transport.nccl_port"),
 ])
 def test_nccl_with_an_option_it_cannot_honour_is_refused_naming_both(change, named):
     with pytest.raises(ConfigError) as exc:
         load_config(overrides={**NCCL, **change})
     assert "transport.weight_transfer nccl" in str(exc.value) and named in str(exc.value)
-
-
-def test_an_nccl_port_without_nccl_is_refused():
-    with pytest.raises(ConfigError, match="transport.nccl_port 29600 is set but transport.weight_transfer is 'zmq'"):
-        load_config(overrides={"transport.nccl_port": "29600"})
 
 
 def test_nccl_without_cuda_is_refused_on_either_side_in_one_line():
@@ -123,10 +123,13 @@ class Group:
 
     def __init__(self, endpoint: LearnerEndpoint, rollouts: int, join=None):
         self.group = RecordingGroup()
-        self.hub = RolloutHub(endpoint, ack_timeout_s=60.0, fanout=functools.partial(
-            NcclWeightFanout, join=join or (lambda: self.group), device="cpu", rollouts=rollouts, timeout_s=5.0))
         self.cfg = load_config(overrides={**NCCL, "rollout.num_processes": str(rollouts),
                                           "transport.batch_timeout_s": "5"})
+        self.group_id = bytes(range(128))
+        self.hub = RolloutHub(endpoint, ack_timeout_s=60.0, fanout=functools.partial(
+            NcclWeightFanout, group_id=self.group_id, world_size=self.cfg.nccl_world_size(),
+            first_rank=self.cfg.nccl_first_rank, join=join or (lambda: self.group), device="cpu",
+            rollouts=rollouts, timeout_s=5.0))
 
 
 @pytest.fixture
@@ -163,6 +166,10 @@ async def nccl_env():
 async def formed(start, connect, rollouts: int = 2):
     setup = start(rollouts)
     peers = [await connect(f"rollout-{i}", i) for i in range(rollouts)]
+    for index, peer in enumerate(peers):  # each is invited before the group forms, at its own ranks
+        invite = await peer.recv_kind(WeightGroupInvite)
+        assert invite.unique_id.tobytes() == setup.group_id
+        assert (invite.first_rank, invite.world_size) == (setup.cfg.nccl_first_rank(index), rollouts + 1)
     await connect_rollouts(setup.cfg, setup.hub)
     return setup, peers
 
@@ -217,11 +224,11 @@ async def test_rollouts_whose_indexes_cannot_form_the_group_stop_the_run(nccl_en
     assert problem in str(setup.hub.failure)
 
 
-async def test_a_group_that_does_not_form_times_out_naming_the_port(nccl_env):
+async def test_a_group_that_does_not_form_times_out_in_one_line(nccl_env):
     start, _ = nccl_env
     never = threading.Event()
     setup = start(1, join=never.wait)  # a member never joins: the rendezvous would wait forever
-    with pytest.raises(TimeoutError, match=r"NCCL weight group \(transport.nccl_port\) did not form within 0.2 s"):
+    with pytest.raises(TimeoutError, match=r"NCCL weight group did not form \(a rollout never joined: see its log\) within 0.2 s"):
         await setup.hub.fanout.form(0.2)
     never.set()
 
@@ -278,8 +285,8 @@ def test_each_worker_joins_at_its_rollouts_first_rank_plus_its_own(monkeypatch):
     joined = []
     monkeypatch.setattr("rollout.worker_extension.join_weight_group", lambda *args: joined.append(args) or "comm")
     worker = StandInWorker(rank=1)
-    worker.join_weight_group("10.0.0.1", 29600, first_rank=3, world_size=5)
-    assert joined == [("10.0.0.1", 29600, 4, 5, worker.device)] and worker.weight_group == "comm"
+    worker.join_weight_group(b"id", first_rank=3, world_size=5)
+    assert joined == [(b"id", 4, 5, worker.device)] and worker.weight_group == "comm"
 
 
 class BroadcastEngine:
@@ -319,3 +326,91 @@ def test_a_rollout_loads_each_header_through_the_broadcast_and_acknowledges_it()
     layouts = [IncomingUpdate(u.header()).layout() for u in updates]
     assert worker.engine.loaded == [(u.version, sorted(u.fingerprint), layout) for u, layout in zip(updates, layouts)]
     assert [(m.version, m.fingerprint) for m in sent] == [(0, {"w": "print-0"}), (1, {"w": "print-1"})]
+
+
+# --------------------------------------------------------------------------- the invitation
+
+
+class JoiningEngine:
+    """A rollout engine reduced to joining the weight group; records how it was asked to."""
+
+    def __init__(self):
+        self.joined = []
+
+    def join_weight_group(self, group_id: bytes, first_rank: int, world_size: int) -> None:
+        self.joined.append((group_id, first_rank, world_size))
+
+
+class ScriptedLearner:
+    """What a rollout hears from the learner before the group forms: the given messages, in order."""
+
+    def __init__(self, messages):
+        self.messages = list(messages)
+
+    async def recv(self, timeout):
+        if not self.messages:
+            raise TimeoutError
+        return types.SimpleNamespace(body=self.messages[0], kind=type(self.messages.pop(0)).KIND)
+
+
+def invited_worker(messages, rollouts: int = 2, index: int = 1) -> RolloutWorker:
+    cfg = load_config(overrides={**NCCL, "rollout.num_processes": str(rollouts), "transport.batch_timeout_s": "1"})
+    worker = RolloutWorker(cfg, index, "model")
+    worker.engine, worker.client = JoiningEngine(), ScriptedLearner(messages)
+    return worker
+
+
+def invite(first_rank: int, world_size: int, unique_id: bytes = bytes(range(128))) -> WeightGroupInvite:
+    return WeightGroupInvite(unique_id=np.frombuffer(unique_id, dtype=np.uint8), first_rank=first_rank,
+                             world_size=world_size)
+
+
+def run_join(worker: RolloutWorker) -> None:
+    try:
+        asyncio.run(worker.join_weight_group())
+    finally:
+        worker.engine_thread.shutdown()
+
+
+def test_a_rollout_joins_with_the_id_and_ranks_of_its_invitation_heartbeats_aside():
+    worker = invited_worker([Heartbeat(state="idle"), invite(2, 3)])
+    run_join(worker)
+    assert worker.engine.joined == [(bytes(range(128)), 2, 3)]
+
+
+def test_an_invitation_at_ranks_the_rollouts_config_does_not_give_it_is_refused_naming_the_options():
+    worker = invited_worker([invite(1, 3)])  # index 1 of 2 rollouts: first rank 2
+    with pytest.raises(ConfigError, match=r"first rank 1 of 3, its own config says 2 of 3.*rollout.num_processes"):
+        run_join(worker)
+    assert worker.engine.joined == []
+
+
+def test_a_rollout_turned_away_instead_of_invited_stops_without_joining():
+    worker = invited_worker([Shutdown(reason="refused: connected after the NCCL weight group formed")])
+    run_join(worker)
+    assert worker.stopped and worker.engine.joined == []
+
+
+def test_no_invitation_times_out_naming_the_option():
+    worker = invited_worker([])
+    with pytest.raises(TimeoutError, match=r"no NCCL weight group invitation .* \(transport.batch_timeout_s\)"):
+        run_join(worker)
+
+
+def forged_invite(id_bytes: int, first_rank: int) -> list[bytes]:
+    """A valid invitation's frames re-headed to carry an id of `id_bytes` bytes and `first_rank`."""
+    frames = encode(invite(1, 2), run_id=RUN, producer_id="learner", seq=0, weight_version=-1)
+    header = msgpack.unpackb(bytes(frames[0]), raw=False)
+    header["body"]["first_rank"] = first_rank
+    header["arrays"][0]["shape"] = [id_bytes]
+    return [msgpack.packb(header, use_bin_type=True), bytes(id_bytes)]
+
+
+@pytest.mark.parametrize("id_bytes, first_rank, problem", [
+    (127, 1, "weight_group_invite.unique_id: 127 bytes, an NCCL unique id has 128"),
+    (128, 2, "weight_group_invite.first_rank: 2 is not a rank of a group of world_size 2"),
+])
+def test_a_malformed_invitation_is_refused_on_decoding(id_bytes, first_rank, problem):
+    decode(forged_invite(128, 1), expected_run_id=RUN)  # the forgery itself decodes when nothing is off
+    with pytest.raises(ProtocolError, match=re.escape(problem)):
+        decode(forged_invite(id_bytes, first_rank), expected_run_id=RUN)
