@@ -315,7 +315,8 @@ class TransportConfig:
                                       "bucket to at most N others as soon as it has it (a tree; 1: a chain), "
                                       "loading it meanwhile: rank 0 sends one copy per update whatever the "
                                       "number of rollouts. Rollouts that connect later, or that a dropped relay "
-                                      "node cut off, get the version straight from the learner.")
+                                      "node cut off, get the version straight from the learner. Used with "
+                                      "weight_transfer zmq only (nccl broadcasts from rank 0).")
     relay_host: str = opt("", "Address each rollout binds its weight relay socket to (a random port) and "
                               "announces to the learner; the others must reach it. Empty: the address of the "
                               "interface this rollout reaches learner_host through. Off loopback it needs "
@@ -509,9 +510,9 @@ class RunConfig:
         if t.weight_transfer != "nccl":
             return
         conflicts = {
-            "transport.weight_relay_fanout": (t.weight_relay_fanout != 0, t.weight_relay_fanout,
-                                              "rank 0 broadcasts every version to every engine worker itself; "
-                                              "set it to 0"),
+            "transport.relay_host": (bool(t.relay_host), repr(t.relay_host),
+                                     "rank 0 broadcasts every version to every engine worker itself, no rollout "
+                                     "relays; drop it"),
             "transport.min_live_rollouts": (t.min_live_rollouts != 0, t.min_live_rollouts,
                                             "the NCCL group cannot lose a rollout (any loss stops the run); "
                                             "set it to 0"),

@@ -90,7 +90,8 @@ class RolloutWorker:
         async with RolloutClient(self.address, producer_id=self.producer_id, run_id=self.cfg.run_id,
                                  curve=curve) as client:
             self.client = client
-            self.streams = WeightStreams(self.relay_links() if t.weight_relay_fanout else None,
+            relays = t.weight_transfer == "zmq" and t.weight_relay_fanout  # nccl: rank 0 broadcasts to every worker
+            self.streams = WeightStreams(self.relay_links() if relays else None,
                                          parked=lambda: not self.engine.ready_for_weights)
             await self.send(self.hello())
             self.greeted = True

@@ -261,8 +261,7 @@ def test_choices_enforced(key, value):
 
 # choices that validate only together with another option's value (refused alone, with a message)
 COMPANIONS = {("algo.tis_level", "sequence_geometric"): {"algo.tis_mode": "mask"},
-              ("algo.policy_loss", "gspo"): {"algo.loss_aggregation": "seq_mean_token_mean"},
-              ("transport.weight_transfer", "nccl"): {"transport.weight_relay_fanout": "0"}}
+              ("algo.policy_loss", "gspo"): {"algo.loss_aggregation": "seq_mean_token_mean"}}
 
 
 def test_choices_accepted():

@@ -39,7 +39,7 @@ from tests.unit.test_hub import RUN, ScriptedPeer, eventually, make_update
 
 pytestmark = pytest.mark.timeout(60)
 
-NCCL = {"transport.weight_transfer": "nccl", "transport.weight_relay_fanout": "0"}
+NCCL = {"transport.weight_transfer": "nccl"}  # the relay fanout keeps its default: it applies to zmq only
 
 
 # --------------------------------------------------------------------------- start-up refusals
@@ -52,7 +52,7 @@ def test_a_consistent_nccl_config_loads_and_numbers_the_group():
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"transport.weight_relay_fanout": "2"}, "transport.weight_relay_fanout"),
+    ({"transport.relay_host": "127.0.0.1"}, "transport.relay_host"),
     ({"transport.min_live_rollouts": "1"}, "transport.min_live_rollouts"),
     ({"rollout.on_learner_lost": "wait"}, "rollout.on_learner_lost"),
     ({"rollout.inflight_update": "finish"}, "rollout.inflight_update"),
