@@ -194,6 +194,9 @@ class RolloutHub:
                 await self._send(peer, Heartbeat(state="training"))
 
     async def shutdown_rollouts(self, reason: str) -> None:
+        # Weight streams stop first: a bucket still going out (the last version, which no step needs)
+        # would reach a rollout that has gone and drop it, as if it had failed.
+        self.fanout.close()
         for peer in list(self.peers.values()):
             await self._send(peer, Shutdown(reason=reason))
 

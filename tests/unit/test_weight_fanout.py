@@ -415,6 +415,33 @@ async def test_the_learner_refuses_a_credit_for_a_bucket_that_does_not_await_one
         endpoint.close()
 
 
+async def test_a_version_still_streaming_at_shutdown_stops_and_drops_no_rollout():
+    endpoint = LearnerEndpoint(RUN)
+    hub = RolloutHub(endpoint, ack_timeout_s=60, weight_relay_fanout=1)
+    server = asyncio.create_task(hub.serve())
+    client = RolloutClient(endpoint.address, RUN, "rollout-0@test")
+    try:
+        await client.send(Hello(engine_info={}), weight_version=-1)
+        await wait_until(lambda: len(hub.peers) == 1)
+        await hub.publish(layered_update(0))
+        assert isinstance((await client.recv(timeout=5)).body, WeightHeader)
+        assert (await client.recv(timeout=5)).body.index == 0  # bucket 1 waits for this one's credit
+        await hub.shutdown_rollouts("training finished")
+        assert (await client.recv(timeout=5)).body.reason == "training finished"
+        # its credit crossed the shutdown: the stream would send bucket 1 to a rollout on its way out
+        # (gone by then, it would be dropped as unreachable, as if it had failed)
+        await client.send(WeightCredit(version=0, index=0), weight_version=-1)
+        with pytest.raises(TimeoutError):
+            await client.recv(timeout=0.5)
+        assert len(hub.peers) == 1 and hub.dropped_peers == 0
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+        client.close()
+        endpoint.close()
+
+
 async def test_a_relay_parent_refuses_what_its_child_sends_but_the_credit_awaited():
     child = LearnerEndpoint(RUN, producer_id="rollout-1@test")  # the child's relay socket
     links = RelayLinks(LearnerEndpoint(RUN, producer_id="rollout-0@test"),
