@@ -387,7 +387,9 @@ async def test_a_relay_child_that_credits_nothing_is_cut_off_without_holding_up_
         assert links["rollout-1"].cut_off and not links["rollout-2"].cut_off
 
 
-async def test_the_learner_refuses_a_credit_for_a_bucket_that_does_not_await_one():
+@contextlib.asynccontextmanager
+async def hub_and_rollout():
+    """(hub, client): a relay hub serving on a real endpoint and one rollout (no relay socket) that said hello."""
     endpoint = LearnerEndpoint(RUN)
     hub = RolloutHub(endpoint, ack_timeout_s=60, weight_relay_fanout=1)
     server = asyncio.create_task(hub.serve())
@@ -395,6 +397,17 @@ async def test_the_learner_refuses_a_credit_for_a_bucket_that_does_not_await_one
     try:
         await client.send(Hello(engine_info={}), weight_version=-1)
         await wait_until(lambda: len(hub.peers) == 1)
+        yield hub, client
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+        client.close()
+        endpoint.close()
+
+
+async def test_the_learner_refuses_a_credit_for_a_bucket_that_does_not_await_one():
+    async with hub_and_rollout() as (hub, client):
         await client.send(WeightCredit(version=0, index=0), weight_version=-1)  # nothing streamed to it yet
         await wait_until(lambda: hub.discarded["bad_credit"] == 1)
         await hub.publish(layered_update(0))  # streamed straight to it: it announced no relay socket
@@ -407,22 +420,10 @@ async def test_the_learner_refuses_a_credit_for_a_bucket_that_does_not_await_one
         await client.send(WeightCredit(version=0, index=0), weight_version=-1)
         assert (await client.recv(timeout=5)).body.index == 1
         assert len(hub.peers) == 1 and hub.failure is None  # refused, not dropped
-    finally:
-        server.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await server
-        client.close()
-        endpoint.close()
 
 
 async def test_a_version_still_streaming_at_shutdown_stops_and_drops_no_rollout():
-    endpoint = LearnerEndpoint(RUN)
-    hub = RolloutHub(endpoint, ack_timeout_s=60, weight_relay_fanout=1)
-    server = asyncio.create_task(hub.serve())
-    client = RolloutClient(endpoint.address, RUN, "rollout-0@test")
-    try:
-        await client.send(Hello(engine_info={}), weight_version=-1)
-        await wait_until(lambda: len(hub.peers) == 1)
+    async with hub_and_rollout() as (hub, client):
         await hub.publish(layered_update(0))
         assert isinstance((await client.recv(timeout=5)).body, WeightHeader)
         assert (await client.recv(timeout=5)).body.index == 0  # bucket 1 waits for this one's credit
@@ -434,12 +435,6 @@ async def test_a_version_still_streaming_at_shutdown_stops_and_drops_no_rollout(
         with pytest.raises(TimeoutError):
             await client.recv(timeout=0.5)
         assert len(hub.peers) == 1 and hub.dropped_peers == 0
-    finally:
-        server.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await server
-        client.close()
-        endpoint.close()
 
 
 async def test_a_relay_parent_refuses_what_its_child_sends_but_the_credit_awaited():
