@@ -3,7 +3,7 @@
 Learner side: the real `RolloutHub` with the real `NcclWeightFanout` built by `learner.hub.factory.nccl_fanout`
 (rank 0 makes the NCCL unique id, invites the rollout over ZeroMQ, joins the group with
 `torch.cuda.nccl`, broadcasts each bucket from its GPU). Rollout side, in another process: the real
-`RolloutWorker` loop (hello, invitation, `join_weight_group`, header over ZeroMQ, acknowledgement with
+`RolloutWorker` loop in each of `--rollouts` processes (hello, invitation, `join_weight_group`, header over ZeroMQ, acknowledgement with
 its fingerprint) whose engine is the real `WeightReloadExtension` worker receiving the buckets into
 its GPU memory and loading them into a torch model there. Only vLLM's model runner is replaced (by a
 copy into preallocated GPU tensors): the GPU machine these checks run on has no vLLM.
@@ -11,7 +11,7 @@ copy into preallocated GPU tensors): the GPU machine these checks run on has no 
 Every version is checked twice: the hub's fingerprint check (as in a run), and a digest of every byte
 of every tensor as the rollout's model holds it against the learner's own bytes.
 
-One GPU holds both processes. NCCL refuses two ranks on one device of one host, so each process
+One GPU holds every process. NCCL refuses two ranks on one device of one host, so each process
 gets its own NCCL_HOSTID: NCCL then takes them for two hosts and moves the bytes over its socket
 transport on loopback (GPU -> host -> socket -> host -> GPU), not GPU to GPU. The throughput printed
 is that path's, not NVLink's; what this proves is the protocol: invitation, group formation, bucket
@@ -46,7 +46,7 @@ def config(args):
     from protocol.config import RunConfig
 
     cfg = RunConfig()
-    cfg.run_id, cfg.transport.weight_transfer, cfg.transport.weight_relay_fanout = RUN_ID, "nccl", 0
+    cfg.run_id, cfg.transport.weight_transfer, cfg.rollout.num_processes = RUN_ID, "nccl", args.rollouts
     cfg.transport.heartbeat_s, cfg.transport.batch_timeout_s = 1.0, args.timeout_s
     cfg.transport.weight_ack_timeout_s = args.timeout_s
     if args.port:
@@ -107,7 +107,7 @@ class GpuModelEngine:
 def rollout_process(args) -> None:
     from rollout.main import RolloutWorker
 
-    worker = RolloutWorker(config(args), 0, "gpu-model")
+    worker = RolloutWorker(config(args), args.index, "gpu-model")
     worker.engine = GpuModelEngine()
     asyncio.run(worker.serve())
 
@@ -130,9 +130,11 @@ async def learner(args) -> int:
         port = int(endpoint.address.rsplit(":", 1)[1])
         hub = RolloutHub(endpoint, ack_timeout_s=args.timeout_s, fanout=nccl_fanout(cfg))
         server = asyncio.create_task(hub.serve())
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--rollout", "--port", str(port),
-                                 "--timeout-s", str(args.timeout_s)], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, **NCCL_ENV, "NCCL_HOSTID": "rollout-host"})
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--rollout", "--index", str(index),
+                                   "--rollouts", str(args.rollouts), "--port", str(port), "--timeout-s",
+                                   str(args.timeout_s)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, **NCCL_ENV, "NCCL_HOSTID": f"rollout-{index}-host"})
+                 for index in range(args.rollouts)]
         try:
             started = time.monotonic()
             await connect_rollouts(cfg, hub)
@@ -149,13 +151,16 @@ async def learner(args) -> int:
             await hub.shutdown_rollouts("check done")
         finally:
             server.cancel()
-        out, _ = proc.communicate(timeout=60)
-    loaded = {r["version"]: r["digest"] for r in (json.loads(line.removeprefix("LOADED "))
-                                                  for line in out.splitlines() if line.startswith("LOADED "))}
-    matched = [v for v in expected if loaded.get(v) == expected[v]]
-    print(f"every byte of every tensor as the rollout's GPU model holds it matches the learner's: "
-          f"{len(matched)}/{len(expected)} versions", flush=True)
-    return 0 if len(matched) == len(expected) and hub.stats()["weight_bytes_sent"] > 0 else 1
+        outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+    matched = 0
+    for index, out in enumerate(outputs):
+        loaded = {r["version"]: r["digest"] for r in (json.loads(line.removeprefix("LOADED "))
+                                                      for line in out.splitlines() if line.startswith("LOADED "))}
+        matched += sum(loaded.get(v) == digest for v, digest in expected.items())
+    print(f"every byte of every tensor as each rollout's GPU model holds it matches the learner's: "
+          f"{matched}/{len(expected) * args.rollouts} (rollout, version) pairs; rank 0 sent "
+          f"{hub.stats()['weight_bytes_sent'] / sum(u.total_bytes for u in updates):.2f} copies per version", flush=True)
+    return 0 if matched == len(expected) * args.rollouts else 1
 
 
 def main() -> int:
@@ -166,7 +171,9 @@ def main() -> int:
     parser.add_argument("--bucket-mb", type=int, default=256, help="transport.weight_bucket_mb.")
     parser.add_argument("--versions", type=int, default=3, help="Versions published.")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="Group formation and per-version deadline.")
+    parser.add_argument("--rollouts", type=int, default=2, help="Rollout processes (each its own NCCL 'host').")
     parser.add_argument("--rollout", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rollout:
