@@ -327,6 +327,18 @@ def test_relay_host_without_a_relay_and_an_open_relay_socket_are_refused_at_star
     assert check_transport_security(cfg) is False
 
 
+async def applied_under_liveness_checks(hub, rollouts, version: int) -> None:
+    """Wait until every rollout applied `version`, while a step's collection drives the hub's liveness
+    checks (late rollouts are sent the version straight, stuck ones dropped)."""
+    collect = start_collect(hub, 0, 1, timeout_s=10)
+    try:
+        await wait_until(lambda: all(r.applied == version for r in rollouts))
+    finally:
+        collect.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await collect
+
+
 async def test_a_rollout_whose_relay_parent_applies_but_does_not_forward_gets_the_version_directly():
     """r0 -> r1 -> r2 where r1 loads every version but passes nothing on: r2 is not dropped, the
     learner sends it the version straight once it is late."""
@@ -337,13 +349,7 @@ async def test_a_rollout_whose_relay_parent_applies_but_does_not_forward_gets_th
         rollouts[1].streams.links.forward = forwards_nothing
         update = make_update(0)
         await hub.publish(update)
-        collect = start_collect(hub, 0, 1, timeout_s=10)  # drives the hub's liveness checks
-        try:
-            await wait_until(lambda: all(r.applied == 0 for r in rollouts))
-        finally:
-            collect.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await collect
+        await applied_under_liveness_checks(hub, rollouts, 0)
         assert hub.dropped_peers == 0 and len(hub.peers) == 3
         assert rollouts[2].loaded[0] == expected_tensors(update)
 
@@ -374,13 +380,7 @@ async def test_a_relay_child_that_credits_nothing_is_cut_off_without_holding_up_
         rollouts[1].credits_relay_parent = False
         update = layered_update(0)
         await hub.publish(update)
-        collect = start_collect(hub, 0, 1, timeout_s=10)  # drives the hub's liveness checks
-        try:
-            await wait_until(lambda: all(r.applied == 0 for r in rollouts))
-        finally:
-            collect.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await collect
+        await applied_under_liveness_checks(hub, rollouts, 0)
         assert hub.dropped_peers == 0 and len(hub.peers) == 3
         assert all(r.loaded[0] == expected_tensors(update) for r in rollouts)
         links = {target.key_name: link for target, link in rollouts[0].streams.links.children.items()}
